@@ -1,0 +1,34 @@
+# Two commands do all set-up on a fresh machine:
+#   make run    install, then run the API and one worker on embedded defaults (no external server)
+#   make test   install (redis-server too), then run the whole test suite
+VENV ?= .venv
+PYTHON ?= python3
+HOST ?= 127.0.0.1
+PORT ?= 8000
+SHARED ?= ../shared
+
+# The real pretrained weights beside the checkout, when present (no download at run time).
+ifneq ($(wildcard $(SHARED)/weights),)
+export VISIONTUNE_WEIGHTS_DIR ?= $(abspath $(SHARED)/weights)
+endif
+
+.PHONY: install run test redis-server bench
+
+$(VENV)/.installed: pyproject.toml constraints.txt
+	$(PYTHON) -m venv $(VENV)
+	$(VENV)/bin/pip install -c constraints.txt -e '.[test]'
+	touch $@
+
+install: $(VENV)/.installed
+
+run: install
+	$(VENV)/bin/visiontune up --host $(HOST) --port $(PORT)
+
+redis-server:
+	@command -v redis-server >/dev/null || (apt-get update && apt-get install -y redis-server)
+
+test: install redis-server
+	$(VENV)/bin/pytest
+
+bench: install
+	$(VENV)/bin/python bench/e2e_linear_probe.py

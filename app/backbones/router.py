@@ -1,0 +1,20 @@
+from typing import Annotated
+
+from fastapi import APIRouter, Query
+from fastapi.concurrency import run_in_threadpool
+
+from app.backbones import service
+from app.backbones.schemas import BackboneList
+from app.core.config import get_settings
+
+router = APIRouter(prefix="/v1/backbones", tags=["backbones"])
+
+
+@router.get("", response_model=BackboneList)
+async def list_backbones(
+    search: Annotated[str | None, Query(max_length=100, description="Substring of a timm architecture name")] = None,
+    limit: Annotated[int, Query(ge=1, le=100)] = 20,
+    offset: Annotated[int, Query(ge=0)] = 0,
+) -> BackboneList:
+    total, items = await run_in_threadpool(service.list_backbones, get_settings(), search, limit, offset)
+    return BackboneList(total=total, data=items)

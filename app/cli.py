@@ -1,0 +1,75 @@
+"""`visiontune` command: serve (API), worker (Celery), up (both, for local use), migrate."""
+
+import argparse
+import os
+import signal
+import subprocess
+import sys
+
+import uvicorn
+
+from app.core.config import get_settings
+
+
+def worker_argv(extra: list[str] | None = None) -> list[str]:
+    settings = get_settings()
+    # Concurrency 1: one training job at a time on this worker's device. Run one worker per GPU
+    # (CUDA_VISIBLE_DEVICES) to use several.
+    return [
+        sys.executable, "-m", "celery", "-A", "workers.celery_app", "worker",
+        "--queues", settings.training_queue, "--concurrency", "1", "--loglevel", "INFO",
+        *(extra or []),
+    ]  # fmt: skip
+
+
+def migrate() -> None:
+    from app.db.migrate import upgrade_to_head
+
+    settings = get_settings()
+    settings.data_dir.mkdir(parents=True, exist_ok=True)
+    upgrade_to_head(settings.database_url)
+
+
+def serve(host: str, port: int) -> None:
+    uvicorn.run("app.main:app", host=host, port=port, log_level="info")
+
+
+def up(host: str, port: int) -> None:
+    migrate()  # once, before two processes race to do it
+    worker = subprocess.Popen(worker_argv())
+    try:
+        serve(host, port)
+    finally:
+        worker.send_signal(signal.SIGTERM)
+        try:
+            worker.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            worker.kill()
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="visiontune", description=__doc__)
+    commands = parser.add_subparsers(dest="command", required=True)
+    for name, help_text in (("serve", "run the HTTP API"), ("up", "run the API and one worker together")):
+        command = commands.add_parser(name, help=help_text)
+        command.add_argument("--host", default="127.0.0.1")
+        command.add_argument("--port", type=int, default=8000)
+    worker = commands.add_parser("worker", help="run a Celery training worker")
+    worker.add_argument("celery_args", nargs=argparse.REMAINDER, help="extra arguments for `celery worker`")
+    commands.add_parser("migrate", help="apply database migrations")
+    args = parser.parse_args(argv)
+
+    if args.command == "serve":
+        serve(args.host, args.port)
+    elif args.command == "up":
+        up(args.host, args.port)
+    elif args.command == "worker":
+        migrate()
+        argv = worker_argv(args.celery_args)
+        os.execv(argv[0], argv)
+    elif args.command == "migrate":
+        migrate()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,56 @@
+"""The Celery application, configured from Settings, shared by the API (which only enqueues, by
+task name) and the worker (workers/celery_app.py, which registers the task bodies)."""
+
+from functools import lru_cache
+
+from celery import Celery
+
+from app.core.config import Settings, get_settings
+
+FINETUNE_TASK = "visiontune.run_finetune"
+
+
+def make_celery(settings: Settings) -> Celery:
+    if settings.broker_url.startswith("sqla+sqlite"):
+        settings.data_dir.mkdir(parents=True, exist_ok=True)
+    celery = Celery("visiontune", broker=settings.broker_url)
+    celery.conf.update(
+        task_default_queue=settings.training_queue,
+        task_routes={FINETUNE_TASK: {"queue": settings.training_queue}},
+        # The job's truth is in the database; the broker only carries "run job X".
+        task_ignore_result=True,
+        # One job at a time per worker process, and never lose one: acknowledge only when the
+        # task is over, and put the message back if the process running it dies.
+        worker_prefetch_multiplier=1,
+        task_acks_late=True,
+        task_reject_on_worker_lost=True,
+        # A fresh child per job returns all training memory to the system.
+        worker_max_tasks_per_child=1,
+        broker_connection_retry_on_startup=True,
+        task_serializer="json",
+        accept_content=["json"],
+        worker_hijack_root_logger=False,
+    )
+    if settings.broker_url.startswith(("redis", "rediss")):
+        # How long a message taken by a worker that vanished stays invisible before redelivery.
+        # (The SQLAlchemy transport hands its options to create_engine, so only Redis gets this.)
+        celery.conf.broker_transport_options = {"visibility_timeout": settings.broker_visibility_timeout}
+    return celery
+
+
+@lru_cache
+def get_celery() -> Celery:
+    return make_celery(get_settings())
+
+
+def enqueue_finetune(job_id: str) -> None:
+    get_celery().send_task(FINETUNE_TASK, args=[job_id])
+
+
+def broker_reachable() -> bool:
+    try:
+        with get_celery().connection_for_write() as connection:
+            connection.ensure_connection(max_retries=1, timeout=2)
+        return True
+    except Exception:  # any failure to connect means "not ready"
+        return False

@@ -1,0 +1,72 @@
+"""All settings in one place: environment variables prefixed VISIONTUNE_, shared by API and workers."""
+
+from functools import lru_cache
+from pathlib import Path
+
+from pydantic import Field, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="VISIONTUNE_", env_file=".env", extra="ignore")
+
+    data_dir: Path = Field(Path("var"), description="Datasets, artifacts, checkpoints and the SQLite files.")
+    database_url: str = Field("", description="SQLAlchemy URL; empty means a SQLite file in data_dir.")
+    broker_url: str = Field(
+        "",
+        description="Celery broker URL, e.g. redis://redis:6379/0. Empty means the embedded "
+        "SQLite broker (kombu's SQLAlchemy transport) in data_dir, so no external server is needed.",
+    )
+    weights_dir: Path | None = Field(
+        None, description="Local pretrained weights: <architecture>[.<tag>].safetensors files."
+    )
+    training_queue: str = "training"
+
+    # Upload limits.
+    max_upload_bytes: int = 2 * 1024**3
+    max_uncompressed_bytes: int = 8 * 1024**3
+    max_archive_entries: int = 200_000
+    max_compression_ratio: float = 200.0
+    max_image_pixels: int = 64_000_000
+    min_images_per_class: int = 5
+
+    # Prediction limits.
+    max_predict_files: int = 64
+    model_cache_size: int = 4
+
+    # A running job whose worker has not reported for this long is taken over when its
+    # message is delivered again (the worker died).
+    job_lease_seconds: int = 120
+    # Redis transport: how long an unacknowledged message waits before it is delivered again.
+    broker_visibility_timeout: int = 3600
+
+    @model_validator(mode="after")
+    def _embedded_defaults(self) -> "Settings":
+        self.data_dir = self.data_dir.resolve()
+        if not self.database_url:
+            self.database_url = f"sqlite:///{self.data_dir / 'visiontune.db'}"
+        if not self.broker_url:
+            self.broker_url = f"sqla+sqlite:///{self.data_dir / 'broker.db'}"
+        return self
+
+    @property
+    def datasets_dir(self) -> Path:
+        return self.data_dir / "datasets"
+
+    @property
+    def models_dir(self) -> Path:
+        return self.data_dir / "models"
+
+    @property
+    def jobs_dir(self) -> Path:
+        return self.data_dir / "jobs"
+
+    @property
+    def staging_dir(self) -> Path:
+        """Uploads and artifacts in the making; moved into place only once complete."""
+        return self.data_dir / "staging"
+
+
+@lru_cache
+def get_settings() -> Settings:
+    return Settings()

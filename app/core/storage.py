@@ -1,0 +1,83 @@
+"""Receiving uploads: multipart bodies streamed to disk under a byte cap, never held in memory."""
+
+import hashlib
+import secrets
+import shutil
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from pathlib import Path
+
+from typing import BinaryIO
+
+from fastapi import Request
+from fastapi.concurrency import run_in_threadpool
+from starlette.datastructures import UploadFile
+from starlette.formparsers import MultiPartException, MultiPartParser
+
+from app.core.errors import AppError, Invalid, TooLarge, UnsupportedMedia
+
+CHUNK = 1024 * 1024
+
+
+@dataclass
+class ReceivedFile:
+    path: Path
+    filename: str
+    size: int
+    sha256: str
+    fields: dict[str, str]
+
+
+async def receive_file(request: Request, field: str, max_bytes: int, directory: Path) -> ReceivedFile:
+    """Parse a multipart body holding one file in `field` and write that file to `directory`.
+
+    FastAPI's `UploadFile` parameters would parse the whole body before any limit applies, so the
+    body is parsed here with Starlette's own parser over a stream that stops at `max_bytes`.
+    """
+    if not request.headers.get("content-type", "").startswith("multipart/form-data"):
+        raise UnsupportedMedia("Expected a multipart/form-data body.", code="expected_multipart")
+    declared = request.headers.get("content-length")
+    if declared and declared.isdigit() and int(declared) > max_bytes:
+        raise TooLarge(f"The upload is {int(declared)} bytes; the limit is {max_bytes}.", code="upload_too_large")
+
+    async def capped() -> AsyncIterator[bytes]:
+        received = 0
+        async for chunk in request.stream():
+            received += len(chunk)
+            if received > max_bytes:
+                raise TooLarge(f"The upload exceeds the limit of {max_bytes} bytes.", code="upload_too_large")
+            yield chunk
+
+    try:
+        form = await MultiPartParser(request.headers, capped(), max_files=1, max_fields=10).parse()
+    except MultiPartException as exc:
+        raise AppError(f"Malformed multipart body: {exc}", code="malformed_multipart") from exc
+    upload = form.get(field)
+    try:
+        if not isinstance(upload, UploadFile):
+            raise Invalid(f"The form has no file field '{field}'.", code="missing_file")
+        directory.mkdir(parents=True, exist_ok=True)
+        path = directory / f"upload-{secrets.token_hex(8)}"
+        size, sha256 = await run_in_threadpool(_copy_hashing, upload.file, path)
+        fields = {k: v for k, v in form.items() if isinstance(v, str)}
+        return ReceivedFile(path, upload.filename or "upload", size, sha256, fields)
+    finally:
+        await form.close()
+
+
+def _copy_hashing(source: BinaryIO, path: Path) -> tuple[int, str]:
+    digest, size = hashlib.sha256(), 0
+    source.seek(0)
+    with path.open("wb") as out:
+        while chunk := source.read(CHUNK):
+            digest.update(chunk)
+            size += len(chunk)
+            out.write(chunk)
+    return size, digest.hexdigest()
+
+
+def remove_quietly(path: Path) -> None:
+    if path.is_dir():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        path.unlink(missing_ok=True)

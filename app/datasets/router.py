@@ -1,0 +1,67 @@
+from typing import Annotated
+
+from fastapi import APIRouter, Depends, Query, Request, status
+from fastapi.concurrency import run_in_threadpool
+from sqlalchemy.orm import Session
+
+from app.core.config import get_settings
+from app.core.db import get_session
+from app.core.storage import receive_file
+from app.datasets import service
+from app.datasets.schemas import DatasetList, DatasetOut
+from app.db.tables import Dataset
+
+router = APIRouter(prefix="/v1/datasets", tags=["datasets"])
+SessionDep = Annotated[Session, Depends(get_session)]
+
+
+def _dataset(dataset_id: str, session: SessionDep) -> Dataset:
+    return service.get_dataset(session, dataset_id)
+
+
+DatasetDep = Annotated[Dataset, Depends(_dataset)]
+
+UPLOAD_SCHEMA = {
+    "requestBody": {
+        "required": True,
+        "content": {
+            "multipart/form-data": {
+                "schema": {
+                    "type": "object",
+                    "required": ["file"],
+                    "properties": {
+                        "file": {
+                            "type": "string",
+                            "format": "binary",
+                            "description": ".zip, .tar or .tar.gz in ImageFolder layout: <class>/<image>, "
+                            "or train/<class>/<image> and val/<class>/<image>.",
+                        },
+                        "name": {"type": "string", "maxLength": 200},
+                    },
+                }
+            }
+        },
+    }
+}
+
+
+@router.post("", status_code=status.HTTP_201_CREATED, response_model=DatasetOut, openapi_extra=UPLOAD_SCHEMA)
+async def upload_dataset(request: Request, session: SessionDep) -> Dataset:
+    settings = get_settings()
+    upload = await receive_file(request, "file", settings.max_upload_bytes, settings.staging_dir)
+    return await run_in_threadpool(service.create_dataset, session, settings, upload, upload.fields.get("name"))
+
+
+@router.get("", response_model=DatasetList)
+def list_datasets(session: SessionDep, limit: Annotated[int, Query(ge=1, le=1000)] = 100) -> dict:
+    return {"data": service.list_datasets(session, limit)}
+
+
+@router.get("/{dataset_id}", response_model=DatasetOut)
+def get_dataset(dataset: DatasetDep) -> Dataset:
+    return dataset
+
+
+@router.delete("/{dataset_id}", status_code=status.HTTP_204_NO_CONTENT)
+def delete_dataset(dataset: DatasetDep, session: SessionDep) -> None:
+    service.delete_dataset(session, get_settings(), dataset)

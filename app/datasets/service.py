@@ -1,0 +1,90 @@
+"""Datasets: an uploaded archive becomes a validated ImageFolder under data_dir/datasets/<id>.
+
+Ingestion happens in a staging directory; the dataset directory and its row appear together only
+once everything checked out, so a refused upload leaves neither behind.
+"""
+
+import os
+import secrets
+from pathlib import Path
+
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from app.core.config import Settings
+from app.core.errors import Conflict, NotFound
+from app.core.storage import ReceivedFile, remove_quietly
+from app.datasets.ingest import IngestLimits, ingest_archive
+from app.db.tables import Dataset, Job
+
+
+def limits_from(settings: Settings) -> IngestLimits:
+    return IngestLimits(
+        max_uncompressed_bytes=settings.max_uncompressed_bytes,
+        max_archive_entries=settings.max_archive_entries,
+        max_compression_ratio=settings.max_compression_ratio,
+        max_image_pixels=settings.max_image_pixels,
+        min_images_per_class=settings.min_images_per_class,
+    )
+
+
+def create_dataset(session: Session, settings: Settings, upload: ReceivedFile, name: str | None) -> Dataset:
+    dataset_id = f"ds_{secrets.token_hex(12)}"
+    staging = settings.staging_dir / dataset_id
+    final = settings.datasets_dir / dataset_id
+    try:
+        result = ingest_archive(upload.path, staging, limits_from(settings))
+        dataset = Dataset(
+            id=dataset_id,
+            name=(name or Path(upload.filename).name.split(".")[0] or dataset_id)[:200],
+            status="ready",
+            num_images=result.num_images,
+            classes=result.classes,
+            has_val_split=result.has_val_split,
+            sha256=upload.sha256,
+            size_bytes=upload.size,
+            warnings=result.warnings,
+        )
+        final.parent.mkdir(parents=True, exist_ok=True)
+        os.replace(staging, final)
+        session.add(dataset)
+        session.commit()
+        return dataset
+    except BaseException:
+        session.rollback()
+        remove_quietly(staging)
+        remove_quietly(final)
+        raise
+    finally:
+        remove_quietly(upload.path)
+
+
+def get_dataset(session: Session, dataset_id: str) -> Dataset:
+    dataset = session.get(Dataset, dataset_id)
+    if dataset is None:
+        raise NotFound(f"Dataset '{dataset_id}' not found.", code="dataset_not_found")
+    return dataset
+
+
+def list_datasets(session: Session, limit: int) -> list[Dataset]:
+    return list(session.scalars(select(Dataset).order_by(Dataset.created_at.desc()).limit(limit)))
+
+
+def delete_dataset(session: Session, settings: Settings, dataset: Dataset) -> None:
+    active = session.scalar(
+        select(Job.id).where(Job.dataset_id == dataset.id, Job.status.in_(("queued", "running"))).limit(1)
+    )
+    if active:
+        raise Conflict(f"Dataset '{dataset.id}' is in use by active job '{active}'.", code="dataset_in_use")
+    # Move the files aside first, so that a failed commit leaves the dataset whole.
+    trash = settings.staging_dir / f"deleted-{dataset.id}"
+    directory = settings.datasets_dir / dataset.id
+    trash.parent.mkdir(parents=True, exist_ok=True)
+    os.replace(directory, trash)
+    try:
+        session.delete(dataset)
+        session.commit()
+    except BaseException:
+        os.replace(trash, directory)
+        raise
+    remove_quietly(trash)

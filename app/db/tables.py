@@ -1,0 +1,82 @@
+"""ORM tables. Named "tables" so that "model" always means a trained model."""
+
+from datetime import UTC, datetime
+from typing import Any
+
+from sqlalchemy import JSON, BigInteger, DateTime, ForeignKey, Integer, String, Text, UniqueConstraint
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+
+
+def utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+class Base(DeclarativeBase):
+    type_annotation_map = {dict[str, Any]: JSON, list[Any]: JSON, datetime: DateTime(timezone=True)}
+
+
+class Dataset(Base):
+    __tablename__ = "datasets"
+
+    id: Mapped[str] = mapped_column(String(40), primary_key=True)
+    name: Mapped[str] = mapped_column(String(200))
+    status: Mapped[str] = mapped_column(String(20))
+    num_images: Mapped[int] = mapped_column(Integer)
+    classes: Mapped[list[Any]] = mapped_column()  # [{"name", "train", "val"}] in label order
+    has_val_split: Mapped[bool] = mapped_column()
+    sha256: Mapped[str] = mapped_column(String(64))
+    size_bytes: Mapped[int] = mapped_column(BigInteger)
+    warnings: Mapped[list[Any]] = mapped_column()
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+class Job(Base):
+    __tablename__ = "jobs"
+
+    id: Mapped[str] = mapped_column(String(40), primary_key=True)
+    # Jobs outlive their dataset: deleting a dataset keeps the job history.
+    dataset_id: Mapped[str | None] = mapped_column(ForeignKey("datasets.id", ondelete="SET NULL"), index=True)
+    backbone: Mapped[str] = mapped_column(String(200))
+    strategy: Mapped[str] = mapped_column(String(30))
+    pretrained: Mapped[bool] = mapped_column()
+    hyperparameters: Mapped[dict[str, Any]] = mapped_column()
+    seed: Mapped[int] = mapped_column(Integer)
+    status: Mapped[str] = mapped_column(String(20), index=True)
+    epoch: Mapped[int] = mapped_column(Integer, default=0)
+    metrics: Mapped[dict[str, Any]] = mapped_column(default=dict)
+    error_code: Mapped[str | None] = mapped_column(String(60))
+    error_message: Mapped[str | None] = mapped_column(Text)
+    # "host:pid" of the worker process that holds the job, and when it last reported.
+    claimed_by: Mapped[str | None] = mapped_column(String(300))
+    heartbeat_at: Mapped[datetime | None] = mapped_column()
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    started_at: Mapped[datetime | None] = mapped_column()
+    finished_at: Mapped[datetime | None] = mapped_column()
+
+
+class JobEvent(Base):
+    __tablename__ = "job_events"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    job_id: Mapped[str] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"), index=True)
+    type: Mapped[str] = mapped_column(String(40))
+    message: Mapped[str] = mapped_column(Text)
+    data: Mapped[dict[str, Any]] = mapped_column(default=dict)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+class Model(Base):
+    __tablename__ = "models"
+    # Exactly one model per succeeded job, enforced by the database.
+    __table_args__ = (UniqueConstraint("job_id", name="uq_models_job_id"),)
+
+    id: Mapped[str] = mapped_column(String(40), primary_key=True)
+    job_id: Mapped[str] = mapped_column(ForeignKey("jobs.id", ondelete="RESTRICT"))
+    dataset_id: Mapped[str] = mapped_column(String(40))
+    backbone: Mapped[str] = mapped_column(String(200))
+    classes: Mapped[list[Any]] = mapped_column()
+    metrics: Mapped[dict[str, Any]] = mapped_column()
+    preprocessing: Mapped[dict[str, Any]] = mapped_column()
+    size_bytes: Mapped[int] = mapped_column(BigInteger)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)

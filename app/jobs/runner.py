@@ -1,0 +1,249 @@
+"""Worker side of a job: claim it, train it, register its model. Called by workers/tasks.py.
+
+A message may arrive more than once (redelivery after a worker died, or a duplicate). What to do
+is decided from the database alone:
+- queued            -> claim it and train;
+- running, holder alive (fresh heartbeat)   -> someone else is on it: look again later;
+- running, holder dead (stale heartbeat, or its process is gone on this host) -> take it over and
+  resume from its last checkpoint;
+- finished or cancelled -> nothing to do.
+"""
+
+import logging
+import os
+import secrets
+import shutil
+import socket
+import time
+from dataclasses import dataclass
+from datetime import timedelta
+from typing import Any
+
+from sqlalchemy import update
+from sqlalchemy.exc import IntegrityError
+
+from app.backbones.service import find_weights, split_backbone
+from app.core.config import Settings, get_settings
+from app.core.db import session_scope
+from app.core.errors import AppError
+from app.db.tables import Dataset, Job, Model, utcnow
+from app.jobs.service import TERMINAL, add_event, fail
+from app.ml.backbone import build_model, preprocessing_of
+from app.ml.data import list_samples, stratified_split
+from app.ml.export import save_artifact
+from app.ml.train import TrainSpec, fine_tune
+
+logger = logging.getLogger(__name__)
+HEARTBEAT_SECONDS = 2.0
+
+
+@dataclass
+class Outcome:
+    status: str
+    retry_after: int | None = None
+
+
+class JobStopped(Exception):
+    """The job was cancelled, or taken over by another worker, while this one trained it."""
+
+
+def worker_identity() -> str:
+    return f"{socket.gethostname()}:{os.getpid()}"
+
+
+def run_job(job_id: str) -> Outcome:
+    settings = get_settings()
+    me = worker_identity()
+    outcome = _claim(job_id, me, settings)
+    if outcome is not None:
+        return outcome
+    try:
+        _train(job_id, me, settings)
+        return Outcome("succeeded")
+    except JobStopped as stop:
+        logger.info("job %s stopped: %s", job_id, stop)
+        with session_scope() as session:
+            if session.get(Job, job_id).status == "cancelled":
+                shutil.rmtree(settings.jobs_dir / job_id, ignore_errors=True)
+        return Outcome("stopped")
+    except AppError as error:
+        _fail(job_id, error.code, error.message, me)
+        return Outcome("failed")
+    except Exception as error:
+        logger.exception("job %s failed", job_id)
+        _fail(job_id, "training_error", f"{type(error).__name__}: {error}", me)
+        return Outcome("failed")
+
+
+def _fail(job_id: str, code: str, message: str, me: str) -> None:
+    with session_scope() as session:
+        fail(session, job_id, code, message, claimed_by=me)
+
+
+def _claim(job_id: str, me: str, settings: Settings) -> Outcome | None:
+    """None when this process now holds the job; otherwise what happened instead."""
+    with session_scope() as session:
+        now = utcnow()
+        claimed = session.execute(
+            update(Job)
+            .where(Job.id == job_id, Job.status == "queued")
+            .values(status="running", claimed_by=me, heartbeat_at=now, started_at=now, attempts=Job.attempts + 1)
+        ).rowcount
+        if claimed:
+            add_event(session, job_id, "status", f"running on {me}")
+            return None
+        job = session.get(Job, job_id)
+        if job is None:
+            logger.warning("message for unknown job %s dropped", job_id)
+            return Outcome("missing")
+        if job.status in TERMINAL:
+            add_event(session, job_id, "message_ignored", f"duplicate delivery ignored: job already {job.status}")
+            return Outcome(job.status)
+        holder = job.claimed_by or ""
+        if not _holder_dead(holder, job.heartbeat_at, settings):
+            return Outcome("held_elsewhere", retry_after=settings.job_lease_seconds)
+        taken = session.execute(
+            update(Job)
+            .where(Job.id == job_id, Job.status == "running", Job.claimed_by == holder)
+            .values(claimed_by=me, heartbeat_at=now, attempts=Job.attempts + 1)
+        ).rowcount
+        if not taken:
+            return Outcome("held_elsewhere", retry_after=settings.job_lease_seconds)
+        add_event(session, job_id, "status", f"resumed on {me} from the last checkpoint (previous worker {holder} is gone)")
+        return None
+
+
+def _holder_dead(holder: str, heartbeat_at, settings: Settings) -> bool:
+    host, _, pid = holder.rpartition(":")
+    if host == socket.gethostname() and pid.isdigit():
+        try:
+            os.kill(int(pid), 0)
+        except ProcessLookupError:
+            return True
+    if heartbeat_at is None:
+        return True
+    if heartbeat_at.tzinfo is None:  # SQLite hands back naive datetimes
+        heartbeat_at = heartbeat_at.replace(tzinfo=utcnow().tzinfo)
+    return utcnow() - heartbeat_at > timedelta(seconds=settings.job_lease_seconds)
+
+
+class _DatabaseReporter:
+    """Heartbeats, cancellation checks and per-epoch events, written to the job's rows."""
+
+    def __init__(self, job_id: str, me: str):
+        self.job_id, self.me = job_id, me
+        self._last_check = 0.0
+
+    def check(self) -> None:
+        if time.monotonic() - self._last_check < HEARTBEAT_SECONDS:
+            return
+        self._beat({})
+        self._last_check = time.monotonic()
+
+    def epoch_end(self, record: dict[str, Any]) -> None:
+        message = (
+            f"epoch {record['epoch']}/{record['epochs']}: train_loss {record['train_loss']:.4f}, "
+            f"val_accuracy {record['val_accuracy']:.4f}"
+        )
+        self._beat({"epoch": record["epoch"], "metrics": record}, event=("epoch", message, record))
+
+    def _beat(self, values: dict[str, Any], event: tuple[str, str, dict] | None = None) -> None:
+        with session_scope() as session:
+            held = session.execute(
+                update(Job)
+                .where(Job.id == self.job_id, Job.status == "running", Job.claimed_by == self.me)
+                .values(heartbeat_at=utcnow(), **values)
+            ).rowcount
+            if not held:
+                raise JobStopped("cancelled or taken over")
+            if event:
+                add_event(session, self.job_id, *event)
+
+
+def _train(job_id: str, me: str, settings: Settings) -> None:
+    with session_scope() as session:
+        job = session.get(Job, job_id)
+        dataset = session.get(Dataset, job.dataset_id) if job.dataset_id else None
+        if dataset is None:
+            raise AppError("The job's dataset was deleted.", code="dataset_missing")
+        class_names = [c["name"] for c in dataset.classes]
+        has_val_split = dataset.has_val_split
+        backbone, strategy, pretrained, seed = job.backbone, job.strategy, job.pretrained, job.seed
+        hp = dict(job.hyperparameters)
+
+    architecture, tag = split_backbone(backbone, settings)
+    weights_file = None
+    if pretrained:
+        lookup = find_weights(settings, architecture, tag)
+        if lookup.file is None:
+            raise AppError(lookup.explain(), code="weights_not_found")
+        weights_file = lookup.file
+        with session_scope() as session:
+            add_event(session, job_id, "weights", lookup.explain(), {"source": lookup.source, "file": str(lookup.file)})
+
+    dataset_dir = settings.datasets_dir / dataset.id
+    if has_val_split:
+        train_samples = list_samples(dataset_dir / "train", class_names)
+        val_samples = list_samples(dataset_dir / "val", class_names)
+    else:
+        train_samples, val_samples = stratified_split(
+            list_samples(dataset_dir / "train", class_names), hp["val_fraction"], seed
+        )
+
+    model = build_model(architecture, len(class_names), weights_file=weights_file)
+    spec = TrainSpec(
+        strategy=strategy,
+        epochs=hp["epochs"],
+        batch_size=hp["batch_size"],
+        lr=hp["lr"],
+        opt=hp["opt"],
+        weight_decay=hp["weight_decay"],
+        sched=hp["sched"],
+        warmup_epochs=hp["warmup_epochs"],
+        smoothing=hp["smoothing"],
+        seed=seed,
+    )
+    work_dir = settings.jobs_dir / job_id
+    result = fine_tune(model, train_samples, val_samples, class_names, spec, work_dir, _DatabaseReporter(job_id, me))
+    metrics = {**result.metrics, "best_epoch": result.best_epoch, "history": result.history}
+    _register_model(job_id, me, settings, result.model, class_names, metrics, architecture, dataset.id, backbone)
+    shutil.rmtree(work_dir, ignore_errors=True)
+
+
+def _register_model(job_id, me, settings, model, class_names, metrics, architecture, dataset_id, backbone) -> None:
+    """Write the artifact, then in one transaction add the model row and mark the job succeeded.
+    The unique job_id on models and the conditional update make a second model impossible."""
+    model_id = f"model_{secrets.token_hex(12)}"
+    staging = settings.staging_dir / model_id
+    final = settings.models_dir / model_id
+    save_artifact(model, staging, class_names, metrics)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    os.replace(staging, final)
+    size = sum(f.stat().st_size for f in final.iterdir())
+    try:
+        with session_scope() as session:
+            done = session.execute(
+                update(Job)
+                .where(Job.id == job_id, Job.status == "running", Job.claimed_by == me)
+                .values(status="succeeded", finished_at=utcnow(), heartbeat_at=utcnow())
+            ).rowcount
+            if not done:
+                raise JobStopped("cancelled or taken over before the model was registered")
+            session.add(
+                Model(
+                    id=model_id,
+                    job_id=job_id,
+                    dataset_id=dataset_id,
+                    backbone=backbone,
+                    classes=class_names,
+                    metrics={k: v for k, v in metrics.items() if k != "history"},
+                    preprocessing=preprocessing_of(model),
+                    size_bytes=size,
+                )
+            )
+            add_event(
+                session, job_id, "status", f"succeeded: model {model_id}", {"model_id": model_id, "architecture": architecture}
+            )
+    except (JobStopped, IntegrityError):
+        shutil.rmtree(final, ignore_errors=True)
+        raise

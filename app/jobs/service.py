@@ -1,0 +1,124 @@
+"""Jobs: creation, queries and the state machine queued -> running -> succeeded | failed | cancelled.
+
+Every transition is a conditional UPDATE on the current status, so concurrent actors (API cancel,
+a worker, a redelivered message) cannot both win.
+"""
+
+import secrets
+from typing import Any
+
+from sqlalchemy import select, update
+from sqlalchemy.orm import Session
+
+from app.backbones.service import split_backbone
+from app.core import broker
+from app.core.config import Settings
+from app.core.errors import Conflict, NotFound, ServiceUnavailable
+from app.db.tables import Dataset, Job, JobEvent, Model, utcnow
+from app.jobs.schemas import JobCreate, JobError, JobOut, Progress
+
+ACTIVE = ("queued", "running")
+TERMINAL = ("succeeded", "failed", "cancelled")
+
+
+def add_event(session: Session, job_id: str, type_: str, message: str, data: dict[str, Any] | None = None) -> None:
+    session.add(JobEvent(job_id=job_id, type=type_, message=message, data=data or {}))
+
+
+def create_job(session: Session, settings: Settings, request: JobCreate) -> Job:
+    split_backbone(request.backbone, settings)
+    dataset = session.get(Dataset, request.dataset_id)
+    if dataset is None:
+        raise NotFound(f"Dataset '{request.dataset_id}' not found.", code="dataset_not_found")
+    if dataset.status != "ready":
+        raise Conflict(f"Dataset '{dataset.id}' is {dataset.status}, not ready.", code="dataset_not_ready")
+    hyperparameters = request.hyperparameters.resolved(request.strategy)
+    job = Job(
+        id=f"job_{secrets.token_hex(12)}",
+        dataset_id=dataset.id,
+        backbone=request.backbone.strip(),
+        strategy=request.strategy,
+        pretrained=request.pretrained,
+        hyperparameters=hyperparameters.model_dump(),
+        seed=request.seed,
+        status="queued",
+        epoch=0,
+        metrics={},
+        attempts=0,
+    )
+    session.add(job)
+    add_event(session, job.id, "status", "queued")
+    session.commit()
+    # Enqueue only after the commit: a worker that receives the message must find the job.
+    try:
+        broker.enqueue_finetune(job.id)
+    except Exception as exc:
+        fail(session, job.id, "broker_unavailable", f"Could not enqueue the job: {exc}")
+        raise ServiceUnavailable(f"The job queue is unreachable: {exc}", code="broker_unavailable") from exc
+    return job
+
+
+def get_job(session: Session, job_id: str) -> Job:
+    job = session.get(Job, job_id)
+    if job is None:
+        raise NotFound(f"Job '{job_id}' not found.", code="job_not_found")
+    return job
+
+
+def list_jobs(session: Session, limit: int) -> list[Job]:
+    return list(session.scalars(select(Job).order_by(Job.created_at.desc()).limit(limit)))
+
+
+def list_events(session: Session, job_id: str, after: int, limit: int) -> list[JobEvent]:
+    query = select(JobEvent).where(JobEvent.job_id == job_id, JobEvent.id > after).order_by(JobEvent.id).limit(limit)
+    return list(session.scalars(query))
+
+
+def cancel_job(session: Session, job: Job) -> Job:
+    result = session.execute(
+        update(Job)
+        .where(Job.id == job.id, Job.status.in_(ACTIVE))
+        .values(status="cancelled", finished_at=utcnow())
+    )
+    if result.rowcount == 0:
+        session.rollback()
+        session.refresh(job)
+        raise Conflict(f"Job '{job.id}' is already {job.status}.", code="job_not_cancellable")
+    add_event(session, job.id, "status", "cancelled")
+    session.commit()
+    session.refresh(job)
+    return job
+
+
+def fail(session: Session, job_id: str, code: str, message: str, *, claimed_by: str | None = None) -> bool:
+    """Mark an active job failed (only if still held by `claimed_by`, when given)."""
+    query = update(Job).where(Job.id == job_id, Job.status.in_(ACTIVE))
+    if claimed_by is not None:
+        query = query.where(Job.claimed_by == claimed_by)
+    result = session.execute(query.values(status="failed", error_code=code, error_message=message, finished_at=utcnow()))
+    if result.rowcount:
+        add_event(session, job_id, "status", f"failed: {message}", {"code": code})
+    session.commit()
+    return bool(result.rowcount)
+
+
+def to_out(session: Session, job: Job) -> JobOut:
+    model_id = session.scalar(select(Model.id).where(Model.job_id == job.id))
+    return JobOut(
+        id=job.id,
+        dataset_id=job.dataset_id,
+        backbone=job.backbone,
+        strategy=job.strategy,
+        pretrained=job.pretrained,
+        hyperparameters=job.hyperparameters,
+        seed=job.seed,
+        status=job.status,
+        progress=Progress(epoch=job.epoch, epochs=job.hyperparameters["epochs"]),
+        metrics=job.metrics,
+        model_id=model_id,
+        error=JobError(code=job.error_code, message=job.error_message or "") if job.error_code else None,
+        attempts=job.attempts,
+        created_at=job.created_at,
+        started_at=job.started_at,
+        finished_at=job.finished_at,
+    )

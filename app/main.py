@@ -1,0 +1,94 @@
+"""create_app(): routers, the one error envelope, and the lifespan (database, model cache)."""
+
+import logging
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI, Request
+from fastapi.concurrency import run_in_threadpool
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from sqlalchemy import text
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from app.backbones.router import router as backbones_router
+from app.core.broker import broker_reachable
+from app.core.config import get_settings
+from app.core.db import get_engine
+from app.core.errors import AppError
+from app.datasets.router import router as datasets_router
+from app.db.migrate import upgrade_to_head
+from app.jobs.router import router as jobs_router
+from app.models.router import router as models_router
+from app.serving.predictor import ModelCache
+
+logger = logging.getLogger(__name__)
+
+
+def _error(status: int, code: str, message: str, details: list | None = None) -> JSONResponse:
+    return JSONResponse(status_code=status, content={"error": {"code": code, "message": message, "details": details or []}})
+
+
+@asynccontextmanager
+async def lifespan(app: FastAPI):
+    settings = get_settings()
+    settings.data_dir.mkdir(parents=True, exist_ok=True)
+    await run_in_threadpool(upgrade_to_head, settings.database_url)
+    app.state.model_cache = ModelCache(settings.model_cache_size)
+    yield
+    get_engine().dispose()
+
+
+def create_app() -> FastAPI:
+    app = FastAPI(
+        title="VisionTune",
+        version="0.1.0",
+        summary="Fine-tune pretrained timm image backbones on your own data and serve them.",
+        lifespan=lifespan,
+    )
+    for router in (datasets_router, backbones_router, jobs_router, models_router):
+        app.include_router(router)
+
+    @app.exception_handler(AppError)
+    async def app_error(_: Request, exc: AppError) -> JSONResponse:
+        return _error(exc.status_code, exc.code, exc.message, exc.details)
+
+    @app.exception_handler(RequestValidationError)
+    async def validation_error(_: Request, exc: RequestValidationError) -> JSONResponse:
+        errors = exc.errors()
+        fields = ", ".join(".".join(str(p) for p in e["loc"] if p != "body") for e in errors)
+        details = [{"loc": list(e["loc"]), "msg": e["msg"], "type": e["type"]} for e in errors]
+        return _error(422, "validation_error", f"Invalid request: {fields}: {errors[0]['msg']}", details)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+        code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
+        return _error(exc.status_code, code, str(exc.detail))
+
+    @app.exception_handler(Exception)
+    async def unexpected_error(_: Request, exc: Exception) -> JSONResponse:
+        logger.exception("unhandled error", exc_info=exc)
+        return _error(500, "internal_error", "Internal server error.")
+
+    @app.get("/healthz", tags=["health"])
+    def healthz() -> dict:
+        return {"status": "ok"}
+
+    @app.get("/readyz", tags=["health"])
+    def readyz() -> JSONResponse:
+        try:
+            with get_engine().connect() as connection:
+                connection.execute(text("SELECT 1"))
+            database = True
+        except Exception:
+            database = False
+        broker = broker_reachable()
+        ready = database and broker
+        return JSONResponse(
+            status_code=200 if ready else 503,
+            content={"status": "ready" if ready else "not_ready", "database": database, "broker": broker},
+        )
+
+    return app
+
+
+app = create_app()

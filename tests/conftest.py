@@ -1,0 +1,210 @@
+"""Shared fixtures: the real data in ../shared, an in-process app on a temporary data directory,
+and real server processes (redis-server, uvicorn, celery worker) on free ports."""
+
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import zipfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED = REPO.parent / "shared"
+HYMENOPTERA = SHARED / "datasets" / "hymenoptera"
+WEIGHTS_DIR = SHARED / "weights"
+MOBILENET_WEIGHTS = WEIGHTS_DIR / "mobilenetv2_100.tv_in1k.safetensors"
+
+
+def pytest_sessionstart(session):
+    # Transfer-learning tests need the real weights and images; in CI they must never be skipped.
+    missing = [p for p in (HYMENOPTERA, MOBILENET_WEIGHTS) if not p.exists()]
+    if missing:
+        pytest.exit(f"missing shared data: {missing} (expected ../shared beside the checkout)", returncode=3)
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def zip_tree(source: Path, archive: Path, *, per_class: dict[str, int] | None = None) -> Path:
+    """Zip an ImageFolder tree (read in place), optionally only the first N files of each class dir."""
+    with zipfile.ZipFile(archive, "w", compression=zipfile.ZIP_STORED) as out:
+        for class_dir in sorted(p for p in source.rglob("*") if p.is_dir()):
+            files = sorted(f for f in class_dir.iterdir() if f.is_file())
+            if per_class is not None:
+                split = class_dir.parent.name
+                files = files[: per_class.get(split, len(files))]
+            for file in files:
+                out.write(file, arcname=f"{source.name}/{file.relative_to(source)}")
+    return archive
+
+
+@pytest.fixture(scope="session")
+def hymenoptera_zip(tmp_path_factory) -> Path:
+    return zip_tree(HYMENOPTERA, tmp_path_factory.mktemp("archives") / "hymenoptera.zip")
+
+
+@pytest.fixture(scope="session")
+def small_hymenoptera_zip(tmp_path_factory) -> Path:
+    """12 train and 8 val images per class: for tests where the point is the path, not accuracy."""
+    return zip_tree(
+        HYMENOPTERA, tmp_path_factory.mktemp("archives") / "small.zip", per_class={"train": 12, "val": 8}
+    )
+
+
+def _clear_caches() -> None:
+    from app.core import broker, config, db
+
+    for cached in (config.get_settings, db.get_engine, db._session_factory, broker.get_celery):
+        cached.cache_clear()
+
+
+@pytest.fixture
+def settings_env(tmp_path, monkeypatch) -> Path:
+    """Point the in-process settings at a fresh data directory (embedded SQLite DB and broker)."""
+    data_dir = tmp_path / "var"
+    monkeypatch.setenv("VISIONTUNE_DATA_DIR", str(data_dir))
+    monkeypatch.setenv("VISIONTUNE_WEIGHTS_DIR", str(WEIGHTS_DIR))
+    for name in ("VISIONTUNE_DATABASE_URL", "VISIONTUNE_BROKER_URL"):
+        monkeypatch.delenv(name, raising=False)
+    _clear_caches()
+    yield data_dir
+    _clear_caches()
+
+
+@pytest.fixture
+def client(settings_env):
+    from fastapi.testclient import TestClient
+
+    from app.main import create_app
+
+    with TestClient(create_app()) as test_client:
+        yield test_client
+
+
+class Process:
+    """A real server process whose output goes to a log file shown when a test fails."""
+
+    def __init__(self, name: str, argv: list[str], env: dict[str, str], log_dir: Path):
+        self.name = name
+        self.log = log_dir / f"{name}.log"
+        self._log_file = self.log.open("wb")
+        self.popen = subprocess.Popen(argv, env=env, stdout=self._log_file, stderr=subprocess.STDOUT, cwd=REPO)
+
+    def stop(self) -> None:
+        if self.popen.poll() is None:
+            self.popen.terminate()
+            try:
+                self.popen.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                self.popen.kill()
+                self.popen.wait()
+        self._log_file.close()
+
+    def tail(self, lines: int = 60) -> str:
+        return "\n".join(self.log.read_text(errors="replace").splitlines()[-lines:])
+
+
+def wait_until(predicate, timeout: float, what: str, interval: float = 0.5, processes=()):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        for process in processes:
+            if process.popen.poll() is not None:
+                raise AssertionError(f"{process.name} exited while waiting for {what}:\n{process.tail()}")
+        value = predicate()
+        if value:
+            return value
+        time.sleep(interval)
+    logs = "\n".join(f"--- {p.name}\n{p.tail()}" for p in processes)
+    raise AssertionError(f"timed out after {timeout}s waiting for {what}\n{logs}")
+
+
+@pytest.fixture(scope="session")
+def redis_url(tmp_path_factory) -> Iterator[str]:
+    server = shutil.which("redis-server")
+    if server is None:
+        pytest.fail("redis-server is not installed (apt-get install -y redis-server)")
+    port = free_port()
+    log_dir = tmp_path_factory.mktemp("redis")
+    process = Process(
+        "redis",
+        [server, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no", "--dir", str(log_dir)],
+        dict(os.environ),
+        log_dir,
+    )
+    import redis
+
+    client = redis.Redis(port=port)
+    wait_until(lambda: _ping(client), 20, "redis-server", processes=[process])
+    yield f"redis://127.0.0.1:{port}/0"
+    process.stop()
+
+
+def _ping(client) -> bool:
+    try:
+        return client.ping()
+    except Exception:
+        return False
+
+
+class Stack:
+    """A uvicorn API and a Celery worker sharing one data directory and broker."""
+
+    def __init__(self, data_dir: Path, broker_url: str | None, log_dir: Path, env_extra: dict[str, str] | None = None):
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.env = {
+            **os.environ,
+            "VISIONTUNE_DATA_DIR": str(data_dir),
+            "VISIONTUNE_WEIGHTS_DIR": str(WEIGHTS_DIR),
+            "PYTHONUNBUFFERED": "1",
+            **(env_extra or {}),
+        }
+        if broker_url:
+            self.env["VISIONTUNE_BROKER_URL"] = broker_url
+        self.data_dir, self.log_dir = data_dir, log_dir
+        self.processes: list[Process] = []
+        self.http = httpx.Client(base_url=self.url, timeout=120)
+
+    def start_api(self) -> None:
+        cli = [sys.executable, "-m", "app.cli"]
+        self.processes.append(Process("api", [*cli, "serve", "--port", str(self.port)], self.env, self.log_dir))
+        wait_until(self._healthy, 60, "the API", processes=self.processes)
+
+    def start_worker(self) -> None:
+        cli = [sys.executable, "-m", "app.cli"]
+        self.processes.append(Process("worker", [*cli, "worker"], self.env, self.log_dir))
+
+    def _healthy(self) -> bool:
+        try:
+            return self.http.get("/readyz").status_code == 200
+        except httpx.TransportError:
+            return False
+
+    def wait_job(self, job_id: str, timeout: float = 600) -> dict:
+        def finished():
+            job = self.http.get(f"/v1/jobs/{job_id}").json()
+            return job if job["status"] in ("succeeded", "failed", "cancelled") else None
+
+        return wait_until(finished, timeout, f"job {job_id}", interval=1.0, processes=self.processes)
+
+    def stop(self) -> None:
+        self.http.close()
+        for process in reversed(self.processes):
+            process.stop()
+
+
+def start_stack(tmp_path_factory, broker_url: str | None, **env) -> Stack:
+    root = tmp_path_factory.mktemp("stack")
+    stack = Stack(root / "var", broker_url, root, env)
+    stack.start_api()
+    stack.start_worker()
+    return stack
