@@ -63,6 +63,7 @@ def run_job(job_id: str) -> Outcome:
     except JobStopped as stop:
         logger.info("job %s stopped: %s", job_id, stop)
         with session_scope() as session:
+            add_event(session, job_id, "worker_stopped", f"{me} stopped training: {stop}")
             if session.get(Job, job_id).status == "cancelled":
                 shutil.rmtree(settings.jobs_dir / job_id, ignore_errors=True)
         return Outcome("stopped")

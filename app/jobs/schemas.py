@@ -88,6 +88,7 @@ class JobOut(BaseModel):
     metrics: dict[str, Any]
     model_id: str | None
     error: JobError | None
+    worker: str | None = Field(description="host:pid of the worker process that holds or held the job.")
     attempts: int
     created_at: datetime
     started_at: datetime | None

@@ -117,6 +117,7 @@ def to_out(session: Session, job: Job) -> JobOut:
         metrics=job.metrics,
         model_id=model_id,
         error=JobError(code=job.error_code, message=job.error_message or "") if job.error_code else None,
+        worker=job.claimed_by,
         attempts=job.attempts,
         created_at=job.created_at,
         started_at=job.started_at,

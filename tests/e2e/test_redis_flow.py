@@ -1,0 +1,165 @@
+"""End to end on the production shape: a real redis-server, a real `celery worker` process and a
+real uvicorn process, with real pretrained weights and the real hymenoptera photos."""
+
+import os
+import signal
+import zipfile
+from pathlib import Path
+
+import pytest
+import timm
+import torch
+from PIL import Image
+from timm.data import create_transform, resolve_model_data_config
+
+from app.core.broker import FINETUNE_TASK, make_celery
+from app.core.config import Settings
+from tests.conftest import HYMENOPTERA, start_stack, wait_until
+
+pytestmark = pytest.mark.e2e
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory, redis_url):
+    stack = start_stack(tmp_path_factory, redis_url)
+    yield stack
+    stack.stop()
+
+
+def upload(stack, archive: Path) -> dict:
+    with archive.open("rb") as file:
+        response = stack.http.post("/v1/datasets", files={"file": (archive.name, file, "application/zip")})
+    assert response.status_code == 201, response.text
+    return response.json()
+
+
+def create_job(stack, dataset_id: str, **fields) -> dict:
+    response = stack.http.post("/v1/jobs", json={"dataset_id": dataset_id, "backbone": "mobilenetv2_100", **fields})
+    assert response.status_code == 202, response.text
+    assert response.json()["status"] == "queued"
+    return response.json()
+
+
+def events(stack, job_id: str) -> list[dict]:
+    return stack.http.get(f"/v1/jobs/{job_id}/events").json()["data"]
+
+
+def val_images(per_class: int) -> list[tuple[Path, str]]:
+    return [
+        (path, label)
+        for label in ("ants", "bees")
+        for path in sorted((HYMENOPTERA / "val" / label).iterdir())[:per_class]
+    ]
+
+
+@pytest.fixture(scope="module")
+def probe(stack, hymenoptera_zip) -> dict:
+    dataset = upload(stack, hymenoptera_zip)
+    assert dataset["classes"] == [
+        {"name": "ants", "train": 124, "val": 70},
+        {"name": "bees", "train": 121, "val": 83},
+    ]
+    job = create_job(stack, dataset["id"], strategy="linear_probe")
+    return stack.wait_job(job["id"])
+
+
+def test_backbone_catalogue_sees_local_weights(stack):
+    listing = stack.http.get("/v1/backbones", params={"search": "mobilenetv2_1"}).json()
+    entry = next(b for b in listing["data"] if b["name"] == "mobilenetv2_100")
+    assert entry["weights_available"] is True and entry["weights_source"] == "local"
+    assert entry["num_params"] > 3_000_000 and entry["input_size"] == [3, 224, 224]
+
+
+def test_linear_probe_reaches_accuracy(stack, probe):
+    assert probe["status"] == "succeeded", probe
+    assert probe["metrics"]["val_accuracy"] >= 0.93
+    assert probe["progress"] == {"epoch": probe["hyperparameters"]["epochs"], "epochs": probe["hyperparameters"]["epochs"]}
+    epoch_events = [e for e in events(stack, probe["id"]) if e["type"] == "epoch"]
+    assert len(epoch_events) == probe["hyperparameters"]["epochs"]
+    assert all(e["data"]["images_per_second"] > 0 and "eta_seconds" in e["data"] for e in epoch_events)
+
+    model = stack.http.get(f"/v1/models/{probe['model_id']}").json()
+    assert model["backbone"] == "mobilenetv2_100" and model["classes"] == ["ants", "bees"]
+    assert model["metrics"]["val_accuracy"] == pytest.approx(max(e["data"]["val_accuracy"] for e in epoch_events))
+    assert {c["label"] for c in model["metrics"]["per_class"]} == {"ants", "bees"}
+    assert sum(map(sum, model["metrics"]["confusion_matrix"])) == 153
+    assert model["preprocessing"]["mean"] == pytest.approx([0.485, 0.456, 0.406])
+
+
+def test_predictions_and_downloaded_artifact_agree(stack, probe, tmp_path):
+    images = val_images(10)
+    files = [("files", (path.name, path.read_bytes(), "image/jpeg")) for path, _ in images]
+    response = stack.http.post(f"/v1/models/{probe['model_id']}/predict", files=files)
+    assert response.status_code == 200, response.text
+    predictions = response.json()["predictions"]
+    assert [p["filename"] for p in predictions] == [path.name for path, _ in images]
+    assert all(len(p["labels"]) == 2 and sum(l["score"] for l in p["labels"]) == pytest.approx(1, abs=1e-4) for p in predictions)
+    served = [p["labels"][0]["label"] for p in predictions]
+    assert sum(label == truth for label, (_, truth) in zip(served, images)) >= 18
+
+    archive = tmp_path / "model.zip"
+    archive.write_bytes(stack.http.get(f"/v1/models/{probe['model_id']}/download").content)
+    zipfile.ZipFile(archive).extractall(tmp_path)
+    model = timm.create_model(f"local-dir:{tmp_path / probe['model_id']}", pretrained=True).eval()
+    transform = create_transform(**resolve_model_data_config(model))
+    with torch.inference_mode():
+        batch = torch.stack([transform(Image.open(path).convert("RGB")) for path, _ in images])
+        local = [model.pretrained_cfg["label_names"][i] for i in model(batch).argmax(1).tolist()]
+    assert local == served
+
+
+def test_duplicated_message_for_finished_job_creates_no_second_model(stack, probe):
+    celery = make_celery(Settings(broker_url=stack.env["VISIONTUNE_BROKER_URL"], data_dir=stack.data_dir))
+    celery.send_task(FINETUNE_TASK, args=[probe["id"]])
+    wait_until(
+        lambda: any(e["type"] == "message_ignored" for e in events(stack, probe["id"])),
+        120, "the worker to receive the duplicate", processes=stack.processes,
+    )
+    models = [m for m in stack.http.get("/v1/models").json()["data"] if m["job_id"] == probe["id"]]
+    assert len(models) == 1
+    assert stack.http.get(f"/v1/jobs/{probe['id']}").json()["model_id"] == probe["model_id"]
+
+
+@pytest.fixture(scope="module")
+def small_dataset(stack, small_hymenoptera_zip) -> dict:
+    return upload(stack, small_hymenoptera_zip)
+
+
+def test_full_fine_tune_loss_falls(stack, small_dataset):
+    job = create_job(stack, small_dataset["id"], strategy="full", hyperparameters={"epochs": 2, "batch_size": 8})
+    job = stack.wait_job(job["id"])
+    assert job["status"] == "succeeded", job
+    losses = [e["data"]["train_loss"] for e in events(stack, job["id"]) if e["type"] == "epoch"]
+    assert len(losses) == 2 and losses[1] < losses[0]
+
+
+def test_cancel_stops_the_worker(stack, small_dataset):
+    job = create_job(stack, small_dataset["id"], strategy="full", hyperparameters={"epochs": 50, "batch_size": 8})
+    wait_until(lambda: stack.http.get(f"/v1/jobs/{job['id']}").json()["status"] == "running", 120, "job start",
+               processes=stack.processes)
+    cancelled = stack.http.post(f"/v1/jobs/{job['id']}/cancel")
+    assert cancelled.status_code == 200 and cancelled.json()["status"] == "cancelled"
+    assert stack.http.post(f"/v1/jobs/{job['id']}/cancel").status_code == 409
+    wait_until(lambda: any(e["type"] == "worker_stopped" for e in events(stack, job["id"])), 120,
+               "the worker to stop", processes=stack.processes)
+    final = stack.http.get(f"/v1/jobs/{job['id']}").json()
+    assert final["status"] == "cancelled" and final["model_id"] is None
+
+
+def test_job_resumes_from_checkpoint_when_its_worker_dies(stack, small_dataset):
+    epochs = 5
+    job = create_job(stack, small_dataset["id"], strategy="full", hyperparameters={"epochs": epochs, "batch_size": 8})
+    running = wait_until(
+        lambda: (j := stack.http.get(f"/v1/jobs/{job['id']}").json())["progress"]["epoch"] >= 1 and j,
+        300, "the first epoch", interval=0.2, processes=stack.processes,
+    )
+    assert running["progress"]["epoch"] < epochs, "the job finished before the worker could be killed"
+    # Kill the pool process that trains the job, as the OOM killer would. The Celery parent
+    # survives, and with late acks + reject_on_worker_lost the message is delivered again.
+    os.kill(int(running["worker"].rpartition(":")[2]), signal.SIGKILL)
+    final = stack.wait_job(job["id"])
+    assert final["status"] == "succeeded", final
+    assert final["attempts"] == 2 and final["worker"] != running["worker"]
+    assert any(e["type"] == "status" and e["message"].startswith("resumed") for e in events(stack, job["id"]))
+    model = stack.http.get(f"/v1/models/{final['model_id']}").json()
+    assert model["metrics"]["best_epoch"] <= epochs
