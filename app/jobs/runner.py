@@ -123,8 +123,6 @@ def _holder_dead(holder: str, heartbeat_at, settings: Settings) -> bool:
             return True
     if heartbeat_at is None:
         return True
-    if heartbeat_at.tzinfo is None:  # SQLite hands back naive datetimes
-        heartbeat_at = heartbeat_at.replace(tzinfo=utcnow().tzinfo)
     return utcnow() - heartbeat_at > timedelta(seconds=settings.job_lease_seconds)
 
 

@@ -1,0 +1,101 @@
+"""Job API validation and the state machine, in-process (the embedded broker receives the
+messages; no worker consumes them here). Training itself is covered in tests/e2e."""
+
+import io
+import zipfile
+
+import pytest
+from PIL import Image
+
+from app.jobs import runner
+
+
+def dataset_archive(n=5) -> bytes:
+    # Synthetic solid-colour images: these tests are about the job API, not learning.
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w") as archive:
+        for label, color in (("red", (220, 20, 20)), ("blue", (20, 20, 220))):
+            for i in range(n):
+                image = io.BytesIO()
+                Image.new("RGB", (40, 40), color).save(image, "JPEG")
+                archive.writestr(f"{label}/{i}.jpg", image.getvalue())
+    return buffer.getvalue()
+
+
+@pytest.fixture
+def dataset_id(client) -> str:
+    response = client.post("/v1/datasets", files={"file": ("colors.zip", dataset_archive())})
+    assert response.status_code == 201, response.text
+    return response.json()["id"]
+
+
+def test_unknown_backbone_names_the_closest_timm_models(client, dataset_id):
+    response = client.post("/v1/jobs", json={"dataset_id": dataset_id, "backbone": "mobilenetv2_10"})
+    assert response.status_code == 422
+    error = response.json()["error"]
+    assert error["code"] == "unknown_backbone" and "mobilenetv2_100" in error["message"]
+    assert client.get("/v1/jobs").json()["data"] == []
+
+
+def test_unknown_pretrained_tag_is_refused(client, dataset_id):
+    response = client.post("/v1/jobs", json={"dataset_id": dataset_id, "backbone": "resnet50.no_such_tag"})
+    assert response.status_code == 422 and "a1_in1k" in response.json()["error"]["message"]
+
+
+@pytest.mark.parametrize(
+    "hyperparameters, field",
+    [
+        ({"lr": -1}, "hyperparameters.lr"),
+        ({"epochs": 0}, "hyperparameters.epochs"),
+        ({"opt": "not_an_optimizer"}, "hyperparameters.opt"),
+        ({"val_fraction": 1.5}, "hyperparameters.val_fraction"),
+        ({"warmup_epochs": 5, "epochs": 3}, "warmup_epochs"),
+        ({"learning_rate": 0.1}, "hyperparameters.learning_rate"),
+    ],
+)
+def test_invalid_hyperparameters_name_the_field(client, dataset_id, hyperparameters, field):
+    response = client.post(
+        "/v1/jobs", json={"dataset_id": dataset_id, "backbone": "mobilenetv2_100", "hyperparameters": hyperparameters}
+    )
+    assert response.status_code == 422, response.text
+    assert field in response.json()["error"]["message"]
+
+
+def test_missing_dataset_is_404(client):
+    response = client.post("/v1/jobs", json={"dataset_id": "ds_nope", "backbone": "mobilenetv2_100"})
+    assert response.status_code == 404 and response.json()["error"]["code"] == "dataset_not_found"
+
+
+def test_job_records_resolved_defaults(client, dataset_id):
+    job = client.post("/v1/jobs", json={"dataset_id": dataset_id, "backbone": "mobilenetv2_100", "strategy": "full"})
+    assert job.status_code == 202
+    body = job.json()
+    assert body["status"] == "queued" and body["progress"] == {"epoch": 0, "epochs": 5}
+    assert body["hyperparameters"]["lr"] == 3e-4 and body["hyperparameters"]["val_fraction"] == 0.2
+    assert [e["message"] for e in client.get(f"/v1/jobs/{body['id']}/events").json()["data"]] == ["queued"]
+
+
+def test_cancel_a_queued_job_then_its_message_does_nothing(client, dataset_id):
+    job = client.post("/v1/jobs", json={"dataset_id": dataset_id, "backbone": "mobilenetv2_100"}).json()
+    assert client.delete(f"/v1/datasets/{dataset_id}").json()["error"]["code"] == "dataset_in_use"
+
+    cancelled = client.post(f"/v1/jobs/{job['id']}/cancel")
+    assert cancelled.status_code == 200 and cancelled.json()["status"] == "cancelled"
+    again = client.post(f"/v1/jobs/{job['id']}/cancel")
+    assert again.status_code == 409 and again.json()["error"]["code"] == "job_not_cancellable"
+
+    # The queued message reaches a worker later: the job is cancelled, so nothing runs.
+    assert runner.run_job(job["id"]).status == "cancelled"
+    assert client.get(f"/v1/jobs/{job['id']}").json()["status"] == "cancelled"
+    assert client.delete(f"/v1/datasets/{dataset_id}").status_code == 204
+    assert client.get(f"/v1/jobs/{job['id']}").json()["dataset_id"] is None
+
+
+def test_missing_pretrained_weights_fail_the_job_saying_where_it_looked(client, dataset_id):
+    # resnet18 has no file in ../shared/weights and the Hub cache is empty on these machines.
+    job = client.post("/v1/jobs", json={"dataset_id": dataset_id, "backbone": "resnet18"}).json()
+    assert runner.run_job(job["id"]).status == "failed"
+    failed = client.get(f"/v1/jobs/{job['id']}").json()
+    assert failed["status"] == "failed" and failed["error"]["code"] == "weights_not_found"
+    assert "resnet18" in failed["error"]["message"] and "Hugging Face Hub cache" in failed["error"]["message"]
+    assert failed["model_id"] is None
