@@ -80,11 +80,13 @@ def delete_dataset(session: Session, settings: Settings, dataset: Dataset) -> No
     trash = settings.staging_dir / f"deleted-{dataset.id}"
     directory = settings.datasets_dir / dataset.id
     trash.parent.mkdir(parents=True, exist_ok=True)
-    os.replace(directory, trash)
+    if directory.exists():
+        os.replace(directory, trash)
     try:
         session.delete(dataset)
         session.commit()
     except BaseException:
-        os.replace(trash, directory)
+        if trash.exists():
+            os.replace(trash, directory)
         raise
     remove_quietly(trash)

@@ -29,7 +29,7 @@ async def create_job(request: JobCreate, session: SessionDep) -> JobOut:
 
 @router.get("", response_model=JobList)
 def list_jobs(session: SessionDep, limit: Annotated[int, Query(ge=1, le=1000)] = 100) -> JobList:
-    return JobList(data=[service.to_out(session, job) for job in service.list_jobs(session, limit)])
+    return JobList(data=service.list_jobs(session, limit))
 
 
 @router.get("/{job_id}", response_model=JobOut)

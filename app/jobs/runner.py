@@ -189,6 +189,12 @@ def _train(job_id: str, me: str, settings: Settings) -> None:
             list_samples(dataset_dir / "train", class_names), hp["val_fraction"], seed
         )
 
+    with session_scope() as session:
+        split = "the dataset's val/ split" if has_val_split else f"a stratified {hp['val_fraction']:.0%} hold-out"
+        add_event(
+            session, job_id, "data", f"{len(train_samples)} training and {len(val_samples)} validation images ({split})",
+            {"train_images": len(train_samples), "val_images": len(val_samples), "val_split": "dataset" if has_val_split else "stratified"},
+        )
     model = build_model(architecture, len(class_names), weights_file=weights_file)
     spec = TrainSpec(
         strategy=strategy,

@@ -65,8 +65,10 @@ def get_job(session: Session, job_id: str) -> Job:
     return job
 
 
-def list_jobs(session: Session, limit: int) -> list[Job]:
-    return list(session.scalars(select(Job).order_by(Job.created_at.desc()).limit(limit)))
+def list_jobs(session: Session, limit: int) -> list[JobOut]:
+    jobs = list(session.scalars(select(Job).order_by(Job.created_at.desc()).limit(limit)))
+    model_ids = dict(session.execute(select(Model.job_id, Model.id).where(Model.job_id.in_([j.id for j in jobs]))).all())
+    return [to_out(session, job, model_ids.get(job.id)) for job in jobs]
 
 
 def list_events(session: Session, job_id: str, after: int, limit: int) -> list[JobEvent]:
@@ -102,8 +104,9 @@ def fail(session: Session, job_id: str, code: str, message: str, *, claimed_by: 
     return bool(result.rowcount)
 
 
-def to_out(session: Session, job: Job) -> JobOut:
-    model_id = session.scalar(select(Model.id).where(Model.job_id == job.id))
+def to_out(session: Session, job: Job, model_id: str | None = None) -> JobOut:
+    if model_id is None and job.status == "succeeded":
+        model_id = session.scalar(select(Model.id).where(Model.job_id == job.id))
     return JobOut(
         id=job.id,
         dataset_id=job.dataset_id,

@@ -18,8 +18,8 @@ from PIL import Image
 
 from app.core.errors import AppError, Invalid, TooLarge, UnsupportedMedia
 from app.datasets.ingest import IngestLimits, ingest_archive
+from tests.conftest import HYMENOPTERA
 
-HYMENOPTERA = Path(__file__).resolve().parents[3] / "shared" / "datasets" / "hymenoptera"
 
 
 def image_bytes(fmt: str = "JPEG", color: tuple = (200, 30, 30), size: tuple = (16, 16)) -> bytes:

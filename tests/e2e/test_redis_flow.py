@@ -163,3 +163,15 @@ def test_job_resumes_from_checkpoint_when_its_worker_dies(stack, small_dataset):
     assert any(e["type"] == "status" and e["message"].startswith("resumed") for e in events(stack, job["id"]))
     model = stack.http.get(f"/v1/models/{final['model_id']}").json()
     assert model["metrics"]["best_epoch"] <= epochs
+
+
+def test_bad_prediction_requests_are_refused_and_the_server_keeps_serving(stack, probe):
+    url = f"/v1/models/{probe['model_id']}/predict"
+    image = val_images(1)[0][0]
+    not_image = stack.http.post(url, files=[("files", (image.name, image.read_bytes())), ("files", ("notes.txt", b"hello"))])
+    assert not_image.status_code == 415 and "notes.txt" in not_image.json()["error"]["message"]
+    too_many = stack.http.post(url, params={"top_k": 3}, files={"files": (image.name, image.read_bytes())})
+    assert too_many.status_code == 422 and too_many.json()["error"]["code"] == "top_k_too_large"
+    assert stack.http.post(url, files={"other": ("x", b"")}).status_code == 422
+    assert stack.http.post("/v1/models/model_missing/predict", files={"files": (image.name, image.read_bytes())}).status_code == 404
+    assert stack.http.post(url, files={"files": (image.name, image.read_bytes())}).status_code == 200
