@@ -42,6 +42,17 @@ class Dataset(Base):
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
 
 
+class Sweep(Base):
+    """Several backbones ranked on one dataset: each row is a linear-probe job."""
+
+    __tablename__ = "sweeps"
+
+    id: Mapped[str] = mapped_column(String(40), primary_key=True)
+    dataset_id: Mapped[str | None] = mapped_column(ForeignKey("datasets.id", ondelete="SET NULL"))
+    backbones: Mapped[list[Any]] = mapped_column()
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
 class Job(Base):
     __tablename__ = "jobs"
 
@@ -50,6 +61,8 @@ class Job(Base):
     dataset_id: Mapped[str | None] = mapped_column(ForeignKey("datasets.id", ondelete="SET NULL"), index=True)
     backbone: Mapped[str] = mapped_column(String(200))
     strategy: Mapped[str] = mapped_column(String(30))
+    strategy_reason: Mapped[str | None] = mapped_column(Text)  # why "auto" chose it
+    sweep_id: Mapped[str | None] = mapped_column(ForeignKey("sweeps.id", ondelete="SET NULL"), index=True)
     pretrained: Mapped[bool] = mapped_column()
     hyperparameters: Mapped[dict[str, Any]] = mapped_column()
     seed: Mapped[int] = mapped_column(Integer)

@@ -31,7 +31,8 @@ from app.jobs.service import TERMINAL, add_event, fail
 from app.ml.backbone import build_model, preprocessing_of
 from app.ml.data import list_samples, stratified_split
 from app.ml.export import save_artifact
-from app.ml.train import TrainSpec, fine_tune
+from app.ml.spec import Hyperparameters, resolve_for_device
+from app.ml.train import fine_tune, pick_device
 
 logger = logging.getLogger(__name__)
 HEARTBEAT_SECONDS = 2.0
@@ -51,14 +52,16 @@ def worker_identity() -> str:
     return f"{socket.gethostname()}:{os.getpid()}"
 
 
-def run_job(job_id: str) -> Outcome:
+def run_job(job_id: str, loader_context=None) -> Outcome:
+    """Claim and run a job. `loader_context`: the multiprocessing context DataLoader workers are
+    started with (the Celery worker passes one that works inside its pool processes)."""
     settings = get_settings()
     me = worker_identity()
     outcome = _claim(job_id, me, settings)
     if outcome is not None:
         return outcome
     try:
-        _train(job_id, me, settings)
+        _train(job_id, me, settings, loader_context)
         return Outcome("succeeded")
     except JobStopped as stop:
         logger.info("job %s stopped: %s", job_id, stop)
@@ -159,7 +162,7 @@ class _DatabaseReporter:
                 add_event(session, self.job_id, *event)
 
 
-def _train(job_id: str, me: str, settings: Settings) -> None:
+def _train(job_id: str, me: str, settings: Settings, loader_context) -> None:
     with session_scope() as session:
         job = session.get(Job, job_id)
         dataset = session.get(Dataset, job.dataset_id) if job.dataset_id else None
@@ -195,33 +198,35 @@ def _train(job_id: str, me: str, settings: Settings) -> None:
             session, job_id, "data", f"{len(train_samples)} training and {len(val_samples)} validation images ({split})",
             {"train_images": len(train_samples), "val_images": len(val_samples), "val_split": "dataset" if has_val_split else "stratified"},
         )
-    model = build_model(architecture, len(class_names), weights_file=weights_file)
-    spec = TrainSpec(
-        strategy=strategy,
-        epochs=hp["epochs"],
-        batch_size=hp["batch_size"],
-        lr=hp["lr"],
-        opt=hp["opt"],
-        weight_decay=hp["weight_decay"],
-        sched=hp["sched"],
-        warmup_epochs=hp["warmup_epochs"],
-        smoothing=hp["smoothing"],
-        seed=seed,
+    device = pick_device()
+    hp = resolve_for_device(Hyperparameters(**hp), device.type)
+    with session_scope() as session:  # the job records exactly what runs, device choices included
+        session.execute(update(Job).where(Job.id == job_id).values(hyperparameters=hp.model_dump()))
+    model = build_model(
+        architecture, len(class_names), weights_file=weights_file, drop_path_rate=hp.drop_path_rate, img_size=hp.img_size
     )
     work_dir = settings.jobs_dir / job_id
-    result = fine_tune(model, train_samples, val_samples, class_names, spec, work_dir, _DatabaseReporter(job_id, me))
-    metrics = {**result.metrics, "best_epoch": result.best_epoch, "history": result.history}
-    _register_model(job_id, me, settings, result.model, class_names, metrics, architecture, dataset.id, backbone)
+    result = fine_tune(
+        model, train_samples, val_samples, class_names, strategy, hp, seed, work_dir,
+        _DatabaseReporter(job_id, me), device, loader_context,
+    )  # fmt: skip
+    metrics = {
+        **result.metrics,
+        "best_epoch": result.best_epoch,
+        "stopped_early": result.stopped_early,
+        "history": result.history,
+    }
+    _register_model(job_id, me, settings, result, class_names, metrics, architecture, dataset.id, backbone)
     shutil.rmtree(work_dir, ignore_errors=True)
 
 
-def _register_model(job_id, me, settings, model, class_names, metrics, architecture, dataset_id, backbone) -> None:
+def _register_model(job_id, me, settings, result, class_names, metrics, architecture, dataset_id, backbone) -> None:
     """Write the artifact, then in one transaction add the model row and mark the job succeeded.
     The unique job_id on models and the conditional update make a second model impossible."""
     model_id = f"model_{secrets.token_hex(12)}"
     staging = settings.staging_dir / model_id
     final = settings.models_dir / model_id
-    save_artifact(model, staging, class_names, metrics)
+    save_artifact(result.model, staging, class_names, metrics, result.temperature)
     final.parent.mkdir(parents=True, exist_ok=True)
     os.replace(staging, final)
     size = sum(f.stat().st_size for f in final.iterdir())
@@ -242,7 +247,7 @@ def _register_model(job_id, me, settings, model, class_names, metrics, architect
                     backbone=backbone,
                     classes=class_names,
                     metrics={k: v for k, v in metrics.items() if k != "history"},
-                    preprocessing=preprocessing_of(model),
+                    preprocessing=preprocessing_of(result.model),
                     size_bytes=size,
                 )
             )

@@ -16,6 +16,7 @@ from app.core.config import Settings
 from app.core.errors import Conflict, NotFound, ServiceUnavailable
 from app.db.tables import Dataset, Job, JobEvent, Model, utcnow
 from app.jobs.schemas import JobCreate, JobError, JobOut, Progress
+from app.ml.spec import Hyperparameters, choose_strategy, resolve, total_epochs
 
 ACTIVE = ("queued", "running")
 TERMINAL = ("succeeded", "failed", "cancelled")
@@ -25,19 +26,29 @@ def add_event(session: Session, job_id: str, type_: str, message: str, data: dic
     session.add(JobEvent(job_id=job_id, type=type_, message=message, data=data or {}))
 
 
-def create_job(session: Session, settings: Settings, request: JobCreate) -> Job:
+def training_images(dataset: Dataset, val_fraction: float) -> int:
+    train = sum(c["train"] for c in dataset.classes)
+    return train if dataset.has_val_split else round(train * (1 - val_fraction))
+
+
+def create_job(session: Session, settings: Settings, request: JobCreate, sweep_id: str | None = None) -> Job:
     split_backbone(request.backbone, settings)
     dataset = session.get(Dataset, request.dataset_id)
     if dataset is None:
         raise NotFound(f"Dataset '{request.dataset_id}' not found.", code="dataset_not_found")
     if dataset.status != "ready":
         raise Conflict(f"Dataset '{dataset.id}' is {dataset.status}, not ready.", code="dataset_not_ready")
-    hyperparameters = request.hyperparameters.resolved(request.strategy)
+    strategy, reason = request.strategy, None
+    if strategy == "auto":
+        strategy, reason = choose_strategy(training_images(dataset, request.hyperparameters.val_fraction))
+    hyperparameters = resolve(request.hyperparameters, strategy)
     job = Job(
         id=f"job_{secrets.token_hex(12)}",
         dataset_id=dataset.id,
         backbone=request.backbone.strip(),
-        strategy=request.strategy,
+        strategy=strategy,
+        strategy_reason=reason,
+        sweep_id=sweep_id,
         pretrained=request.pretrained,
         hyperparameters=hyperparameters.model_dump(),
         seed=request.seed,
@@ -47,7 +58,7 @@ def create_job(session: Session, settings: Settings, request: JobCreate) -> Job:
         attempts=0,
     )
     session.add(job)
-    add_event(session, job.id, "status", "queued")
+    add_event(session, job.id, "status", f"queued: {strategy}" + (f" ({reason})" if reason else ""))
     session.commit()
     # Enqueue only after the commit: a worker that receives the message must find the job.
     try:
@@ -112,11 +123,12 @@ def to_out(session: Session, job: Job, model_id: str | None = None) -> JobOut:
         dataset_id=job.dataset_id,
         backbone=job.backbone,
         strategy=job.strategy,
+        strategy_reason=job.strategy_reason,
         pretrained=job.pretrained,
         hyperparameters=job.hyperparameters,
         seed=job.seed,
         status=job.status,
-        progress=Progress(epoch=job.epoch, epochs=job.hyperparameters["epochs"]),
+        progress=Progress(epoch=job.epoch, epochs=total_epochs(job.strategy, Hyperparameters(**job.hyperparameters))),
         metrics=job.metrics,
         model_id=model_id,
         error=JobError(code=job.error_code, message=job.error_message or "") if job.error_code else None,

@@ -9,7 +9,12 @@ from timm.data import resolve_model_data_config
 
 
 def build_model(
-    architecture: str, num_classes: int, *, weights_file: Path | None, drop_path_rate: float | None = None
+    architecture: str,
+    num_classes: int,
+    *,
+    weights_file: Path | None,
+    drop_path_rate: float | None = None,
+    img_size: int | None = None,
 ) -> torch.nn.Module:
     """timm.create_model with pretrained weights read from `weights_file` (never downloaded here).
 
@@ -19,6 +24,8 @@ def build_model(
     kwargs: dict[str, Any] = {"num_classes": num_classes}
     if drop_path_rate:
         kwargs["drop_path_rate"] = drop_path_rate
+    if img_size and timm.get_pretrained_cfg(architecture).fixed_input_size:
+        kwargs["img_size"] = img_size  # e.g. ViTs: position embeddings are resampled by timm
     if weights_file is None:
         return timm.create_model(architecture, pretrained=False, **kwargs)
     model = timm.create_model(

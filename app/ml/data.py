@@ -1,13 +1,25 @@
-"""Samples from an ImageFolder-style dataset directory, splits, and a torch Dataset over them."""
+"""Samples from an ImageFolder-style directory, splits, class balance, and the decoded-image cache."""
 
+import math
 import random
-from collections import defaultdict
+from collections import Counter, defaultdict
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import numpy as np
 import torch
 from PIL import Image
 
 Sample = tuple[Path, int]
+
+_PIL_INTERPOLATION = {
+    "bicubic": Image.Resampling.BICUBIC,
+    "bilinear": Image.Resampling.BILINEAR,
+    "nearest": Image.Resampling.NEAREST,
+    "lanczos": Image.Resampling.LANCZOS,
+    "box": Image.Resampling.BOX,
+    "hamming": Image.Resampling.HAMMING,
+}
 
 
 def list_samples(split_dir: Path, class_names: list[str]) -> list[Sample]:
@@ -37,19 +49,76 @@ def stratified_split(samples: list[Sample], val_fraction: float, seed: int) -> t
     return train, val
 
 
+def class_weights(samples: list[Sample], num_classes: int) -> torch.Tensor:
+    """Inverse class frequency, scaled so that a balanced dataset gets weight 1 for every class."""
+    counts = Counter(label for _, label in samples)
+    return torch.tensor([len(samples) / (num_classes * counts[c]) if counts[c] else 0.0 for c in range(num_classes)])
+
+
 def load_rgb(path: Path) -> Image.Image:
     with Image.open(path) as image:
         return image.convert("RGB")
 
 
+def _resize_short_side(image: Image.Image, short_side: int, resample: Image.Resampling) -> Image.Image:
+    """Shrink so the shorter side is `short_side` (never enlarge), with the size rule of
+    torchvision's Resize(int), so that a later Resize(short_side) of the eval transform is a no-op."""
+    width, height = image.size
+    if min(width, height) <= short_side:
+        return image
+    if width <= height:
+        size = (short_side, int(short_side * height / width))
+    else:
+        size = (int(short_side * width / height), short_side)
+    return image.resize(size, resample)
+
+
+class DecodedImages:
+    """Each image decoded once, kept as uint8 pixels resized to the size training actually uses.
+
+    JPEG decoding and downscaling of full-size photos otherwise repeat every epoch. Decoding runs
+    in threads (Pillow releases the GIL) before training starts, so DataLoader worker processes
+    forked afterwards share the pixels copy-on-write. Past `max_bytes`, images are not kept and
+    are decoded on use, identically.
+    """
+
+    def __init__(self, paths: list[Path], short_side: int, interpolation: str, max_bytes: int, threads: int):
+        self.paths = paths
+        self.short_side = short_side
+        self.resample = _PIL_INTERPOLATION.get(interpolation, Image.Resampling.BICUBIC)
+        self.pixels: list[np.ndarray | None] = [None] * len(paths)
+        self.nbytes = 0
+        with ThreadPoolExecutor(max_workers=threads) as pool:
+            for index, image in enumerate(pool.map(self._decode, paths)):
+                array = np.asarray(image)
+                if self.nbytes + array.nbytes > max_bytes:
+                    continue
+                self.pixels[index] = array
+                self.nbytes += array.nbytes
+
+    def _decode(self, path: Path) -> Image.Image:
+        return _resize_short_side(load_rgb(path), self.short_side, self.resample)
+
+    def __getitem__(self, index: int) -> Image.Image:
+        pixels = self.pixels[index]
+        return Image.fromarray(pixels) if pixels is not None else self._decode(self.paths[index])
+
+
 class ImageDataset(torch.utils.data.Dataset):
-    def __init__(self, samples: list[Sample], transform):
+    def __init__(self, samples: list[Sample], transform, images: DecodedImages | None = None):
         self.samples = samples
         self.transform = transform
+        self.images = images
 
     def __len__(self) -> int:
         return len(self.samples)
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
         path, label = self.samples[index]
-        return self.transform(load_rgb(path)), label
+        image = self.images[index] if self.images is not None else load_rgb(path)
+        return self.transform(image), label
+
+
+def cache_short_side(input_size: tuple[int, int, int], crop_pct: float) -> int:
+    """The shorter side the eval transform resizes to (timm: img_size / crop_pct)."""
+    return math.floor(max(input_size[1:]) / crop_pct)

@@ -1,45 +1,46 @@
-"""Transfer learning of a timm model: `linear_probe` on cached features, or `full` fine-tuning.
+"""Transfer learning of a timm model. Pure ML: no HTTP and no database.
 
-Pure ML: no HTTP and no database. The caller passes a Reporter that receives per-epoch records and
-may stop training (cancellation) by raising from `check()`.
+Strategies (see app/ml/spec.py for the hyperparameters):
+- linear_probe: backbone frozen; its pooled features are computed once (eval mode, optionally
+  with mirrored views) and cached; only the classifier is trained, on the cache.
+- partial: the last `unfreeze_stages` of timm's own layer groups (model.group_matcher) train,
+  together with the classifier; earlier layers, and their batch-norm statistics, stay frozen.
+- full: every layer trains (layer-wise lr decay through create_optimizer_v2's layer_decay).
+- lp_ft: a linear probe first, then a full fine-tune that starts from the probed head.
 
-Each epoch reseeds torch from (seed, epoch), so a run resumed from the checkpoint written after
-epoch k continues exactly as the uninterrupted run would, without storing RNG state.
+Every epoch reseeds torch, numpy and random from (seed, stage, epoch) and builds its loaders
+from that seed, so a run resumed from the checkpoint written after an epoch continues exactly
+as the uninterrupted run would; the checkpoint holds model, optimizer, scheduler, EMA, early-
+stopping state, history and the best weights so far.
 """
 
+import contextlib
 import copy
 import os
+import random
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
+import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
-from timm.data import create_transform, resolve_model_data_config
-from timm.loss import LabelSmoothingCrossEntropy
+from timm.data import Mixup, create_transform, resolve_model_data_config
+from timm.loss import SoftTargetCrossEntropy
+from timm.models import group_modules, group_parameters
 from timm.optim import create_optimizer_v2
 from timm.scheduler import create_scheduler_v2
+from timm.utils import ModelEmaV3
 
-from app.ml.data import ImageDataset, Sample
+from app.ml.calibration import expected_calibration_error, fit_temperature
+from app.ml.data import DecodedImages, ImageDataset, Sample, cache_short_side, class_weights
 from app.ml.metrics import classification_metrics
+from app.ml.spec import RECIPES, Hyperparameters, total_epochs
 
 CHECKPOINT_NAME = "checkpoint.pt"
 FEATURES_NAME = "features.safetensors"
-
-
-@dataclass(frozen=True)
-class TrainSpec:
-    strategy: str  # "linear_probe" | "full"
-    epochs: int
-    batch_size: int
-    lr: float
-    opt: str
-    weight_decay: float
-    sched: str
-    warmup_epochs: int
-    smoothing: float
-    seed: int
+IMAGE_CACHE_BYTES = 4 * 1024**3
 
 
 class Reporter(Protocol):
@@ -52,10 +53,12 @@ class Reporter(Protocol):
 
 @dataclass
 class TrainResult:
-    model: torch.nn.Module  # holding the weights of the best epoch
-    metrics: dict[str, Any]  # validation metrics of that epoch
+    model: torch.nn.Module  # on the CPU, in eval mode, holding the kept (best) weights
+    metrics: dict[str, Any]  # validation metrics of the kept weights, with calibration
+    temperature: float
     best_epoch: int
     history: list[dict[str, Any]]
+    stopped_early: bool
 
 
 def pick_device() -> torch.device:
@@ -65,83 +68,404 @@ def pick_device() -> torch.device:
     return torch.device("cpu")
 
 
+def trainable_parameter_names(model: torch.nn.Module, unfreeze_stages: int) -> set[str]:
+    """The classifier plus the last `unfreeze_stages` layer groups, in timm's own grouping of the
+    architecture (the grouping layer_decay uses), so it holds for any timm model."""
+    groups = group_parameters(model, model.group_matcher(coarse=True))
+    kept = sorted(groups)[-(unfreeze_stages + 1) :]
+    names = {name for group in kept for name in groups[group]}
+    classifier = model.get_classifier()
+    names |= {name for name, p in model.named_parameters() if any(p is q for q in classifier.parameters())}
+    return names
+
+
 def fine_tune(
     model: torch.nn.Module,
     train_samples: list[Sample],
     val_samples: list[Sample],
     class_names: list[str],
-    spec: TrainSpec,
+    strategy: str,
+    hp: Hyperparameters,
+    seed: int,
     work_dir: Path,
     reporter: Reporter,
     device: torch.device | None = None,
+    loader_context=None,
 ) -> TrainResult:
-    device = device or pick_device()
-    work_dir.mkdir(parents=True, exist_ok=True)
-    model.to(device)
-    if spec.strategy == "linear_probe":
-        runner = _LinearProbe(model, train_samples, val_samples, spec, work_dir, reporter, device)
-    elif spec.strategy == "full":
-        runner = _FullFineTune(model, train_samples, val_samples, spec, reporter, device)
-    else:
-        raise ValueError(f"unknown strategy {spec.strategy!r}")
+    """Train `model` (a timm model whose classifier has len(class_names) outputs) in place.
 
-    optimizer = create_optimizer_v2(runner.trainable, opt=spec.opt, lr=spec.lr, weight_decay=spec.weight_decay)
-    scheduler, _ = create_scheduler_v2(
-        optimizer, sched=spec.sched, num_epochs=spec.epochs, warmup_epochs=spec.warmup_epochs
-    )
-    criterion = LabelSmoothingCrossEntropy(spec.smoothing) if spec.smoothing > 0 else torch.nn.CrossEntropyLoss()
+    `hp` must be resolved (app.ml.spec.resolve). `loader_context` is the multiprocessing context
+    for DataLoader workers (a Celery pool process needs one that may start children)."""
+    run = _Run(model, train_samples, val_samples, class_names, strategy, hp, seed, work_dir, reporter,
+               device or pick_device(), loader_context)  # fmt: skip
+    return run.execute()
 
-    state = _load_checkpoint(work_dir)
-    start_epoch, history, best = 0, [], None
-    if state is not None:
-        runner.trainable.load_state_dict(state["trainable"])
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        start_epoch, history, best = state["epoch"], state["history"], state["best"]
 
-    epoch_seconds: list[float] = []
-    for epoch in range(start_epoch, spec.epochs):
-        started = time.perf_counter()
-        torch.manual_seed(spec.seed * 1000 + epoch)
-        train_loss, seen, train_seconds = runner.train_epoch(optimizer, criterion)
-        scheduler.step(epoch + 1)
-        logits, targets = runner.evaluate()
-        metrics = classification_metrics(logits, targets, class_names)
-        epoch_seconds.append(time.perf_counter() - started)
-        record = {
-            "epoch": epoch + 1,
-            "epochs": spec.epochs,
-            "train_loss": train_loss,
-            "val_loss": metrics["val_loss"],
-            "val_accuracy": metrics["val_accuracy"],
-            "macro_f1": metrics["macro_f1"],
-            "lr": optimizer.param_groups[0]["lr"],
-            "images_per_second": seen / max(train_seconds, 1e-9),
-            "eta_seconds": (spec.epochs - epoch - 1) * sum(epoch_seconds) / len(epoch_seconds),
-        }
-        history.append(record)
-        if best is None or metrics["val_accuracy"] > best["metrics"]["val_accuracy"]:
-            best = {
-                "epoch": epoch + 1,
-                "metrics": metrics,
-                "weights": copy.deepcopy(runner.trainable.state_dict()),
-            }
-        _save_checkpoint(
-            work_dir,
-            {
-                "epoch": epoch + 1,
-                "trainable": runner.trainable.state_dict(),
-                "optimizer": optimizer.state_dict(),
-                "scheduler": scheduler.state_dict(),
-                "history": history,
-                "best": best,
-            },
+@dataclass
+class _Stage:
+    kind: str  # "probe" | "network"
+    epochs: int
+    lr: float
+
+
+class _Run:
+    def __init__(self, model, train_samples, val_samples, class_names, strategy, hp, seed, work_dir, reporter, device,
+                 loader_context):  # fmt: skip
+        self.model, self.hp, self.seed, self.device = model, hp, seed, device
+        self.train_samples, self.val_samples, self.class_names = train_samples, val_samples, class_names
+        self.strategy, self.work_dir, self.reporter, self.loader_context = strategy, work_dir, reporter, loader_context
+        self.num_classes = len(class_names)
+        self.total_epochs = total_epochs(strategy, hp)
+        work_dir.mkdir(parents=True, exist_ok=True)
+
+        if strategy == "linear_probe":
+            self.stages = [_Stage("probe", hp.epochs, hp.lr)]
+        elif strategy == "lp_ft":
+            # The probe phase trains a head from zero, so it takes the probe recipe's rate.
+            self.stages = [_Stage("probe", hp.lp_epochs, RECIPES["linear_probe"]["lr"]), _Stage("network", hp.epochs, hp.lr)]
+        else:
+            self.stages = [_Stage("network", hp.epochs, hp.lr)]
+
+        self.amp_dtype = None
+        if hp.amp:
+            cuda_bf16 = device.type == "cuda" and torch.cuda.is_bf16_supported()
+            self.amp_dtype = torch.bfloat16 if device.type == "cpu" or cuda_bf16 else torch.float16
+        self.memory_format = torch.channels_last if hp.channels_last else torch.contiguous_format
+        model.to(device=device, memory_format=self.memory_format)
+
+        self.data_config = resolve_model_data_config(model)
+        if hp.img_size:
+            self.data_config["input_size"] = (3, hp.img_size, hp.img_size)
+        self.eval_transform = create_transform(**self.data_config, is_training=False)
+        self.train_transform = create_transform(
+            **self.data_config, is_training=True, auto_augment=hp.aa, re_prob=hp.reprob
         )
-        reporter.epoch_end(record)
+        self.train_images = self._decoded(train_samples)
+        self.val_images = self._decoded(val_samples)
+        self.weights = class_weights(train_samples, self.num_classes) if hp.class_weighting == "auto" else None
+        self.features: dict[str, torch.Tensor] | None = None
+        self.frozen_modules: list[torch.nn.Module] = []
 
-    runner.trainable.load_state_dict(best["weights"])
-    model.to("cpu").eval()
-    return TrainResult(model=model, metrics=best["metrics"], best_epoch=best["epoch"], history=history)
+    # -- data -----------------------------------------------------------------------------------
+
+    def _decoded(self, samples: list[Sample]) -> DecodedImages | None:
+        if not self.hp.image_cache:
+            return None
+        short_side = cache_short_side(self.data_config["input_size"], self.data_config["crop_pct"])
+        return DecodedImages([path for path, _ in samples], short_side, self.data_config["interpolation"],
+                             IMAGE_CACHE_BYTES, threads=os.cpu_count() or 1)  # fmt: skip
+
+    def _loader(self, samples, transform, images, *, train: bool, epoch_seed: int = 0, flip: bool = False):
+        if flip:
+            transform = _Flipped(transform)
+        dataset = ImageDataset(samples, transform, images)
+        generator = torch.Generator().manual_seed(epoch_seed)
+        sampler = None
+        if train and self.hp.class_weighting == "sampler":
+            per_sample = class_weights(samples, self.num_classes)[[label for _, label in samples]]
+            sampler = torch.utils.data.WeightedRandomSampler(per_sample, len(samples), generator=generator)
+        workers = self.hp.workers or 0
+        return torch.utils.data.DataLoader(
+            dataset,
+            batch_size=self.hp.batch_size,
+            shuffle=train and sampler is None,
+            sampler=sampler,
+            generator=generator,
+            drop_last=train and self._mixup() is not None and len(samples) > self.hp.batch_size,
+            num_workers=workers,
+            multiprocessing_context=self.loader_context if workers else None,
+            pin_memory=self.device.type == "cuda",
+        )
+
+    def _mixup(self) -> Mixup | None:
+        if not (self.hp.mixup or self.hp.cutmix):
+            return None
+        return Mixup(mixup_alpha=self.hp.mixup, cutmix_alpha=self.hp.cutmix, label_smoothing=self.hp.smoothing,
+                     num_classes=self.num_classes)  # fmt: skip
+
+    def _to_device(self, images: torch.Tensor) -> torch.Tensor:
+        return images.to(self.device, non_blocking=True).contiguous(memory_format=self.memory_format)
+
+    def _autocast(self):
+        if self.amp_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self.amp_dtype)
+
+    def _criterion(self, soft_targets: bool) -> torch.nn.Module:
+        if soft_targets:
+            return SoftTargetCrossEntropy()
+        weight = self.weights.to(self.device) if self.weights is not None else None
+        return torch.nn.CrossEntropyLoss(weight=weight, label_smoothing=self.hp.smoothing)
+
+    # -- linear-probe features ------------------------------------------------------------------
+
+    def _probe_features(self) -> dict[str, torch.Tensor]:
+        if self.features is None:
+            path = self.work_dir / FEATURES_NAME
+            if path.exists():
+                self.features = load_file(path)
+            else:
+                views = [("train", self.train_samples, self.train_images, False), ("val", self.val_samples, self.val_images, False)]
+                if self.hp.flip_views:
+                    views.append(("train_flip", self.train_samples, self.train_images, True))
+                self.features = {}
+                for name, samples, images, flip in views:
+                    loader = self._loader(samples, self.eval_transform, images, train=False, flip=flip)
+                    self.features[f"{name}_x"], self.features[f"{name}_y"] = self._pooled(loader)
+                save_file(self.features, path)
+        return self.features
+
+    @torch.no_grad()  # not inference_mode: these tensors later feed autograd (probe, calibration)
+    def _pooled(self, loader) -> tuple[torch.Tensor, torch.Tensor]:
+        self.model.eval()
+        features, labels = [], []
+        for images, targets in loader:
+            self.reporter.check()
+            with self._autocast():
+                pooled = self.model.forward_head(self.model.forward_features(self._to_device(images)), pre_logits=True)
+            features.append(pooled.float().cpu())
+            labels.append(targets)
+        return torch.cat(features).contiguous(), torch.cat(labels).contiguous()
+
+    # -- which parameters train -----------------------------------------------------------------
+
+    def _prepare(self, stage: _Stage) -> torch.nn.Module:
+        """Set requires_grad for the stage; return the module its optimizer covers."""
+        if stage.kind == "probe":
+            for parameter in self.model.parameters():
+                parameter.requires_grad_(False)
+            head = self.model.get_classifier()
+            for parameter in head.parameters():
+                parameter.requires_grad_(True)
+            return head
+        if self.strategy == "partial":
+            trainable = trainable_parameter_names(self.model, self.hp.unfreeze_stages)
+            for name, parameter in self.model.named_parameters():
+                parameter.requires_grad_(name in trainable)
+            modules = group_modules(self.model, self.model.group_matcher(coarse=True))
+            frozen_groups = sorted(modules)[: -(self.hp.unfreeze_stages + 1)]
+            self.frozen_modules = [self.model.get_submodule(n) for g in frozen_groups for n in modules[g]]
+        else:
+            for parameter in self.model.parameters():
+                parameter.requires_grad_(True)
+        return self.model
+
+    def _train_mode(self) -> None:
+        self.model.train()
+        for module in self.frozen_modules:  # frozen layers keep their pretrained batch-norm statistics
+            module.eval()
+
+    # -- one epoch ------------------------------------------------------------------------------
+
+    def _probe_epoch(self, head, optimizer, epoch_seed) -> tuple[float, int]:
+        features = self._probe_features()
+        x, y = features["train_x"], features["train_y"]
+        if self.hp.flip_views:
+            x, y = torch.cat([x, features["train_flip_x"]]), torch.cat([y, features["train_flip_y"]])
+        x, y = x.to(self.device), y.to(self.device)
+        generator = torch.Generator().manual_seed(epoch_seed)
+        if self.hp.class_weighting == "sampler":
+            per_sample = class_weights([(None, int(label)) for label in y], self.num_classes)[y.cpu()]
+            order = torch.multinomial(per_sample, len(y), replacement=True, generator=generator)
+        else:
+            order = torch.randperm(len(y), generator=generator)
+        criterion = self._criterion(soft_targets=False)
+        head.train()
+        total = 0.0
+        for batch in order.to(self.device).split(self.hp.batch_size):
+            self.reporter.check()
+            loss = criterion(head(x[batch]), y[batch])
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            total += loss.item() * len(batch)
+        return total / len(order), len(order)
+
+    def _network_epoch(self, optimizer, ema, scaler, epoch_seed) -> tuple[float, int]:
+        loader = self._loader(self.train_samples, self.train_transform, self.train_images, train=True, epoch_seed=epoch_seed)
+        mixup = self._mixup()
+        criterion = self._criterion(soft_targets=mixup is not None)
+        accumulate = self.hp.grad_accum_steps
+        self._train_mode()
+        optimizer.zero_grad(set_to_none=True)
+        total, seen, batches = 0.0, 0, len(loader)
+        for step, (images, targets) in enumerate(loader):
+            self.reporter.check()
+            images, targets = self._to_device(images), targets.to(self.device, non_blocking=True)
+            if mixup is not None and len(targets) % 2 == 0:
+                images, soft = mixup(images, targets)
+                loss_targets = soft
+            elif mixup is not None:  # timm's Mixup needs an even batch: give the odd one soft labels too
+                loss_targets = torch.nn.functional.one_hot(targets, self.num_classes).float()
+            else:
+                loss_targets = targets
+            with self._autocast():
+                loss = criterion(self.model(images), loss_targets)
+            scaler.scale(loss / accumulate).backward()
+            if (step + 1) % accumulate == 0 or step + 1 == batches:
+                scaler.step(optimizer)
+                scaler.update()
+                optimizer.zero_grad(set_to_none=True)
+                if ema is not None:
+                    ema.update(self.model)
+            total += loss.item() * len(targets)
+            seen += len(targets)
+        return total / max(seen, 1), seen
+
+    @torch.no_grad()  # not inference_mode: these tensors later feed autograd (probe, calibration)
+    def _logits(self, kind: str, model: torch.nn.Module | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        if kind == "probe":
+            features = self._probe_features()
+            head = self.model.get_classifier().eval()
+            return head(features["val_x"].to(self.device)).float().cpu(), features["val_y"]
+        model = model or self.model
+        model.eval()
+        logits, labels = [], []
+        for images, targets in self._loader(self.val_samples, self.eval_transform, self.val_images, train=False):
+            self.reporter.check()
+            with self._autocast():
+                logits.append(model(self._to_device(images)).float().cpu())
+            labels.append(targets)
+        return torch.cat(logits), torch.cat(labels)
+
+    # -- the run --------------------------------------------------------------------------------
+
+    def _better(self, metrics: dict, than: dict | None, min_delta: float = 0.0, metric: str | None = None) -> bool:
+        metric = metric or self.hp.eval_metric
+        if than is None:
+            return True
+        if metric == "val_loss":
+            return metrics[metric] < than[metric] - min_delta
+        return metrics[metric] > than[metric] + min_delta
+
+    def execute(self) -> TrainResult:
+        state = _load_checkpoint(self.work_dir)
+        history: list[dict] = state["history"] if state else []
+        best: dict | None = state["best"] if state else None
+        start_stage, start_epoch = (state["stage"], state["epoch"]) if state else (0, 0)
+        if state:
+            self.model.load_state_dict(state["model"])
+        stopped_early = state.get("stopped_early", False) if state else False
+        epoch_seconds: list[float] = []
+
+        for stage_index, stage in enumerate(self.stages):
+            if stage_index < start_stage or stopped_early:
+                continue
+            trainable = self._prepare(stage)
+            optimizer = create_optimizer_v2(
+                trainable, opt=self.hp.opt, lr=stage.lr, weight_decay=self.hp.weight_decay,
+                layer_decay=self.hp.layer_decay if stage.kind == "network" else None,
+            )  # fmt: skip
+            scheduler, _ = create_scheduler_v2(
+                optimizer, sched=self.hp.sched, num_epochs=stage.epochs,
+                warmup_epochs=min(self.hp.warmup_epochs, stage.epochs - 1),
+            )  # fmt: skip
+            ema = ModelEmaV3(self.model, decay=self.hp.model_ema_decay) if (self.hp.model_ema and stage.kind == "network") else None
+            scaler = torch.amp.GradScaler(self.device.type, enabled=self.amp_dtype == torch.float16)
+            early = {"best": None, "bad_epochs": 0}
+            first_epoch = 0
+            if state and stage_index == start_stage:
+                first_epoch = start_epoch
+                if start_epoch:
+                    optimizer.load_state_dict(state["optimizer"])
+                    scheduler.load_state_dict(state["scheduler"])
+                    if ema is not None and state.get("ema") is not None:
+                        ema.load_state_dict(state["ema"])
+                    early = state["early"]
+
+            for epoch in range(first_epoch, stage.epochs):
+                started = time.perf_counter()
+                epoch_seed = _seed_everything(self.seed, stage_index, epoch)
+                if stage.kind == "probe":
+                    train_loss, seen = self._probe_epoch(trainable, optimizer, epoch_seed)
+                else:
+                    train_loss, seen = self._network_epoch(optimizer, ema, scaler, epoch_seed)
+                train_seconds = time.perf_counter() - started
+                scheduler.step(epoch + 1)
+
+                metrics = classification_metrics(*self._logits(stage.kind), self.class_names)
+                candidate, source = metrics, "model"
+                if ema is not None:
+                    ema_metrics = classification_metrics(*self._logits(stage.kind, ema.module), self.class_names)
+                    if self._better(ema_metrics, metrics):
+                        candidate, source = ema_metrics, "ema"
+                global_epoch = sum(s.epochs for s in self.stages[:stage_index]) + epoch + 1
+                if self._better(candidate, best["metrics"] if best else None):
+                    weights = (ema.module if source == "ema" else self.model).state_dict()
+                    best = {"epoch": global_epoch, "metrics": candidate, "source": source, "weights": copy.deepcopy(weights)}
+
+                if self.hp.early_stopping and stage_index == len(self.stages) - 1:
+                    rule = self.hp.early_stopping
+                    if self._better(candidate, early["best"], rule.min_delta, rule.metric):
+                        early = {"best": candidate, "bad_epochs": 0}
+                    else:
+                        early["bad_epochs"] += 1
+                    stopped_early = early["bad_epochs"] >= rule.patience
+
+                epoch_seconds.append(time.perf_counter() - started)
+                remaining = 0 if stopped_early else self.total_epochs - global_epoch
+                record = {
+                    "epoch": global_epoch,
+                    "epochs": self.total_epochs,
+                    "stage": "linear_probe" if stage.kind == "probe" else self.strategy,
+                    "train_loss": train_loss,
+                    "val_loss": metrics["val_loss"],
+                    "val_accuracy": metrics["val_accuracy"],
+                    "macro_f1": metrics["macro_f1"],
+                    "lr": optimizer.param_groups[0]["lr"],
+                    "images_per_second": seen / max(train_seconds, 1e-9),
+                    "eta_seconds": remaining * sum(epoch_seconds) / len(epoch_seconds),
+                }
+                if ema is not None:
+                    record["ema_val_accuracy"] = ema_metrics["val_accuracy"]
+                history.append(record)
+                _save_checkpoint(self.work_dir, {
+                    "stage": stage_index, "epoch": epoch + 1, "model": self.model.state_dict(),
+                    "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                    "ema": ema.state_dict() if ema is not None else None, "early": early,
+                    "history": history, "best": best, "stopped_early": stopped_early,
+                })  # fmt: skip
+                self.reporter.epoch_end(record)
+                if stopped_early:
+                    break
+
+        return self._finish(best, history, stopped_early)
+
+    def _finish(self, best: dict, history: list[dict], stopped_early: bool) -> TrainResult:
+        self.model.load_state_dict(best["weights"])
+        # Calibrate what will be served: the kept weights, on the validation split.
+        kind = "probe" if self.strategy == "linear_probe" else "network"
+        logits, targets = self._logits(kind)
+        temperature = fit_temperature(logits, targets)
+        metrics = dict(best["metrics"])
+        metrics["calibration"] = {
+            "temperature": temperature,
+            "ece_before": expected_calibration_error(logits, targets),
+            "ece_after": expected_calibration_error(logits / temperature, targets),
+        }
+        metrics["weights_from"] = best["source"]
+        self.model.to(device="cpu", memory_format=torch.contiguous_format).eval()
+        for parameter in self.model.parameters():
+            parameter.requires_grad_(False)
+        return TrainResult(self.model, metrics, temperature, best["epoch"], history, stopped_early)
+
+
+class _Flipped:
+    """A transform followed by a horizontal flip: the mirrored view for linear-probe features."""
+
+    def __init__(self, transform):
+        self.transform = transform
+
+    def __call__(self, image):
+        return torch.flip(self.transform(image), dims=[-1])
+
+
+def _seed_everything(seed: int, stage: int, epoch: int) -> int:
+    epoch_seed = (seed * 1_000_003 + stage * 10_007 + epoch) % 2**31
+    torch.manual_seed(epoch_seed)
+    np.random.seed(epoch_seed)  # timm's Mixup draws from numpy
+    random.seed(epoch_seed)  # timm's RandAugment draws from random
+    return epoch_seed
 
 
 def _save_checkpoint(work_dir: Path, state: dict[str, Any]) -> None:
@@ -156,101 +480,3 @@ def _load_checkpoint(work_dir: Path) -> dict[str, Any] | None:
         return None
     # weights_only: plain tensors and containers; the service wrote this file itself.
     return torch.load(path, map_location="cpu", weights_only=True)
-
-
-def _loader(samples: list[Sample], transform, batch_size: int, shuffle: bool) -> torch.utils.data.DataLoader:
-    return torch.utils.data.DataLoader(ImageDataset(samples, transform), batch_size=batch_size, shuffle=shuffle)
-
-
-class _LinearProbe:
-    """Frozen backbone: features are computed once (and cached on disk for resumption); only the
-    classifier is trained, on those features."""
-
-    def __init__(self, model, train_samples, val_samples, spec, work_dir, reporter, device):
-        self.model, self.spec, self.reporter, self.device = model, spec, reporter, device
-        model.eval()
-        for parameter in model.parameters():
-            parameter.requires_grad_(False)
-        self.trainable = model.get_classifier()
-        for parameter in self.trainable.parameters():
-            parameter.requires_grad_(True)
-        features_path = work_dir / FEATURES_NAME
-        if features_path.exists():
-            cached = load_file(features_path)
-        else:
-            transform = create_transform(**resolve_model_data_config(model), is_training=False)
-            cached = {}
-            for split, samples in (("train", train_samples), ("val", val_samples)):
-                cached[f"{split}_x"], cached[f"{split}_y"] = self._features(samples, transform)
-            save_file(cached, features_path)
-        self.train_x, self.train_y = cached["train_x"].to(device), cached["train_y"].to(device)
-        self.val_x, self.val_y = cached["val_x"].to(device), cached["val_y"].to(device)
-
-    @torch.inference_mode()
-    def _features(self, samples, transform) -> tuple[torch.Tensor, torch.Tensor]:
-        features, labels = [], []
-        for images, targets in _loader(samples, transform, self.spec.batch_size, shuffle=False):
-            self.reporter.check()
-            pooled = self.model.forward_head(self.model.forward_features(images.to(self.device)), pre_logits=True)
-            features.append(pooled.float().cpu())
-            labels.append(targets)
-        return torch.cat(features).contiguous(), torch.cat(labels).contiguous()
-
-    def train_epoch(self, optimizer, criterion) -> tuple[float, int, float]:
-        started = time.perf_counter()
-        self.trainable.train()
-        order = torch.randperm(len(self.train_y)).to(self.device)
-        total_loss = 0.0
-        for batch in order.split(self.spec.batch_size):
-            self.reporter.check()
-            loss = criterion(self.trainable(self.train_x[batch]), self.train_y[batch])
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            total_loss += loss.item() * len(batch)
-        return total_loss / len(order), len(order), time.perf_counter() - started
-
-    @torch.inference_mode()
-    def evaluate(self) -> tuple[torch.Tensor, torch.Tensor]:
-        self.trainable.eval()
-        return self.trainable(self.val_x).float().cpu(), self.val_y.cpu()
-
-
-class _FullFineTune:
-    """Every layer trained, with timm's training augmentation for this model."""
-
-    def __init__(self, model, train_samples, val_samples, spec, reporter, device):
-        self.model, self.spec, self.reporter, self.device = model, spec, reporter, device
-        self.trainable = model
-        data_config = resolve_model_data_config(model)
-        self.train_loader = _loader(
-            train_samples, create_transform(**data_config, is_training=True), spec.batch_size, shuffle=True
-        )
-        self.val_loader = _loader(
-            val_samples, create_transform(**data_config, is_training=False), spec.batch_size, shuffle=False
-        )
-
-    def train_epoch(self, optimizer, criterion) -> tuple[float, int, float]:
-        started = time.perf_counter()
-        self.model.train()
-        total_loss, seen = 0.0, 0
-        for images, targets in self.train_loader:
-            self.reporter.check()
-            images, targets = images.to(self.device), targets.to(self.device)
-            loss = criterion(self.model(images), targets)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            total_loss += loss.item() * len(targets)
-            seen += len(targets)
-        return total_loss / max(seen, 1), seen, time.perf_counter() - started
-
-    @torch.inference_mode()
-    def evaluate(self) -> tuple[torch.Tensor, torch.Tensor]:
-        self.model.eval()
-        logits, labels = [], []
-        for images, targets in self.val_loader:
-            self.reporter.check()
-            logits.append(self.model(images.to(self.device)).float().cpu())
-            labels.append(targets)
-        return torch.cat(logits), torch.cat(labels)

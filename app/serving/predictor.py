@@ -17,6 +17,7 @@ from timm.data import create_transform, resolve_model_data_config
 
 from app.core.errors import Invalid, UnsupportedMedia
 from app.ml.backbone import load_artifact
+from app.ml.export import read_temperature
 
 DECODABLE_FORMATS = ["JPEG", "PNG", "BMP", "GIF", "WEBP", "TIFF"]
 
@@ -26,6 +27,7 @@ class LoadedModel:
     model: torch.nn.Module
     transform: Callable
     labels: list[str]
+    temperature: float  # fitted on validation: softmax(logits / temperature) is calibrated
 
 
 class ModelCache:
@@ -63,7 +65,12 @@ class ModelCache:
 def _load(directory: Path) -> LoadedModel:
     model = load_artifact(directory).eval()
     transform = create_transform(**resolve_model_data_config(model), is_training=False)
-    return LoadedModel(model=model, transform=transform, labels=list(model.pretrained_cfg["label_names"]))
+    return LoadedModel(
+        model=model,
+        transform=transform,
+        labels=list(model.pretrained_cfg["label_names"]),
+        temperature=read_temperature(directory),
+    )
 
 
 def decode_image(filename: str, data: bytes, max_pixels: int) -> Image.Image:
@@ -82,7 +89,7 @@ def decode_image(filename: str, data: bytes, max_pixels: int) -> Image.Image:
 @torch.inference_mode()
 def predict(loaded: LoadedModel, images: list[Image.Image], top_k: int) -> list[list[tuple[str, float]]]:
     batch = torch.stack([loaded.transform(image) for image in images])
-    probabilities = loaded.model(batch).softmax(dim=1)
+    probabilities = (loaded.model(batch) / loaded.temperature).softmax(dim=1)
     scores, indices = probabilities.topk(top_k, dim=1)
     return [
         [(loaded.labels[i], float(s)) for s, i in zip(row_scores, row_indices, strict=True)]

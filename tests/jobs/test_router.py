@@ -51,6 +51,11 @@ def test_unknown_pretrained_tag_is_refused(client, dataset_id):
         ({"val_fraction": 1.5}, "hyperparameters.val_fraction"),
         ({"warmup_epochs": 5, "epochs": 3}, "warmup_epochs"),
         ({"learning_rate": 0.1}, "hyperparameters.learning_rate"),
+        ({"aa": "no-such-policy"}, "hyperparameters.aa"),
+        ({"class_weighting": "inverse"}, "hyperparameters.class_weighting"),
+        ({"mixup": 0.2, "class_weighting": "auto"}, "class_weighting"),
+        ({"early_stopping": {"metric": "top1"}}, "hyperparameters.early_stopping.metric"),
+        ({"batch_size": 0}, "hyperparameters.batch_size"),
     ],
 )
 def test_invalid_hyperparameters_name_the_field(client, dataset_id, hyperparameters, field):
@@ -70,9 +75,25 @@ def test_job_records_resolved_defaults(client, dataset_id):
     job = client.post("/v1/jobs", json={"dataset_id": dataset_id, "backbone": "mobilenetv2_100", "strategy": "full"})
     assert job.status_code == 202
     body = job.json()
-    assert body["status"] == "queued" and body["progress"] == {"epoch": 0, "epochs": 5}
-    assert body["hyperparameters"]["lr"] == 3e-4 and body["hyperparameters"]["val_fraction"] == 0.2
-    assert [e["message"] for e in client.get(f"/v1/jobs/{body['id']}/events").json()["data"]] == ["queued"]
+    assert body["status"] == "queued" and body["progress"] == {"epoch": 0, "epochs": 6}
+    assert body["strategy"] == "full" and body["strategy_reason"] is None
+    assert body["hyperparameters"]["lr"] == 2e-4 and body["hyperparameters"]["val_fraction"] == 0.2
+    assert [e["message"] for e in client.get(f"/v1/jobs/{body['id']}/events").json()["data"]] == ["queued: full"]
+
+
+def test_lr_scales_with_batch_size_and_lp_ft_counts_both_phases(client, dataset_id):
+    body = client.post("/v1/jobs", json={
+        "dataset_id": dataset_id, "backbone": "mobilenetv2_100", "strategy": "lp_ft",
+        "hyperparameters": {"batch_size": 128, "epochs": 3, "lp_epochs": 7},
+    }).json()  # fmt: skip
+    assert body["hyperparameters"]["lr"] == pytest.approx(1e-4 * 2)  # adamw: sqrt(128 / 32) times the recipe's
+    assert body["progress"]["epochs"] == 10
+
+
+def test_auto_strategy_is_chosen_from_the_dataset_size_and_recorded(client, dataset_id):
+    body = client.post("/v1/jobs", json={"dataset_id": dataset_id, "backbone": "mobilenetv2_100"}).json()
+    assert body["strategy"] == "linear_probe"
+    assert "8 training images" in body["strategy_reason"]  # 10 images, 20% held out for validation
 
 
 def test_cancel_a_queued_job_then_its_message_does_nothing(client, dataset_id):

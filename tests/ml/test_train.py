@@ -1,25 +1,50 @@
-"""The pure ML core on real weights and a small real subset of hymenoptera."""
+"""The pure ML core, on the real pretrained weights and small real subsets of hymenoptera."""
 
+import pytest
 import torch
 
 from app.ml.backbone import build_model
-from app.ml.data import list_samples, stratified_split
+from app.ml.calibration import expected_calibration_error, fit_temperature
+from app.ml.data import class_weights, list_samples, stratified_split
 from app.ml.metrics import classification_metrics
-from app.ml.train import TrainSpec, fine_tune
+from app.ml.spec import Hyperparameters, resolve, resolve_for_device
+from app.ml.train import fine_tune, trainable_parameter_names
 from tests.conftest import HYMENOPTERA, MOBILENET_WEIGHTS
 
 CLASSES = ["ants", "bees"]
 
 
+def subset(split: str, per_class: int) -> list:
+    samples = list_samples(HYMENOPTERA / split, CLASSES)
+    return [s for s in samples if s[1] == 0][:per_class] + [s for s in samples if s[1] == 1][:per_class]
+
+
+TRAIN, VAL = subset("train", 16), subset("val", 12)
+
+
 class Recorder:
-    def __init__(self):
-        self.records = []
+    def __init__(self, stop_after: int | None = None):
+        self.records, self.stop_after = [], stop_after
 
     def check(self):
         pass
 
     def epoch_end(self, record):
         self.records.append(record)
+        if self.stop_after is not None and len(self.records) >= self.stop_after:
+            raise KeyboardInterrupt("simulated crash after a checkpoint")
+
+
+def hyperparameters(strategy: str, **values) -> Hyperparameters:
+    return resolve_for_device(resolve(Hyperparameters(**values), strategy), "cpu")
+
+
+def train(tmp_path, strategy: str, reporter=None, train=TRAIN, **values):
+    model = build_model("mobilenetv2_100", 2, weights_file=MOBILENET_WEIGHTS)
+    reporter = reporter or Recorder()
+    result = fine_tune(model, train, VAL, CLASSES, strategy, hyperparameters(strategy, **values), 0, tmp_path,
+                       reporter, torch.device("cpu"))  # fmt: skip
+    return result, reporter
 
 
 def test_stratified_split_holds_out_each_class():
@@ -38,21 +63,101 @@ def test_metrics_from_known_predictions():
     assert metrics["val_accuracy"] == 0.75
     assert metrics["confusion_matrix"] == [[2, 0], [1, 1]]
     assert metrics["per_class"][0]["precision"] == 2 / 3 and metrics["per_class"][1]["recall"] == 0.5
+    assert "val_top5_accuracy" not in metrics
 
 
-def test_linear_probe_trains_only_the_head(tmp_path):
-    train = [s for s in list_samples(HYMENOPTERA / "train", CLASSES) if s[1] == 0][:16]
-    train += [s for s in list_samples(HYMENOPTERA / "train", CLASSES) if s[1] == 1][:16]
-    val = list_samples(HYMENOPTERA / "val", CLASSES)[:10] + list_samples(HYMENOPTERA / "val", CLASSES)[-10:]
-    model = build_model("mobilenetv2_100", 2, weights_file=MOBILENET_WEIGHTS)
-    backbone_before = {k: v.clone() for k, v in model.state_dict().items() if not k.startswith("classifier")}
-    spec = TrainSpec("linear_probe", epochs=10, batch_size=16, lr=1e-3, opt="adamw", weight_decay=0.01,
-                     sched="cosine", warmup_epochs=0, smoothing=0.1, seed=0)
-    recorder = Recorder()
-    result = fine_tune(model, train, val, CLASSES, spec, tmp_path, recorder, torch.device("cpu"))
+def test_top5_reported_beyond_five_classes():
+    logits = torch.eye(7)[[1, 2, 3]] * 5
+    metrics = classification_metrics(logits, torch.tensor([1, 2, 0]), [str(i) for i in range(7)])
+    assert metrics["val_top5_accuracy"] == 1.0 and metrics["val_accuracy"] == pytest.approx(2 / 3)
+
+
+def test_class_weights_are_inverse_frequency():
+    imbalanced = subset("train", 30)[:30] + subset("train", 10)[10:]  # 30 ants, 10 bees
+    assert [label for _, label in imbalanced].count(0) == 30
+    weights = class_weights(imbalanced, 2)
+    assert weights.tolist() == pytest.approx([40 / (2 * 30), 40 / (2 * 10)])
+    assert (weights[0] * 30).item() == pytest.approx((weights[1] * 10).item())  # each class weighs the same in total
+
+
+def test_temperature_scaling_calibrates_overconfident_logits():
+    torch.manual_seed(0)
+    targets = torch.randint(0, 2, (400,))
+    correct = torch.rand(400) < 0.7  # 70% right, but claimed with ~100% confidence
+    predicted = torch.where(correct, targets, 1 - targets)
+    logits = torch.nn.functional.one_hot(predicted, 2).float() * 10
+    temperature = fit_temperature(logits, targets)
+    assert temperature > 5
+    assert expected_calibration_error(logits / temperature, targets) < expected_calibration_error(logits, targets) / 3
+
+
+@pytest.mark.parametrize(
+    "strategy, values",
+    [
+        ("linear_probe", {}),
+        ("partial", {"epochs": 2}),
+        ("full", {"epochs": 2}),
+        ("lp_ft", {"epochs": 1, "lp_epochs": 10}),
+    ],
+)
+def test_each_strategy_learns_well_above_chance(tmp_path, strategy, values):
+    before = build_model("mobilenetv2_100", 2, weights_file=MOBILENET_WEIGHTS).state_dict()
+    result, recorder = train(tmp_path, strategy, **values)
+    assert result.metrics["val_accuracy"] >= 0.8  # chance is 0.5
+    assert [r["epoch"] for r in recorder.records] == list(range(1, len(recorder.records) + 1))
+    calibration = result.metrics["calibration"]
+    assert calibration["temperature"] > 0 and 0 <= calibration["ece_after"] <= 1
+
     after = result.model.state_dict()
-    assert all(torch.equal(after[k], v) for k, v in backbone_before.items())  # bitwise unchanged
-    assert after["classifier.weight"].abs().sum() > 0
-    assert [r["epoch"] for r in recorder.records] == list(range(1, 11))
-    assert recorder.records[-1]["train_loss"] < recorder.records[0]["train_loss"]
-    assert result.metrics["val_accuracy"] >= 0.8  # well above chance (0.5) from 32 images
+    classifier = {"classifier.weight", "classifier.bias"}
+    changed = {k for k, v in after.items() if v.dtype.is_floating_point and not torch.equal(v, before[k])}
+    if strategy == "linear_probe":
+        assert changed == classifier  # the backbone is bitwise unchanged
+    elif strategy == "partial":
+        trainable = trainable_parameter_names(result.model, 2)
+        frozen_params = {k for k in before if k.endswith(("weight", "bias")) and k not in trainable}
+        assert changed & frozen_params == set()
+        assert "blocks.0.0.conv_dw.weight" in frozen_params and "blocks.6.0.conv_pw.weight" in trainable
+        assert "blocks.6.0.conv_pw.weight" in changed and "bn2.running_mean" in changed  # the last stage trained
+        assert "bn1.running_mean" not in changed  # frozen batch-norm statistics stay pretrained
+    elif strategy == "full":
+        assert "conv_stem.weight" in changed  # every layer trains
+    else:  # the kept epoch may come from either phase; both must have run
+        assert [r["stage"] for r in recorder.records] == ["linear_probe"] * 10 + ["lp_ft"]
+
+
+def test_resumed_run_ends_where_an_uninterrupted_run_ends(tmp_path):
+    values = {"epochs": 3, "batch_size": 8, "workers": 0}
+    straight, straight_log = train(tmp_path / "straight", "full", **values)
+    with pytest.raises(KeyboardInterrupt):
+        train(tmp_path / "resumed", "full", reporter=Recorder(stop_after=2), **values)
+    resumed, resumed_log = train(tmp_path / "resumed", "full", **values)
+    assert [r["epoch"] for r in resumed_log.records] == [3]  # only the missing epoch ran
+    assert resumed_log.records[0]["train_loss"] == pytest.approx(straight_log.records[2]["train_loss"], rel=1e-4)
+    for key, value in straight.model.state_dict().items():
+        torch.testing.assert_close(resumed.model.state_dict()[key], value, rtol=1e-4, atol=1e-5)
+
+
+def test_early_stopping_stops(tmp_path):
+    # No epoch can improve accuracy by more than 1.0, so the run stops after `patience` epochs.
+    stop = {"metric": "val_accuracy", "patience": 2, "min_delta": 1.0}
+    result, recorder = train(tmp_path, "linear_probe", epochs=30, early_stopping=stop)
+    assert result.stopped_early and len(recorder.records) == 3
+    assert recorder.records[-1]["eta_seconds"] == 0
+
+
+@pytest.mark.parametrize("mixing", [{}, {"mixup": 0.2, "cutmix": 1.0}])
+def test_full_fine_tune_with_and_without_mixup(tmp_path, mixing):
+    result, recorder = train(tmp_path, "full", epochs=1, batch_size=8, **mixing)
+    assert len(recorder.records) == 1 and torch.isfinite(torch.tensor(recorder.records[0]["train_loss"]))
+    assert result.model.get_classifier().weight.abs().sum() > 0
+
+
+def test_ema_class_weighting_and_augmentation_options_run(tmp_path):
+    imbalanced = subset("train", 16)[:16] + subset("train", 6)[6:]
+    result, recorder = train(
+        tmp_path, "full", train=imbalanced, epochs=2, batch_size=8, model_ema=True, model_ema_decay=0.9,
+        class_weighting="auto", aa="rand-m9-mstd0.5", reprob=0.25, layer_decay=0.75, grad_accum_steps=2,
+    )  # fmt: skip
+    assert all("ema_val_accuracy" in r for r in recorder.records)
+    assert result.metrics["weights_from"] in ("model", "ema")
