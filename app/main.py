@@ -20,6 +20,7 @@ from app.db.migrate import upgrade_to_head
 from app.jobs.router import router as jobs_router
 from app.models.router import router as models_router
 from app.serving.predictor import ModelCache
+from app.sweeps.router import router as sweeps_router
 
 logger = logging.getLogger(__name__)
 
@@ -45,7 +46,7 @@ def create_app() -> FastAPI:
         summary="Fine-tune pretrained timm image backbones on your own data and serve them.",
         lifespan=lifespan,
     )
-    for router in (datasets_router, backbones_router, jobs_router, models_router):
+    for router in (datasets_router, backbones_router, jobs_router, models_router, sweeps_router):
         app.include_router(router)
 
     @app.exception_handler(AppError)

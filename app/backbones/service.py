@@ -92,7 +92,7 @@ def find_weights(settings: Settings, architecture: str, tag: str = "") -> Weight
 
 
 @lru_cache(maxsize=4096)
-def _shape(architecture: str) -> tuple[int, list[int]]:
+def model_shape(architecture: str) -> tuple[int, list[int]]:
     """Parameter count (built on the meta device: no memory, no weights) and default input size."""
     with torch.device("meta"):
         model = timm.create_model(architecture)
@@ -104,7 +104,7 @@ def list_backbones(settings: Settings, search: str | None, limit: int, offset: i
     page = names[offset : offset + limit]
     items = []
     for architecture in page:
-        num_params, input_size = _shape(architecture)
+        num_params, input_size = model_shape(architecture)
         weights = find_weights(settings, architecture)
         items.append(
             {

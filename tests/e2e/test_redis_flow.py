@@ -177,3 +177,29 @@ def test_bad_prediction_requests_are_refused_and_the_server_keeps_serving(stack,
     assert stack.http.post(url, files={"other": ("x", b"")}).status_code == 422
     assert stack.http.post("/v1/models/model_missing/predict", files={"files": (image.name, image.read_bytes())}).status_code == 404
     assert stack.http.post(url, files={"files": (image.name, image.read_bytes())}).status_code == 200
+
+
+def test_backbone_sweep_ranks_backbones_and_promotes_a_row(stack, small_dataset):
+    response = stack.http.post("/v1/sweeps", json={
+        "dataset_id": small_dataset["id"], "backbones": ["mobilenetv2_100", "tf_efficientnet_lite0", "resnet18"],
+    })  # fmt: skip
+    assert response.status_code == 202, response.text
+    sweep_id = response.json()["id"]
+    sweep = wait_until(
+        lambda: (s := stack.http.get(f"/v1/sweeps/{sweep_id}").json())["status"] == "finished" and s,
+        600, "the sweep", interval=1.0, processes=stack.processes,
+    )
+    ranked = [row for row in sweep["rows"] if row["rank"] is not None]
+    assert {row["backbone"] for row in ranked} == {"mobilenetv2_100", "tf_efficientnet_lite0"}
+    assert [row["rank"] for row in ranked] == [1, 2]
+    assert ranked[0]["val_accuracy"] >= ranked[1]["val_accuracy"] > 0.5
+    assert all(row["seconds"] > 0 and row["num_params"] > 3_000_000 and row["model_id"] for row in ranked)
+    missing = next(row for row in sweep["rows"] if row["backbone"] == "resnet18")  # no weights on this machine
+    assert missing["status"] == "failed" and "resnet18" in missing["error"] and missing["rank"] is None
+
+    promoted = stack.http.post(f"/v1/sweeps/{sweep_id}/promote", json={"backbone": ranked[0]["backbone"], "strategy": "full"})
+    assert promoted.status_code == 202, promoted.text
+    job = promoted.json()
+    assert job["backbone"] == ranked[0]["backbone"] and job["strategy"] == "full"
+    assert job["dataset_id"] == small_dataset["id"]
+    stack.http.post(f"/v1/jobs/{job['id']}/cancel")

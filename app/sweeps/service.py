@@ -1,0 +1,91 @@
+"""Backbone sweeps: rank several backbones on the user's data by a cached-feature linear probe.
+
+Each row is an ordinary `linear_probe` job (each backbone with its own preprocessing), so rows
+are queued, retried, resumed, cancelled and turned into models exactly as jobs are.
+"""
+
+import secrets
+
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+from timm.models import split_model_name_tag
+
+from app.backbones.service import model_shape, split_backbone
+from app.core.config import Settings
+from app.core.errors import Invalid, NotFound
+from app.datasets.service import get_dataset
+from app.db.tables import Job, Model, Sweep
+from app.jobs import service as jobs
+from app.jobs.schemas import JobCreate
+from app.sweeps.schemas import Promote, SweepCreate, SweepOut, SweepRow
+
+
+def create_sweep(session: Session, settings: Settings, request: SweepCreate) -> Sweep:
+    get_dataset(session, request.dataset_id)
+    for backbone in request.backbones:  # refuse the whole sweep before queueing any of it
+        split_backbone(backbone, settings)
+    sweep = Sweep(id=f"sweep_{secrets.token_hex(12)}", dataset_id=request.dataset_id, backbones=request.backbones)
+    session.add(sweep)
+    session.commit()
+    for backbone in request.backbones:
+        job = JobCreate(dataset_id=request.dataset_id, backbone=backbone, strategy="linear_probe", seed=request.seed)
+        jobs.create_job(session, settings, job, sweep_id=sweep.id)
+    return sweep
+
+
+def get_sweep(session: Session, sweep_id: str) -> Sweep:
+    sweep = session.get(Sweep, sweep_id)
+    if sweep is None:
+        raise NotFound(f"Sweep '{sweep_id}' not found.", code="sweep_not_found")
+    return sweep
+
+
+def list_sweeps(session: Session, limit: int) -> list[Sweep]:
+    return list(session.scalars(select(Sweep).order_by(Sweep.created_at.desc()).limit(limit)))
+
+
+def to_out(session: Session, sweep: Sweep) -> SweepOut:
+    rows_by_job = session.execute(
+        select(Job, Model.id).outerjoin(Model, Model.job_id == Job.id).where(Job.sweep_id == sweep.id)
+    ).all()
+    rows = []
+    for job, model_id in rows_by_job:
+        seconds = (job.finished_at - job.started_at).total_seconds() if job.finished_at and job.started_at else None
+        rows.append(
+            SweepRow(
+                rank=None,
+                backbone=job.backbone,
+                job_id=job.id,
+                status=job.status,
+                val_accuracy=job.metrics.get("val_accuracy") if job.status == "succeeded" else None,
+                macro_f1=job.metrics.get("macro_f1") if job.status == "succeeded" else None,
+                seconds=seconds,
+                num_params=model_shape(split_model_name_tag(job.backbone)[0])[0],
+                model_id=model_id,
+                error=job.error_message,
+            )
+        )
+    ranked = sorted((r for r in rows if r.val_accuracy is not None), key=lambda r: (-r.val_accuracy, -r.macro_f1))
+    for rank, row in enumerate(ranked, start=1):
+        row.rank = rank
+    rows = ranked + [r for r in rows if r.val_accuracy is None]
+    statuses = {row.status for row in rows}
+    status = "finished" if statuses <= set(jobs.TERMINAL) else ("queued" if statuses == {"queued"} else "running")
+    return SweepOut(id=sweep.id, dataset_id=sweep.dataset_id, status=status, rows=rows, created_at=sweep.created_at)
+
+
+def promote(session: Session, settings: Settings, sweep: Sweep, request: Promote) -> Job:
+    if request.backbone not in sweep.backbones:
+        raise Invalid(
+            f"'{request.backbone}' is not in this sweep ({', '.join(sweep.backbones)}).", code="backbone_not_in_sweep"
+        )
+    if sweep.dataset_id is None:
+        raise NotFound("The sweep's dataset was deleted.", code="dataset_not_found")
+    job = JobCreate(
+        dataset_id=sweep.dataset_id,
+        backbone=request.backbone,
+        strategy=request.strategy,
+        hyperparameters=request.hyperparameters,
+        seed=request.seed,
+    )
+    return jobs.create_job(session, settings, job)
