@@ -32,3 +32,5 @@ test: install redis-server
 
 bench: install
 	$(VENV)/bin/python bench/e2e_linear_probe.py
+	$(VENV)/bin/python bench/full_throughput.py
+	$(VENV)/bin/python bench/accuracy_table.py

@@ -5,6 +5,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 
 import uvicorn
 
@@ -34,17 +35,35 @@ def serve(host: str, port: int) -> None:
     uvicorn.run("app.main:app", host=host, port=port, log_level="info")
 
 
-def up(host: str, port: int) -> None:
+def up(host: str, port: int) -> int:
+    """Run the API and one worker as child processes, and stop both when either stops or when this
+    process is told to. (Children, because uvicorn ends its own process with the signal it was
+    stopped by, which would leave a worker started from inside it behind.)"""
     migrate()  # once, before two processes race to do it
-    worker = subprocess.Popen(worker_argv())
+    api = [sys.executable, "-m", "app.cli", "serve", "--host", host, "--port", str(port)]
+    children = [subprocess.Popen(worker_argv()), subprocess.Popen(api)]
+
+    def stop(signum, _frame):
+        raise SystemExit(128 + signum)
+
+    signal.signal(signal.SIGTERM, stop)
+    requested = False
     try:
-        serve(host, port)
+        while all(child.poll() is None for child in children):
+            time.sleep(0.5)
+    except (KeyboardInterrupt, SystemExit):
+        requested = True
     finally:
-        worker.send_signal(signal.SIGTERM)
-        try:
-            worker.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            worker.kill()
+        for child in children:
+            if child.poll() is None:
+                child.terminate()
+        for child in children:
+            try:
+                child.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                child.kill()
+    # A stop that was asked for is a success; otherwise report the child that ended first.
+    return 0 if requested else next(child.returncode for child in children if child.returncode is not None) or 1
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -62,7 +81,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.command == "serve":
         serve(args.host, args.port)
     elif args.command == "up":
-        up(args.host, args.port)
+        sys.exit(up(args.host, args.port))
     elif args.command == "worker":
         migrate()
         argv = worker_argv(args.celery_args)

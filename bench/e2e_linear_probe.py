@@ -1,11 +1,14 @@
 """Seconds from upload to a served model, and the validation accuracy, for a `linear_probe` of
 mobilenetv2_100 on hymenoptera, through the real service: `visiontune up` (API + Celery worker on
-the embedded broker, or on Redis with --broker redis://...), real HTTP, real weights.
+the embedded broker, or on Redis with --broker redis://...), real HTTP, real weights, default
+settings ("strategy": "auto" picks the linear probe for this dataset).
 
     python bench/e2e_linear_probe.py [--broker URL] [--backbone mobilenetv2_100]
 
-Prints one block of figures. Start-up of the processes is not counted; the clock starts when the
-upload starts and stops when the first prediction from the new model comes back.
+Prints one block of figures, and beside them the hand-written frozen-backbone baseline (the
+PyTorch transfer-learning tutorial recipe with timm, bench/handwritten.py) timed in the same run.
+Start-up of the processes is not counted; the clock starts when the upload starts and stops when
+the first prediction from the new model comes back.
 """
 
 import argparse
@@ -19,9 +22,11 @@ from pathlib import Path
 
 import httpx
 
-REPO = Path(__file__).resolve().parents[1]
-SHARED = REPO.parent / "shared"
-DATASET = SHARED / "datasets" / "hymenoptera"
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bench.handwritten import HYMENOPTERA, SHARED, WEIGHTS, frozen_tutorial  # noqa: E402
+
+DATASET = HYMENOPTERA
 
 
 def free_port() -> int:
@@ -72,9 +77,7 @@ def main() -> None:
             with archive.open("rb") as file:
                 dataset = http.post("/v1/datasets", files={"file": (archive.name, file)}).raise_for_status().json()
             uploaded = time.perf_counter()
-            job = http.post(
-                "/v1/jobs", json={"dataset_id": dataset["id"], "backbone": args.backbone, "strategy": "linear_probe"}
-            ).raise_for_status().json()
+            job = http.post("/v1/jobs", json={"dataset_id": dataset["id"], "backbone": args.backbone}).raise_for_status().json()
             while job["status"] in ("queued", "running"):
                 time.sleep(0.2)
                 job = http.get(f"/v1/jobs/{job['id']}").json()
@@ -90,7 +93,9 @@ def main() -> None:
             service.wait(timeout=60)
             log.close()
 
-    print(f"backbone                     {args.backbone} (linear_probe, defaults: {job['hyperparameters']['epochs']} epochs)")
+    baseline = frozen_tutorial(args.backbone) if args.backbone in WEIGHTS else None
+
+    print(f"backbone                     {args.backbone} ({job['strategy']}, defaults: {job['hyperparameters']['epochs']} epochs)")
     print(f"broker                       {args.broker or 'embedded sqla+sqlite'}")
     print(f"dataset                      hymenoptera: {dataset['num_images']} images, {len(dataset['classes'])} classes")
     print(f"upload + ingest              {uploaded - started:6.1f} s")
@@ -99,6 +104,10 @@ def main() -> None:
     print(f"upload -> served model       {served - started:6.1f} s")
     print(f"val accuracy                 {job['metrics']['val_accuracy']:.4f} (best epoch of {job['hyperparameters']['epochs']})")
     print(f"cpu threads                  {os.cpu_count()}")
+    if baseline:
+        print(f"hand-written frozen baseline {baseline['seconds']:6.1f} s, val accuracy {baseline['val_accuracy']:.4f} "
+              f"({baseline['epochs']} epochs, same machine, same run)")  # fmt: skip
+        print(f"speed-up                     {baseline['seconds'] / (served - started):6.1f}x")
 
 
 if __name__ == "__main__":

@@ -199,7 +199,7 @@ def _train(job_id: str, me: str, settings: Settings, loader_context) -> None:
             {"train_images": len(train_samples), "val_images": len(val_samples), "val_split": "dataset" if has_val_split else "stratified"},
         )
     device = pick_device()
-    hp = resolve_for_device(Hyperparameters(**hp), device.type)
+    hp = resolve_for_device(Hyperparameters(**hp), strategy, device.type)
     with session_scope() as session:  # the job records exactly what runs, device choices included
         session.execute(update(Job).where(Job.id == job_id).values(hyperparameters=hp.model_dump()))
     model = build_model(

@@ -42,7 +42,23 @@ def embedded_service(tmp_path_factory):
     wait_until(ready, 90, "visiontune up", processes=[process])
     yield url, http, root, process
     http.close()
+    assert processes_using(root), "the API and worker processes should be running until stopped"
     process.stop()
+    assert process.popen.returncode == 0
+    wait_until(lambda: not processes_using(root), 60, "`visiontune up` to stop its API and worker")
+
+
+def processes_using(root: Path) -> list[int]:
+    """Processes whose environment names this test's data directory (Linux /proc)."""
+    marker = f"VISIONTUNE_DATA_DIR={root / 'var'}".encode()
+    found = []
+    for environ in Path("/proc").glob("[0-9]*/environ"):
+        try:
+            if marker in environ.read_bytes().split(b"\0"):
+                found.append(int(environ.parent.name))
+        except OSError:  # gone, or not ours to read
+            continue
+    return found
 
 
 def test_quickstart_as_written_on_embedded_broker(embedded_service):

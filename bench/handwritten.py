@@ -1,0 +1,107 @@
+"""Hand-written timm training loops: the baselines the engine is measured against, in the same run.
+
+These follow the PyTorch "Transfer Learning for Computer Vision" tutorial recipe, written by hand
+with timm: an ImageFolder-style dataset read from disk every epoch, timm's transforms, a plain
+fp32 loop. They are deliberately what a user would write without VisionTune.
+"""
+
+import os
+import time
+from pathlib import Path
+
+import timm
+import torch
+from PIL import Image
+from timm.data import create_transform, resolve_model_data_config
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED = REPO.parent / "shared"
+HYMENOPTERA = SHARED / "datasets" / "hymenoptera"
+WEIGHTS = {
+    "mobilenetv2_100": SHARED / "weights" / "mobilenetv2_100.tv_in1k.safetensors",
+    "tf_efficientnet_lite0": SHARED / "weights" / "tf_efficientnet_lite0.in1k.safetensors",
+}
+CLASSES = ["ants", "bees"]
+
+
+def samples(split: str) -> list[tuple[Path, int]]:
+    return [(p, label) for label, name in enumerate(CLASSES) for p in sorted((HYMENOPTERA / split / name).iterdir())]
+
+
+class Folder(torch.utils.data.Dataset):
+    def __init__(self, items, transform):
+        self.items, self.transform = items, transform
+
+    def __len__(self):
+        return len(self.items)
+
+    def __getitem__(self, index):
+        path, label = self.items[index]
+        with Image.open(path) as image:
+            return self.transform(image.convert("RGB")), label
+
+
+def pretrained(arch: str, num_classes: int = 2) -> torch.nn.Module:
+    model = timm.create_model(arch, pretrained=True, num_classes=num_classes, pretrained_cfg_overlay={"file": str(WEIGHTS[arch])})
+    # The tutorial's new head: `nn.Linear(num_ftrs, 2)`, i.e. PyTorch's default Linear init.
+    model.get_classifier().reset_parameters()
+    return model
+
+
+def evaluate(model, loader) -> float:
+    model.eval()
+    right = total = 0
+    with torch.no_grad():
+        for images, labels in loader:
+            right += (model(images).argmax(1) == labels).sum().item()
+            total += len(labels)
+    return right / total
+
+
+def frozen_tutorial(arch: str = "mobilenetv2_100", epochs: int = 5, workers: int = 2) -> dict:
+    """The tutorial's "ConvNet as fixed feature extractor": backbone frozen, head trained with
+    augmentation for `epochs`, SGD(lr=0.001, momentum=0.9), StepLR(7, 0.1), batch size 4."""
+    torch.manual_seed(0)
+    torch.set_num_threads(os.cpu_count() or 1)
+    started = time.perf_counter()
+    model = pretrained(arch)
+    for name, parameter in model.named_parameters():
+        parameter.requires_grad = name.startswith("classifier")
+    config = resolve_model_data_config(model)
+    train = torch.utils.data.DataLoader(Folder(samples("train"), create_transform(**config, is_training=True)),
+                                        batch_size=4, shuffle=True, num_workers=workers)  # fmt: skip
+    val = torch.utils.data.DataLoader(Folder(samples("val"), create_transform(**config)), batch_size=4, num_workers=workers)
+    optimizer = torch.optim.SGD(model.get_classifier().parameters(), lr=0.001, momentum=0.9)
+    scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=7, gamma=0.1)
+    best = 0.0
+    for _ in range(epochs):
+        model.train()
+        for images, labels in train:
+            optimizer.zero_grad()
+            torch.nn.functional.cross_entropy(model(images), labels).backward()
+            optimizer.step()
+        scheduler.step()
+        best = max(best, evaluate(model, val))
+    return {"seconds": time.perf_counter() - started, "val_accuracy": best, "epochs": epochs}
+
+
+def full_loop_throughput(arch: str, batch_size: int, epochs: int, workers: int) -> float:
+    """Images/s of a plain fp32 full fine-tuning loop (training steps only, data loading included)."""
+    torch.manual_seed(0)
+    torch.set_num_threads(os.cpu_count() or 1)
+    model = pretrained(arch)
+    config = resolve_model_data_config(model)
+    loader = torch.utils.data.DataLoader(Folder(samples("train"), create_transform(**config, is_training=True)),
+                                         batch_size=batch_size, shuffle=True, num_workers=workers)  # fmt: skip
+    optimizer = timm.optim.create_optimizer_v2(model, opt="adamw", lr=2e-4, weight_decay=0.01)
+    rates = []
+    for _ in range(epochs):
+        model.train()
+        started, seen = time.perf_counter(), 0
+        for images, labels in loader:
+            optimizer.zero_grad()
+            torch.nn.functional.cross_entropy(model(images), labels, label_smoothing=0.1).backward()
+            optimizer.step()
+            seen += len(labels)
+        rates.append(seen / (time.perf_counter() - started))
+    return rates[-1]  # the last epoch: warm caches and allocator, like the engine's figure
