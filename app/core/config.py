@@ -30,9 +30,12 @@ class Settings(BaseSettings):
     max_image_pixels: int = 64_000_000
     min_images_per_class: int = 5
 
-    # Prediction limits.
+    # Prediction.
     max_predict_files: int = 64
-    model_cache_size: int = 4
+    max_predict_bytes: int = 64 * 1024**2
+    model_cache_bytes: int = Field(2 * 1024**3, description="Weights kept loaded per API process (LRU beyond).")
+    max_batch_size: int = Field(16, description="Micro-batching: most images in one forward pass; 1 turns it off.")
+    max_wait_ms: float = Field(5.0, description="Micro-batching: longest wait for more images to batch.")
 
     # A running job whose worker has not reported for this long is taken over when its
     # message is delivered again (the worker died).

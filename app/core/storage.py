@@ -11,7 +11,7 @@ from typing import BinaryIO
 
 from fastapi import Request
 from fastapi.concurrency import run_in_threadpool
-from starlette.datastructures import UploadFile
+from starlette.datastructures import FormData, UploadFile
 from starlette.formparsers import MultiPartException, MultiPartParser
 
 from app.core.errors import AppError, Invalid, TooLarge, UnsupportedMedia
@@ -28,30 +28,34 @@ class ReceivedFile:
     fields: dict[str, str]
 
 
-async def receive_file(request: Request, field: str, max_bytes: int, directory: Path) -> ReceivedFile:
-    """Parse a multipart body holding one file in `field` and write that file to `directory`.
-
-    FastAPI's `UploadFile` parameters would parse the whole body before any limit applies, so the
-    body is parsed here with Starlette's own parser over a stream that stops at `max_bytes`.
-    """
-    if not request.headers.get("content-type", "").startswith("multipart/form-data"):
-        raise UnsupportedMedia("Expected a multipart/form-data body.", code="expected_multipart")
+async def capped_body(request: Request, max_bytes: int) -> AsyncIterator[bytes]:
+    """The request body, refused with 413 as soon as it passes `max_bytes` (declared or streamed)."""
     declared = request.headers.get("content-length")
     if declared and declared.isdigit() and int(declared) > max_bytes:
-        raise TooLarge(f"The upload is {int(declared)} bytes; the limit is {max_bytes}.", code="upload_too_large")
+        raise TooLarge(f"The request body is {int(declared)} bytes; the limit is {max_bytes}.", code="body_too_large")
+    received = 0
+    async for chunk in request.stream():
+        received += len(chunk)
+        if received > max_bytes:
+            raise TooLarge(f"The request body exceeds the limit of {max_bytes} bytes.", code="body_too_large")
+        yield chunk
 
-    async def capped() -> AsyncIterator[bytes]:
-        received = 0
-        async for chunk in request.stream():
-            received += len(chunk)
-            if received > max_bytes:
-                raise TooLarge(f"The upload exceeds the limit of {max_bytes} bytes.", code="upload_too_large")
-            yield chunk
 
+async def parse_multipart(request: Request, max_bytes: int, max_files: int) -> FormData:
+    """FastAPI's `UploadFile` parameters would parse the whole body before any limit applies, so
+    bodies are parsed here with Starlette's own parser over a stream that stops at `max_bytes`."""
+    if not request.headers.get("content-type", "").startswith("multipart/form-data"):
+        raise UnsupportedMedia("Expected a multipart/form-data body.", code="expected_multipart")
     try:
-        form = await MultiPartParser(request.headers, capped(), max_files=1, max_fields=10).parse()
+        return await MultiPartParser(request.headers, capped_body(request, max_bytes), max_files=max_files,
+                                     max_fields=10).parse()  # fmt: skip
     except MultiPartException as exc:
-        raise AppError(f"Malformed multipart body: {exc}", code="malformed_multipart") from exc
+        raise AppError(f"Malformed or oversized multipart body: {exc}", code="malformed_multipart") from exc
+
+
+async def receive_file(request: Request, field: str, max_bytes: int, directory: Path) -> ReceivedFile:
+    """Parse a multipart body holding one file in `field` and write that file to `directory`."""
+    form = await parse_multipart(request, max_bytes, max_files=1)
     upload = form.get(field)
     try:
         if not isinstance(upload, UploadFile):

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
 
+import torch
 from sqlalchemy import update
 from sqlalchemy.exc import IntegrityError
 
@@ -202,6 +203,8 @@ def _train(job_id: str, me: str, settings: Settings, loader_context) -> None:
     hp = resolve_for_device(Hyperparameters(**hp), strategy, device.type)
     with session_scope() as session:  # the job records exactly what runs, device choices included
         session.execute(update(Job).where(Job.id == job_id).values(hyperparameters=hp.model_dump()))
+        threads = torch.get_num_threads()
+        add_event(session, job_id, "device", f"training on {device} with {threads} threads", {"device": str(device), "threads": threads})
     model = build_model(
         architecture, len(class_names), weights_file=weights_file, drop_path_rate=hp.drop_path_rate, img_size=hp.img_size
     )

@@ -1,19 +1,24 @@
+import time
 from typing import Annotated
 
-from fastapi import APIRouter, Depends, File, Query, Request, UploadFile, status
+import torch
+from fastapi import APIRouter, Depends, Query, Request, Response, status
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import FileResponse
 from sqlalchemy.orm import Session
+from pydantic import ValidationError
 from starlette.background import BackgroundTask
+from starlette.datastructures import UploadFile
 
 from app.core.config import get_settings
 from app.core.db import get_session
 from app.core.errors import Invalid
-from app.core.storage import remove_quietly
+from app.core.storage import capped_body, parse_multipart, remove_quietly
 from app.db.tables import Model
 from app.models import service
-from app.models.schemas import ModelList, ModelOut, PredictionResponse
+from app.models.schemas import EmbeddingResponse, ImagesBody, ModelList, ModelOut, PredictionResponse
 from app.serving import predictor
+from app.serving.predictor import LoadedModel
 
 router = APIRouter(prefix="/v1/models", tags=["models"])
 SessionDep = Annotated[Session, Depends(get_session)]
@@ -50,30 +55,98 @@ def delete_model(model: ModelDep, session: SessionDep, request: Request) -> None
     request.app.state.model_cache.evict(model.id)
 
 
-@router.post("/{model_id}/predict", response_model=PredictionResponse)
+IMAGES_BODY = {
+    "requestBody": {
+        "required": True,
+        "content": {
+            "multipart/form-data": {
+                "schema": {
+                    "type": "object",
+                    "required": ["files"],
+                    "properties": {"files": {"type": "array", "items": {"type": "string", "format": "binary"}}},
+                }
+            },
+            "application/json": {"schema": ImagesBody.model_json_schema()},
+        },
+    }
+}
+
+
+async def read_images(request: Request) -> list[tuple[str, bytes]]:
+    """Images from a multipart body (field `files`, one or more) or JSON (base64), within limits."""
+    settings = get_settings()
+    if request.headers.get("content-type", "").startswith("application/json"):
+        body = b"".join([chunk async for chunk in capped_body(request, settings.max_predict_bytes)])
+        try:
+            images = [(image.filename, image.data) for image in ImagesBody.model_validate_json(body).images]
+        except ValidationError as exc:
+            first = exc.errors()[0]
+            where = ".".join(str(p) for p in first["loc"])
+            raise Invalid(f"Invalid JSON body at {where}: {first['msg']}", code="validation_error") from exc
+    else:
+        form = await parse_multipart(request, settings.max_predict_bytes, settings.max_predict_files)
+        try:
+            uploads = [item for key, item in form.multi_items() if key == "files" and isinstance(item, UploadFile)]
+            images = [(upload.filename or f"file{i}", await upload.read()) for i, upload in enumerate(uploads)]
+        finally:
+            await form.close()
+        if not images:
+            raise Invalid("Send one or more images in the multipart field 'files'.", code="missing_file")
+    if len(images) > settings.max_predict_files:
+        raise Invalid(f"{len(images)} images sent; at most {settings.max_predict_files} per request.", code="too_many_files")
+    return images
+
+
+async def _prepare(request: Request, model: Model) -> tuple[list[tuple[str, bytes]], LoadedModel, torch.Tensor]:
+    settings = get_settings()
+    images = await read_images(request)
+    loaded = await run_in_threadpool(request.app.state.model_cache.get, model.id, service.artifact_dir(settings, model))
+    batch = await run_in_threadpool(predictor.preprocess, loaded, images, settings.max_image_pixels)
+    return images, loaded, batch
+
+
+def _timed(response: Response, started: float) -> None:
+    milliseconds = (time.perf_counter() - started) * 1000
+    response.headers["Server-Timing"] = f"inference;dur={milliseconds:.1f}"
+
+
+@router.post("/{model_id}/predict", response_model=PredictionResponse, openapi_extra=IMAGES_BODY)
 async def predict(
     model: ModelDep,
     request: Request,
-    files: Annotated[list[UploadFile], File(description="One or more images.")],
+    response: Response,
     top_k: Annotated[int | None, Query(ge=1, description="Default: min(5, number of classes).")] = None,
+    threshold: Annotated[
+        float | None, Query(ge=0, le=1, description="Answer null for an image whose top probability is below this.")
+    ] = None,
 ) -> PredictionResponse:
-    settings = get_settings()
-    if len(files) > settings.max_predict_files:
-        raise Invalid(f"{len(files)} files sent; at most {settings.max_predict_files} per request.", code="too_many_files")
+    started = time.perf_counter()
     num_classes = len(model.classes)
     top_k = top_k or min(5, num_classes)
     if top_k > num_classes:
         raise Invalid(f"top_k={top_k} but the model has {num_classes} classes.", code="top_k_too_large")
-    payloads = [(upload.filename or f"file{i}", await upload.read()) for i, upload in enumerate(files)]
-    images = await run_in_threadpool(
-        lambda: [predictor.decode_image(name, data, settings.max_image_pixels) for name, data in payloads]
-    )
-    loaded = await run_in_threadpool(request.app.state.model_cache.get, model.id, service.artifact_dir(settings, model))
-    results = await run_in_threadpool(predictor.predict, loaded, images, top_k)
+    images, loaded, batch = await _prepare(request, model)
+    results, batch_size = await predictor.predict(loaded, batch, top_k, threshold)
+    _timed(response, started)
+    response.headers["X-Batch-Size"] = str(batch_size)
     return PredictionResponse(
         model_id=model.id,
         predictions=[
-            {"filename": name, "labels": [{"label": label, "score": score} for label, score in labels]}
-            for (name, _), labels in zip(payloads, results, strict=True)
+            {"filename": name, "labels": None if labels is None else [{"label": l, "score": s} for l, s in labels]}
+            for (name, _), labels in zip(images, results, strict=True)
         ],
+    )
+
+
+@router.post("/{model_id}/embed", response_model=EmbeddingResponse, openapi_extra=IMAGES_BODY)
+async def embed(model: ModelDep, request: Request, response: Response) -> EmbeddingResponse:
+    """The pooled features (the classifier's input) of each image."""
+    started = time.perf_counter()
+    images, loaded, batch = await _prepare(request, model)
+    vectors = await predictor.embed(loaded, batch)
+    _timed(response, started)
+    return EmbeddingResponse(
+        model_id=model.id,
+        dimensions=vectors.shape[1],
+        embeddings=[{"filename": name, "embedding": v} for (name, _), v in zip(images, vectors.tolist(), strict=True)],
     )

@@ -1,7 +1,7 @@
 from datetime import datetime
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict
+from pydantic import Base64Bytes, BaseModel, ConfigDict, Field
 
 
 class ModelOut(BaseModel):
@@ -22,6 +22,19 @@ class ModelList(BaseModel):
     data: list[ModelOut]
 
 
+class Base64Image(BaseModel):
+    filename: str = Field("image", max_length=255)
+    data: Base64Bytes = Field(description="The image file's bytes, base64-encoded.")
+
+
+class ImagesBody(BaseModel):
+    """The JSON alternative to a multipart upload of `files`."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    images: list[Base64Image] = Field(min_length=1)
+
+
 class LabelScore(BaseModel):
     label: str
     score: float
@@ -29,7 +42,7 @@ class LabelScore(BaseModel):
 
 class ImagePrediction(BaseModel):
     filename: str
-    labels: list[LabelScore]
+    labels: list[LabelScore] | None = Field(description="Null when the top score is under `threshold` (abstain).")
 
 
 class PredictionResponse(BaseModel):
@@ -37,3 +50,16 @@ class PredictionResponse(BaseModel):
 
     model_id: str
     predictions: list[ImagePrediction]
+
+
+class ImageEmbedding(BaseModel):
+    filename: str
+    embedding: list[float]
+
+
+class EmbeddingResponse(BaseModel):
+    model_config = ConfigDict(protected_namespaces=())
+
+    model_id: str
+    dimensions: int
+    embeddings: list[ImageEmbedding]

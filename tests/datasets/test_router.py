@@ -112,7 +112,7 @@ def small_cap(settings_env, monkeypatch):
 def test_upload_over_the_size_cap_is_refused(small_cap, client, settings_env):
     response = post(client, zip_bytes(two_classes(20)))
     assert response.status_code == 413, response.text
-    assert response.json()["error"]["code"] == "upload_too_large"
+    assert response.json()["error"]["code"] == "body_too_large"
     assert_nothing_stored(client, settings_env)
 
 

@@ -203,3 +203,54 @@ def test_backbone_sweep_ranks_backbones_and_promotes_a_row(stack, small_dataset)
     assert job["backbone"] == ranked[0]["backbone"] and job["strategy"] == "full"
     assert job["dataset_id"] == small_dataset["id"]
     stack.http.post(f"/v1/jobs/{job['id']}/cancel")
+
+
+def test_batched_results_equal_one_by_one_and_json_equals_multipart(stack, probe):
+    import asyncio
+    import base64
+
+    import httpx
+
+    url = f"/v1/models/{probe['model_id']}/predict"
+    images = val_images(6)
+
+    def scores(body):
+        return {l["label"]: l["score"] for l in body["predictions"][0]["labels"]}
+
+    one_by_one = [stack.http.post(url, files={"files": (p.name, p.read_bytes())}) for p, _ in images]
+    assert all(r.headers["X-Batch-Size"] == "1" and r.headers["Server-Timing"].startswith("inference;dur=") for r in one_by_one)
+
+    async def concurrently():
+        async with httpx.AsyncClient(base_url=stack.url, timeout=60) as client:
+            return await asyncio.gather(*(client.post(url, files={"files": (p.name, p.read_bytes())}) for p, _ in images * 3))
+
+    together = asyncio.run(concurrently())
+    assert all(r.status_code == 200 for r in together)
+    assert max(int(r.headers["X-Batch-Size"]) for r in together) > 1  # forward passes were shared
+    for alone, batched in zip(one_by_one * 3, together):
+        for label, score in scores(alone.json()).items():
+            assert scores(batched.json())[label] == pytest.approx(score, abs=1e-5)
+
+    body = {"images": [{"filename": p.name, "data": base64.b64encode(p.read_bytes()).decode()} for p, _ in images]}
+    as_json = stack.http.post(url, json=body)
+    assert as_json.status_code == 200, as_json.text
+    for alone, prediction in zip(one_by_one, as_json.json()["predictions"]):
+        assert prediction["labels"][0]["label"] == alone.json()["predictions"][0]["labels"][0]["label"]
+    not_an_image = stack.http.post(url, json={"images": [{"filename": "x.jpg", "data": "bm90IGFuIGltYWdl"}]})
+    assert not_an_image.status_code == 415 and "x.jpg" in not_an_image.json()["error"]["message"]
+    no_images = stack.http.post(url, json={"images": []})
+    assert no_images.status_code == 422 and "images" in no_images.json()["error"]["message"]
+
+
+def test_threshold_abstains_and_embed_returns_pooled_features(stack, probe):
+    url = f"/v1/models/{probe['model_id']}"
+    files = [("files", (p.name, p.read_bytes())) for p, _ in val_images(5)]
+    predictions = stack.http.post(f"{url}/predict", params={"threshold": 1.0}, files=files).json()["predictions"]
+    assert all(p["labels"] is None for p in predictions)  # no calibrated score reaches 1.0
+    kept = stack.http.post(f"{url}/predict", params={"threshold": 0.0}, files=files).json()["predictions"]
+    assert all(p["labels"] for p in kept)
+    embedded = stack.http.post(f"{url}/embed", files=files)
+    assert embedded.status_code == 200, embedded.text
+    body = embedded.json()
+    assert body["dimensions"] == 1280 and len(body["embeddings"]) == len(files)
+    assert all(len(e["embedding"]) == 1280 for e in body["embeddings"])

@@ -1,0 +1,74 @@
+"""The micro-batcher and the model cache, in-process."""
+
+import asyncio
+
+import torch
+
+from app.ml.backbone import build_model
+from app.ml.export import save_artifact
+from app.serving.batcher import MicroBatcher
+from app.serving.predictor import ModelCache
+from tests.conftest import MOBILENET_WEIGHTS
+
+
+def test_concurrent_requests_share_forward_passes_and_get_their_own_rows():
+    calls = []
+
+    def double(batch: torch.Tensor) -> torch.Tensor:
+        calls.append(len(batch))
+        return batch * 2
+
+    async def scenario():
+        batcher = MicroBatcher(double, max_batch_size=8, max_wait_ms=50)
+        inputs = [torch.full((2, 3), float(i)) for i in range(10)]  # 10 requests of 2 rows each
+        results = await asyncio.gather(*(batcher.submit(x) for x in inputs))
+        batcher.close()
+        return inputs, results
+
+    inputs, results = asyncio.run(scenario())
+    for x, (rows, batch_size) in zip(inputs, results):
+        assert torch.equal(rows, x * 2)
+        assert 2 <= batch_size <= 8
+    assert sum(calls) == 20 and max(calls) == 8 and len(calls) < 10
+
+
+def test_batching_off_runs_each_request_alone():
+    async def scenario():
+        batcher = MicroBatcher(lambda b: b + 1, max_batch_size=1, max_wait_ms=50)
+        return await asyncio.gather(*(batcher.submit(torch.zeros(1, 2)) for _ in range(3)))
+
+    assert all(size == 1 and torch.equal(rows, torch.ones(1, 2)) for rows, size in asyncio.run(scenario()))
+
+
+def test_a_failing_batch_fails_its_requests_and_the_batcher_goes_on():
+    def explode_on_negative(batch):
+        if (batch < 0).any():
+            raise ValueError("bad batch")
+        return batch
+
+    async def scenario():
+        batcher = MicroBatcher(explode_on_negative, max_batch_size=4, max_wait_ms=1)
+        bad = await asyncio.gather(batcher.submit(-torch.ones(1, 1)), return_exceptions=True)
+        await asyncio.sleep(0.01)
+        good = await batcher.submit(torch.ones(1, 1))
+        batcher.close()
+        return bad, good
+
+    bad, (rows, _) = asyncio.run(scenario())
+    assert isinstance(bad[0], ValueError) and torch.equal(rows, torch.ones(1, 1))
+
+
+def test_cache_evicts_least_recently_used_models_past_its_byte_budget(tmp_path):
+    directories = []
+    for i in range(3):  # real mobilenetv2 artifacts; their heads differ but the point is their size
+        model = build_model("mobilenetv2_100", 2, weights_file=MOBILENET_WEIGHTS)
+        directory = tmp_path / f"m{i}"
+        save_artifact(model, directory, ["a", "b"], {}, temperature=1.0)
+        directories.append(directory)
+    one = ModelCache(max_bytes=10**12, max_batch_size=1, max_wait_ms=0).get("m0", directories[0]).nbytes
+    cache = ModelCache(max_bytes=int(2.5 * one), max_batch_size=1, max_wait_ms=0)
+    first = cache.get("m0", directories[0])
+    cache.get("m1", directories[1])
+    assert cache.get("m0", directories[0]) is first  # still cached, and now most recently used
+    cache.get("m2", directories[2])  # over budget: the least recently used (m1) goes
+    assert list(cache._models) == ["m0", "m2"] and cache.nbytes <= 2.5 * one
