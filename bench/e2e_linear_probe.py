@@ -13,28 +13,16 @@ the first prediction from the new model comes back.
 
 import argparse
 import os
-import subprocess
 import sys
 import tempfile
 import time
-import zipfile
 from pathlib import Path
 
-import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.handwritten import HYMENOPTERA, SHARED, WEIGHTS, frozen_tutorial  # noqa: E402
-
-DATASET = HYMENOPTERA
-
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+from bench.handwritten import HYMENOPTERA, WEIGHTS, frozen_tutorial  # noqa: E402
+from bench.running import running, wait_for_job, zip_hymenoptera  # noqa: E402
 
 
 def main() -> None:
@@ -43,55 +31,21 @@ def main() -> None:
     parser.add_argument("--backbone", default="mobilenetv2_100")
     args = parser.parse_args()
 
+    settings = {"broker_url": args.broker} if args.broker else {}
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
-        archive = root / "hymenoptera.zip"
-        with zipfile.ZipFile(archive, "w") as out:
-            for path in sorted(DATASET.rglob("*")):
-                if path.is_file():
-                    out.write(path, arcname=f"hymenoptera/{path.relative_to(DATASET)}")
-
-        port = free_port()
-        env = {**os.environ, "VISIONTUNE_DATA_DIR": str(root / "var"), "VISIONTUNE_WEIGHTS_DIR": str(SHARED / "weights")}
-        if args.broker:
-            env["VISIONTUNE_BROKER_URL"] = args.broker
-        log = (root / "service.log").open("wb")
-        service = subprocess.Popen(
-            [sys.executable, "-m", "app.cli", "up", "--port", str(port)], env=env, stdout=log, stderr=subprocess.STDOUT
-        )
-        http = httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=600)
-        try:
-            deadline = time.monotonic() + 120
-            while True:
-                try:
-                    if http.get("/readyz").status_code == 200:
-                        break
-                except httpx.TransportError:
-                    pass
-                if time.monotonic() > deadline or service.poll() is not None:
-                    sys.exit("service did not start:\n" + (root / "service.log").read_text())
-                time.sleep(0.5)
-            time.sleep(3)  # let the worker finish connecting
-
+        archive = zip_hymenoptera(root / "hymenoptera.zip")
+        with running("up", root / "var", **settings) as (_, http):
             started = time.perf_counter()
             with archive.open("rb") as file:
                 dataset = http.post("/v1/datasets", files={"file": (archive.name, file)}).raise_for_status().json()
             uploaded = time.perf_counter()
             job = http.post("/v1/jobs", json={"dataset_id": dataset["id"], "backbone": args.backbone}).raise_for_status().json()
-            while job["status"] in ("queued", "running"):
-                time.sleep(0.2)
-                job = http.get(f"/v1/jobs/{job['id']}").json()
-            if job["status"] != "succeeded":
-                sys.exit(f"job {job['status']}: {job['error']}")
+            job = wait_for_job(http, job)
             trained = time.perf_counter()
-            image = next((DATASET / "val" / "bees").iterdir())
+            image = next((HYMENOPTERA / "val" / "bees").iterdir())
             http.post(f"/v1/models/{job['model_id']}/predict", files={"files": (image.name, image.read_bytes())}).raise_for_status()
             served = time.perf_counter()
-        finally:
-            http.close()
-            service.terminate()
-            service.wait(timeout=60)
-            log.close()
 
     baseline = frozen_tutorial(args.backbone) if args.backbone in WEIGHTS else None
 

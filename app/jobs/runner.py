@@ -30,7 +30,7 @@ from app.core.errors import AppError
 from app.db.tables import Dataset, Job, Model, utcnow
 from app.jobs.service import TERMINAL, add_event, fail
 from app.ml.backbone import build_model, preprocessing_of
-from app.ml.data import list_samples, stratified_split
+from app.ml.data import split_samples
 from app.ml.export import save_artifact
 from app.ml.spec import Hyperparameters, resolve_for_device
 from app.ml.train import fine_tune, pick_device
@@ -184,14 +184,9 @@ def _train(job_id: str, me: str, settings: Settings, loader_context) -> None:
         with session_scope() as session:
             add_event(session, job_id, "weights", lookup.explain(), {"source": lookup.source, "file": str(lookup.file)})
 
-    dataset_dir = settings.datasets_dir / dataset.id
-    if has_val_split:
-        train_samples = list_samples(dataset_dir / "train", class_names)
-        val_samples = list_samples(dataset_dir / "val", class_names)
-    else:
-        train_samples, val_samples = stratified_split(
-            list_samples(dataset_dir / "train", class_names), hp["val_fraction"], seed
-        )
+    train_samples, val_samples = split_samples(
+        settings.datasets_dir / dataset.id, class_names, has_val_split, hp["val_fraction"], seed
+    )
 
     with session_scope() as session:
         split = "the dataset's val/ split" if has_val_split else f"a stratified {hp['val_fraction']:.0%} hold-out"

@@ -49,6 +49,15 @@ def stratified_split(samples: list[Sample], val_fraction: float, seed: int) -> t
     return train, val
 
 
+def split_samples(
+    dataset_dir: Path, class_names: list[str], has_val_split: bool, val_fraction: float, seed: int
+) -> tuple[list[Sample], list[Sample]]:
+    """The (train, val) samples of a job: the dataset's own val/ split, or a stratified hold-out."""
+    if has_val_split:
+        return list_samples(dataset_dir / "train", class_names), list_samples(dataset_dir / "val", class_names)
+    return stratified_split(list_samples(dataset_dir / "train", class_names), val_fraction, seed)
+
+
 def class_weights(samples: list[Sample], num_classes: int) -> torch.Tensor:
     """Inverse class frequency, scaled so that a balanced dataset gets weight 1 for every class."""
     counts = Counter(label for _, label in samples)

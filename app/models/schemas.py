@@ -1,5 +1,5 @@
 from datetime import datetime
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import Base64Bytes, BaseModel, ConfigDict, Field
 
@@ -63,3 +63,20 @@ class EmbeddingResponse(BaseModel):
     model_id: str
     dimensions: int
     embeddings: list[ImageEmbedding]
+
+
+class ExportCreate(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    format: Literal["onnx"] = "onnx"
+
+
+class ExportOut(BaseModel):
+    model_config = ConfigDict(protected_namespaces=())
+
+    model_id: str
+    format: Literal["onnx"]
+    size_bytes: int
+    parity: dict[str, Any] = Field(
+        description="On the model's validation images: images, max_abs_prob_diff, top1_agreement, passed, opset."
+    )

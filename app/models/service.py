@@ -1,5 +1,6 @@
 """The registry of trained models: rows in the database, artifacts under data_dir/models/<id>."""
 
+import json
 import os
 import tempfile
 import zipfile
@@ -9,9 +10,11 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from app.core.config import Settings
-from app.core.errors import NotFound
+from app.core.errors import Conflict, Invalid, NotFound
 from app.core.storage import remove_quietly
-from app.db.tables import Model
+from app.db.tables import Dataset, Job, Model
+from app.ml import onnx_export
+from app.ml.data import split_samples
 
 
 def get_model(session: Session, model_id: str) -> Model:
@@ -42,7 +45,35 @@ def zip_artifact(settings: Settings, model: Model) -> Path:
 
 
 def delete_model(session: Session, settings: Settings, model: Model) -> None:
-    directory = artifact_dir(settings, model)
     session.delete(model)
     session.commit()
-    remove_quietly(directory)
+    remove_quietly(artifact_dir(settings, model))
+    remove_quietly(exports_dir(settings, model))
+
+
+def exports_dir(settings: Settings, model: Model) -> Path:
+    return settings.data_dir / "exports" / model.id
+
+
+def export_onnx(session: Session, settings: Settings, model: Model) -> dict:
+    """Export to ONNX and check parity on the model's own validation images; refuse on mismatch."""
+    job = session.get(Job, model.job_id)
+    dataset = session.get(Dataset, model.dataset_id)
+    if dataset is None:
+        raise Conflict("The model's dataset was deleted: its validation images are needed for the parity check.",
+                       code="dataset_missing")  # fmt: skip
+    _, val = split_samples(settings.datasets_dir / dataset.id, model.classes, dataset.has_val_split,
+                           job.hyperparameters["val_fraction"], job.seed)  # fmt: skip
+    directory = exports_dir(settings, model)
+    directory.mkdir(parents=True, exist_ok=True)
+    report = onnx_export.export_onnx(artifact_dir(settings, model), directory / "model.onnx", [p for p, _ in val])
+    if not report.passed:
+        raise Invalid(
+            f"ONNX export refused: top-1 agreement {report.top1_agreement:.4f} (needs 1.0), max probability "
+            f"difference {report.max_abs_prob_diff:.2e} (needs <= 1e-4) on {report.images} validation images.",
+            code="parity_failed",
+            details=[report.as_dict()],
+        )
+    (directory / "parity.json").write_text(json.dumps(report.as_dict()))
+    return {"model_id": model.id, "format": "onnx", "size_bytes": (directory / "model.onnx").stat().st_size,
+            "parity": report.as_dict()}  # fmt: skip

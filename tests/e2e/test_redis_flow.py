@@ -254,3 +254,24 @@ def test_threshold_abstains_and_embed_returns_pooled_features(stack, probe):
     body = embedded.json()
     assert body["dimensions"] == 1280 and len(body["embeddings"]) == len(files)
     assert all(len(e["embedding"]) == 1280 for e in body["embeddings"])
+
+
+def test_onnx_export_matches_pytorch_on_validation_images(stack, probe, tmp_path):
+    import numpy as np
+    import onnxruntime
+
+    url = f"/v1/models/{probe['model_id']}/exports"
+    assert stack.http.get(f"{url}/onnx").status_code == 404
+    response = stack.http.post(url, json={"format": "onnx"})
+    assert response.status_code == 201, response.text
+    parity = response.json()["parity"]
+    assert parity["passed"] and parity["images"] == 153 and parity["top1_agreement"] == 1.0
+    assert parity["max_abs_prob_diff"] <= 1e-4
+
+    onnx_file = tmp_path / "model.onnx"
+    onnx_file.write_bytes(stack.http.get(f"{url}/onnx").content)
+    session = onnxruntime.InferenceSession(str(onnx_file), providers=["CPUExecutionProvider"])
+    pixels = np.random.default_rng(0).random((2, 3, 224, 224), dtype=np.float32)
+    (probabilities,) = session.run(None, {"pixels": pixels})
+    assert probabilities.shape == (2, 2) and np.allclose(probabilities.sum(axis=1), 1, atol=1e-5)
+    assert stack.http.post(url, json={"format": "tflite"}).status_code == 422

@@ -1,0 +1,125 @@
+"""Prediction under load: 16 concurrent clients sending real hymenoptera JPEGs to a running API.
+
+    python bench/serve_load.py [--requests 2000] [--clients 16]
+
+One run prints, for a mobilenetv2_100 model trained here through the service:
+- requests/s and p50/p95/p99 latency with micro-batching on (the defaults) and off;
+- beside them, the raw model forward throughput at its best batch size and the batch-1 forward
+  time, measured in a plain script (the same artifact loaded with timm, preprocessed tensors);
+- the API's resident memory while 5 models cycle through a cache sized for 2.
+"""
+
+import argparse
+import asyncio
+import itertools
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import httpx
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from app.ml.backbone import load_artifact  # noqa: E402
+from bench.handwritten import HYMENOPTERA  # noqa: E402
+from bench.running import running, wait_for_job, zip_hymenoptera  # noqa: E402
+
+IMAGES = [p.read_bytes() for label in ("ants", "bees") for p in sorted((HYMENOPTERA / "val" / label).iterdir())]
+
+
+async def load(url: str, model_id: str, requests: int, clients: int) -> dict:
+    counter = itertools.count()
+    latencies: list[float] = []
+    failures = 0
+
+    async def client(http: httpx.AsyncClient) -> None:
+        nonlocal failures
+        while (i := next(counter)) < requests:
+            started = time.perf_counter()
+            response = await http.post(f"/v1/models/{model_id}/predict", files={"files": ("x.jpg", IMAGES[i % len(IMAGES)])})
+            latencies.append(time.perf_counter() - started)
+            failures += response.status_code != 200
+
+    async with httpx.AsyncClient(base_url=url, timeout=120) as http:
+        started = time.perf_counter()
+        await asyncio.gather(*(client(http) for _ in range(clients)))
+        elapsed = time.perf_counter() - started
+    cuts = statistics.quantiles(latencies, n=100)
+    return {"rps": requests / elapsed, "p50": cuts[49], "p95": cuts[94], "p99": cuts[98], "failures": failures}
+
+
+def raw_forward(artifact: Path) -> tuple[dict[int, float], float]:
+    """Images/s of the plain forward pass per batch size, and the batch-1 forward time in seconds."""
+    model = load_artifact(artifact).eval()
+    rates = {}
+    with torch.inference_mode():
+        for batch_size in (1, 4, 8, 16, 32):
+            x = torch.randn(batch_size, 3, 224, 224)
+            model(x)
+            repeats = max(3, 64 // batch_size)
+            started = time.perf_counter()
+            for _ in range(repeats):
+                model(x)
+            rates[batch_size] = batch_size * repeats / (time.perf_counter() - started)
+    return rates, 1 / rates[1]
+
+
+def rss_bytes(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) * 1024
+    return 0
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--requests", type=int, default=2000)
+    parser.add_argument("--clients", type=int, default=16)
+    args = parser.parse_args()
+
+    with tempfile.TemporaryDirectory() as tmp:
+        root, data_dir = Path(tmp), Path(tmp) / "var"
+        archive = zip_hymenoptera(root / "small.zip", per_class=10)
+        with running("up", data_dir) as (_, http):  # five small models to cycle through the cache
+            with archive.open("rb") as file:
+                dataset = http.post("/v1/datasets", files={"file": (archive.name, file)}).raise_for_status().json()
+            jobs = [http.post("/v1/jobs", json={"dataset_id": dataset["id"], "backbone": "mobilenetv2_100", "seed": seed})
+                    .raise_for_status().json() for seed in range(5)]  # fmt: skip
+            models = [wait_for_job(http, job)["model_id"] for job in jobs]
+
+        rates, batch1 = raw_forward(data_dir / "models" / models[0])
+        best = max(rates, key=rates.get)
+        results = {}
+        for name, settings in (("batching on (defaults)", {}), ("batching off", {"max_batch_size": "1"})):
+            with running("serve", data_dir, **settings) as (_, http):
+                http.post(f"/v1/models/{models[0]}/predict", files={"files": ("x.jpg", IMAGES[0])})  # load it
+                results[name] = asyncio.run(load(str(http.base_url), models[0], args.requests, args.clients))
+
+        model_bytes = sum(t.numel() * t.element_size() for t in load_artifact(data_dir / "models" / models[0]).state_dict().values())
+        with running("serve", data_dir, model_cache_bytes=str(int(2.5 * model_bytes))) as (service, http):
+            samples = []
+            for model_id in models[:2] * 5:
+                http.post(f"/v1/models/{model_id}/predict", files={"files": ("x.jpg", IMAGES[0])}).raise_for_status()
+            two_models = rss_bytes(service.pid)
+            for model_id in models * 10:
+                http.post(f"/v1/models/{model_id}/predict", files={"files": ("x.jpg", IMAGES[0])}).raise_for_status()
+                samples.append(rss_bytes(service.pid))
+
+    print(f"raw forward (plain script, mobilenetv2_100, {torch.get_num_threads()} threads): "
+          + ", ".join(f"batch {b}: {r:.1f} img/s" for b, r in rates.items()))  # fmt: skip
+    print(f"best raw throughput: {rates[best]:.1f} img/s at batch {best}; batch-1 forward {batch1 * 1000:.1f} ms")
+    print(f"{args.requests} requests, {args.clients} concurrent clients, one JPEG each")
+    for name, r in results.items():
+        print(f"  {name:24s} {r['rps']:6.1f} req/s ({r['rps'] / rates[best]:.2f}x raw)  p50 {r['p50'] * 1000:6.1f} ms  "
+              f"p95 {r['p95'] * 1000:6.1f} ms  p99 {r['p99'] * 1000:6.1f} ms ({r['p99'] / batch1:.1f}x batch-1 forward)  "
+              f"failed {r['failures']}")  # fmt: skip
+    print(f"model cache sized for 2 models ({2.5 * model_bytes / 2**20:.0f} MiB), 5 models cycled 10 times: "
+          f"API RSS with 2 models {two_models / 2**20:.0f} MiB, peak while cycling {max(samples) / 2**20:.0f} MiB, "
+          f"last {samples[-1] / 2**20:.0f} MiB (one model is {model_bytes / 2**20:.0f} MiB)")
+
+
+if __name__ == "__main__":
+    main()
