@@ -34,3 +34,4 @@ bench: install
 	$(VENV)/bin/python bench/e2e_linear_probe.py
 	$(VENV)/bin/python bench/full_throughput.py
 	$(VENV)/bin/python bench/accuracy_table.py
+	$(VENV)/bin/python bench/serve_load.py

@@ -78,6 +78,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--requests", type=int, default=2000)
     parser.add_argument("--clients", type=int, default=16)
+    parser.add_argument("--batch-sizes", default="default,1", help="max_batch_size values to load-test; 1 = off")
     args = parser.parse_args()
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -93,7 +94,9 @@ def main() -> None:
         rates, batch1 = raw_forward(data_dir / "models" / models[0])
         best = max(rates, key=rates.get)
         results = {}
-        for name, settings in (("batching on (defaults)", {}), ("batching off", {"max_batch_size": "1"})):
+        for value in args.batch_sizes.split(","):
+            name = "defaults (batching on)" if value == "default" else ("batching off" if value == "1" else f"max_batch_size {value}")
+            settings = {} if value == "default" else {"max_batch_size": value}
             with running("serve", data_dir, **settings) as (_, http):
                 http.post(f"/v1/models/{models[0]}/predict", files={"files": ("x.jpg", IMAGES[0])})  # load it
                 results[name] = asyncio.run(load(str(http.base_url), models[0], args.requests, args.clients))

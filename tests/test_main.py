@@ -28,7 +28,8 @@ def test_openapi_documents_every_endpoint(client):
         "/v1/datasets", "/v1/datasets/{dataset_id}", "/v1/backbones", "/v1/jobs", "/v1/jobs/{job_id}",
         "/v1/jobs/{job_id}/events", "/v1/jobs/{job_id}/cancel", "/v1/models", "/v1/models/{model_id}",
         "/v1/models/{model_id}/download", "/v1/models/{model_id}/predict", "/healthz", "/readyz",
-        "/v1/sweeps", "/v1/sweeps/{sweep_id}", "/v1/sweeps/{sweep_id}/promote",
+        "/v1/sweeps", "/v1/sweeps/{sweep_id}", "/v1/sweeps/{sweep_id}/promote", "/v1/models/{model_id}/embed",
+        "/v1/models/{model_id}/exports", "/v1/models/{model_id}/exports/onnx", "/v1/models/{name}/aliases/{alias}",
     ):
         assert path in paths, path
     assert "multipart/form-data" in paths["/v1/datasets"]["post"]["requestBody"]["content"]

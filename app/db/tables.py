@@ -62,6 +62,7 @@ class Job(Base):
     backbone: Mapped[str] = mapped_column(String(200))
     strategy: Mapped[str] = mapped_column(String(30))
     strategy_reason: Mapped[str | None] = mapped_column(Text)  # why "auto" chose it
+    model_name: Mapped[str | None] = mapped_column(String(100))  # name for the model it produces
     sweep_id: Mapped[str | None] = mapped_column(ForeignKey("sweeps.id", ondelete="SET NULL"), index=True)
     pretrained: Mapped[bool] = mapped_column()
     hyperparameters: Mapped[dict[str, Any]] = mapped_column()
@@ -93,10 +94,15 @@ class JobEvent(Base):
 
 class Model(Base):
     __tablename__ = "models"
-    # Exactly one model per succeeded job, enforced by the database.
-    __table_args__ = (UniqueConstraint("job_id", name="uq_models_job_id"),)
+    # Exactly one model per succeeded job, and one model per (name, version), enforced by the database.
+    __table_args__ = (
+        UniqueConstraint("job_id", name="uq_models_job_id"),
+        UniqueConstraint("name", "version", name="uq_models_name_version"),
+    )
 
     id: Mapped[str] = mapped_column(String(40), primary_key=True)
+    name: Mapped[str] = mapped_column(String(100), index=True)
+    version: Mapped[int] = mapped_column(Integer)
     job_id: Mapped[str] = mapped_column(ForeignKey("jobs.id", ondelete="RESTRICT"))
     dataset_id: Mapped[str] = mapped_column(String(40))
     backbone: Mapped[str] = mapped_column(String(200))
@@ -105,3 +111,14 @@ class Model(Base):
     preprocessing: Mapped[dict[str, Any]] = mapped_column()
     size_bytes: Mapped[int] = mapped_column(BigInteger)
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+class ModelAlias(Base):
+    """A movable pointer such as `production` from a model name to one of its versions."""
+
+    __tablename__ = "model_aliases"
+
+    name: Mapped[str] = mapped_column(String(100), primary_key=True)
+    alias: Mapped[str] = mapped_column(String(64), primary_key=True)
+    model_id: Mapped[str] = mapped_column(ForeignKey("models.id", ondelete="CASCADE"), index=True)
+    updated_at: Mapped[datetime] = mapped_column(default=utcnow, onupdate=utcnow)

@@ -11,6 +11,7 @@ is decided from the database alone:
 
 import logging
 import os
+import re
 import secrets
 import shutil
 import socket
@@ -20,8 +21,9 @@ from datetime import timedelta
 from typing import Any
 
 import torch
-from sqlalchemy import update
+from sqlalchemy import func, select, update
 from sqlalchemy.exc import IntegrityError
+from timm.models import split_model_name_tag
 
 from app.backbones.service import find_weights, split_backbone
 from app.core.config import Settings, get_settings
@@ -172,6 +174,7 @@ def _train(job_id: str, me: str, settings: Settings, loader_context) -> None:
         class_names = [c["name"] for c in dataset.classes]
         has_val_split = dataset.has_val_split
         backbone, strategy, pretrained, seed = job.backbone, job.strategy, job.pretrained, job.seed
+        model_name = job.model_name or default_model_name(dataset.name, split_model_name_tag(backbone)[0])
         hp = dict(job.hyperparameters)
 
     architecture, tag = split_backbone(backbone, settings)
@@ -214,13 +217,14 @@ def _train(job_id: str, me: str, settings: Settings, loader_context) -> None:
         "stopped_early": result.stopped_early,
         "history": result.history,
     }
-    _register_model(job_id, me, settings, result, class_names, metrics, architecture, dataset.id, backbone)
+    _register_model(job_id, me, settings, result, class_names, metrics, dataset.id, backbone, model_name)
     shutil.rmtree(work_dir, ignore_errors=True)
 
 
-def _register_model(job_id, me, settings, result, class_names, metrics, architecture, dataset_id, backbone) -> None:
-    """Write the artifact, then in one transaction add the model row and mark the job succeeded.
-    The unique job_id on models and the conditional update make a second model impossible."""
+def _register_model(job_id, me, settings, result, class_names, metrics, dataset_id, backbone, name) -> None:
+    """Write the artifact, then in one transaction add the model row (the next version of its name)
+    and mark the job succeeded. The unique job_id on models and the conditional update make a
+    second model impossible; the unique (name, version) makes concurrent versions retry."""
     model_id = f"model_{secrets.token_hex(12)}"
     staging = settings.staging_dir / model_id
     final = settings.models_dir / model_id
@@ -229,29 +233,48 @@ def _register_model(job_id, me, settings, result, class_names, metrics, architec
     os.replace(staging, final)
     size = sum(f.stat().st_size for f in final.iterdir())
     try:
-        with session_scope() as session:
-            done = session.execute(
-                update(Job)
-                .where(Job.id == job_id, Job.status == "running", Job.claimed_by == me)
-                .values(status="succeeded", finished_at=utcnow(), heartbeat_at=utcnow())
-            ).rowcount
-            if not done:
-                raise JobStopped("cancelled or taken over before the model was registered")
-            session.add(
-                Model(
-                    id=model_id,
-                    job_id=job_id,
-                    dataset_id=dataset_id,
-                    backbone=backbone,
-                    classes=class_names,
-                    metrics={k: v for k, v in metrics.items() if k != "history"},
-                    preprocessing=preprocessing_of(result.model),
-                    size_bytes=size,
-                )
-            )
-            add_event(
-                session, job_id, "status", f"succeeded: model {model_id}", {"model_id": model_id, "architecture": architecture}
-            )
-    except (JobStopped, IntegrityError):
+        for attempt in range(5):
+            try:
+                _insert_model(job_id, me, model_id, name, dataset_id, backbone, class_names, metrics, result, size)
+                return
+            except IntegrityError:
+                with session_scope() as session:
+                    if attempt == 4 or session.scalar(select(Model.id).where(Model.job_id == job_id)):
+                        raise
+    except BaseException:
         shutil.rmtree(final, ignore_errors=True)
         raise
+
+
+def _insert_model(job_id, me, model_id, name, dataset_id, backbone, class_names, metrics, result, size) -> None:
+    with session_scope() as session:
+        done = session.execute(
+            update(Job)
+            .where(Job.id == job_id, Job.status == "running", Job.claimed_by == me)
+            .values(status="succeeded", finished_at=utcnow(), heartbeat_at=utcnow())
+        ).rowcount
+        if not done:
+            raise JobStopped("cancelled or taken over before the model was registered")
+        version = (session.scalar(select(func.max(Model.version)).where(Model.name == name)) or 0) + 1
+        session.add(
+            Model(
+                id=model_id,
+                name=name,
+                version=version,
+                job_id=job_id,
+                dataset_id=dataset_id,
+                backbone=backbone,
+                classes=class_names,
+                metrics={k: v for k, v in metrics.items() if k != "history"},
+                preprocessing=preprocessing_of(result.model),
+                size_bytes=size,
+            )
+        )
+        add_event(session, job_id, "status", f"succeeded: model {model_id} ({name}@{version})",
+                  {"model_id": model_id, "name": name, "version": version})  # fmt: skip
+
+
+def default_model_name(dataset_name: str, architecture: str) -> str:
+    """'<dataset>-<architecture>' reduced to the characters a model name allows."""
+    name = re.sub(r"[^a-z0-9._-]+", "-", f"{dataset_name}-{architecture}".lower()).strip("-._")
+    return name[:100] or architecture

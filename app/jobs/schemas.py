@@ -5,6 +5,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from app.ml.spec import Hyperparameters, Strategy
 
+MODEL_NAME_PATTERN = r"^[a-z0-9][a-z0-9._-]{0,99}$"
 JobStatus = Literal["queued", "running", "succeeded", "failed", "cancelled"]
 
 
@@ -19,6 +20,12 @@ class JobCreate(BaseModel):
     pretrained: bool = Field(True, description="false trains from random initialisation.")
     hyperparameters: Hyperparameters = Field(default_factory=Hyperparameters)
     seed: int = Field(0, ge=0, le=2**31 - 1)
+    model_name: str | None = Field(
+        None,
+        pattern=MODEL_NAME_PATTERN,
+        description="Name of the model this job produces; models of one name get versions 1, 2, ... "
+        "Unset: '<dataset name>-<architecture>', so retraining the same backbone on the same data adds a version.",
+    )
 
 
 class Progress(BaseModel):
@@ -38,6 +45,7 @@ class JobOut(BaseModel):
     strategy: Strategy
     strategy_reason: str | None = Field(description="Why 'auto' chose this strategy; null when it was asked for.")
     pretrained: bool
+    model_name: str | None
     hyperparameters: dict[str, Any]
     seed: int
     status: JobStatus

@@ -2,7 +2,7 @@ import time
 from typing import Annotated
 
 import torch
-from fastapi import APIRouter, Depends, Query, Request, Response, status
+from fastapi import APIRouter, Depends, Path, Query, Request, Response, status
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import FileResponse
 from sqlalchemy.orm import Session
@@ -11,12 +11,14 @@ from starlette.background import BackgroundTask
 from starlette.datastructures import UploadFile
 
 from app.core.config import get_settings
-from app.core.db import get_session
+from app.core.db import get_session, new_session
 from app.core.errors import Invalid, NotFound
 from app.core.storage import capped_body, parse_multipart, remove_quietly
 from app.db.tables import Model
 from app.models import service
 from app.models.schemas import (
+    AliasOut,
+    AliasUpdate,
     EmbeddingResponse,
     ExportCreate,
     ExportOut,
@@ -32,21 +34,47 @@ router = APIRouter(prefix="/v1/models", tags=["models"])
 SessionDep = Annotated[Session, Depends(get_session)]
 
 
-def _model(model_id: str, session: SessionDep) -> Model:
-    return service.get_model(session, model_id)
+def _model(
+    model_id: Annotated[str, Path(description="A model id, `name@version` or `name@alias` (e.g. `pets@production`).")],
+) -> Model:
+    # A session of its own, closed at once: a prediction must not hold a database connection
+    # while it waits for its forward pass (16 waiting requests would drain the pool).
+    with new_session() as session:
+        return service.get_model(session, model_id)
 
 
 ModelDep = Annotated[Model, Depends(_model)]
 
 
+def _out(session: Session, model: Model) -> ModelOut:
+    return ModelOut.model_validate({**model.__dict__, "aliases": service.aliases_of(session, model)})
+
+
 @router.get("", response_model=ModelList)
-def list_models(session: SessionDep, limit: Annotated[int, Query(ge=1, le=1000)] = 100) -> dict:
-    return {"data": service.list_models(session, limit)}
+def list_models(session: SessionDep, limit: Annotated[int, Query(ge=1, le=1000)] = 100) -> ModelList:
+    return ModelList(data=[_out(session, model) for model in service.list_models(session, limit)])
 
 
 @router.get("/{model_id}", response_model=ModelOut)
-def get_model(model: ModelDep) -> Model:
-    return model
+def get_model(model: ModelDep, session: SessionDep) -> ModelOut:
+    return _out(session, model)
+
+
+@router.put("/{name}/aliases/{alias}", response_model=AliasOut)
+def set_alias(
+    name: str,
+    alias: Annotated[str, Path(pattern=r"^[a-z][a-z0-9_-]{0,63}$", description="e.g. production, staging")],
+    request: AliasUpdate,
+    session: SessionDep,
+) -> AliasOut:
+    """Point an alias at a version, atomically: each request is answered by the old or the new model."""
+    pointer = service.set_alias(session, name, alias, request.version)
+    return AliasOut(name=name, alias=alias, version=request.version, model_id=pointer.model_id)
+
+
+@router.delete("/{name}/aliases/{alias}", status_code=status.HTTP_204_NO_CONTENT)
+def delete_alias(name: str, alias: str, session: SessionDep) -> None:
+    service.delete_alias(session, name, alias)
 
 
 @router.get("/{model_id}/download", response_class=FileResponse)

@@ -8,6 +8,9 @@ class ModelOut(BaseModel):
     model_config = ConfigDict(protected_namespaces=())
 
     id: str
+    name: str
+    version: int
+    aliases: list[str]
     job_id: str
     dataset_id: str
     backbone: str
@@ -80,3 +83,18 @@ class ExportOut(BaseModel):
     parity: dict[str, Any] = Field(
         description="On the model's validation images: images, max_abs_prob_diff, top1_agreement, passed, opset."
     )
+
+
+class AliasUpdate(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    version: int = Field(ge=1)
+
+
+class AliasOut(BaseModel):
+    model_config = ConfigDict(protected_namespaces=())
+
+    name: str
+    alias: str
+    version: int
+    model_id: str

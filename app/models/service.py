@@ -12,16 +12,53 @@ from sqlalchemy.orm import Session
 from app.core.config import Settings
 from app.core.errors import Conflict, Invalid, NotFound
 from app.core.storage import remove_quietly
-from app.db.tables import Dataset, Job, Model
+from app.db.tables import Dataset, Job, Model, ModelAlias, utcnow
 from app.ml import onnx_export
 from app.ml.data import split_samples
 
 
-def get_model(session: Session, model_id: str) -> Model:
-    model = session.get(Model, model_id)
+def get_model(session: Session, ref: str) -> Model:
+    """A model by id, `name@version` or `name@alias`."""
+    name, at, tag = ref.partition("@")
+    if not at:
+        model = session.get(Model, ref)
+    elif tag.isdigit():
+        model = session.scalar(select(Model).where(Model.name == name, Model.version == int(tag)))
+    else:
+        model = session.scalar(
+            select(Model).join(ModelAlias, ModelAlias.model_id == Model.id).where(ModelAlias.name == name, ModelAlias.alias == tag)
+        )
     if model is None:
-        raise NotFound(f"Model '{model_id}' not found.", code="model_not_found")
+        raise NotFound(f"Model '{ref}' not found.", code="model_not_found")
     return model
+
+
+def aliases_of(session: Session, model: Model) -> list[str]:
+    return list(session.scalars(select(ModelAlias.alias).where(ModelAlias.model_id == model.id).order_by(ModelAlias.alias)))
+
+
+def set_alias(session: Session, name: str, alias: str, version: int) -> ModelAlias:
+    """Point `name@alias` at a version, in one transaction: every request sees the old or the new model."""
+    model = session.scalar(select(Model).where(Model.name == name, Model.version == version))
+    if model is None:
+        raise NotFound(f"Model '{name}@{version}' not found.", code="model_not_found")
+    pointer = session.get(ModelAlias, (name, alias))
+    if pointer is None:
+        pointer = ModelAlias(name=name, alias=alias, model_id=model.id)
+        session.add(pointer)
+    else:
+        pointer.model_id = model.id
+        pointer.updated_at = utcnow()
+    session.commit()
+    return pointer
+
+
+def delete_alias(session: Session, name: str, alias: str) -> None:
+    pointer = session.get(ModelAlias, (name, alias))
+    if pointer is None:
+        raise NotFound(f"Alias '{name}@{alias}' not found.", code="alias_not_found")
+    session.delete(pointer)
+    session.commit()
 
 
 def list_models(session: Session, limit: int) -> list[Model]:
@@ -45,7 +82,7 @@ def zip_artifact(settings: Settings, model: Model) -> Path:
 
 
 def delete_model(session: Session, settings: Settings, model: Model) -> None:
-    session.delete(model)
+    session.delete(session.merge(model))
     session.commit()
     remove_quietly(artifact_dir(settings, model))
     remove_quietly(exports_dir(settings, model))

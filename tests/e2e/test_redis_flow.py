@@ -275,3 +275,54 @@ def test_onnx_export_matches_pytorch_on_validation_images(stack, probe, tmp_path
     (probabilities,) = session.run(None, {"pixels": pixels})
     assert probabilities.shape == (2, 2) and np.allclose(probabilities.sum(axis=1), 1, atol=1e-5)
     assert stack.http.post(url, json={"format": "tflite"}).status_code == 422
+
+
+def test_versions_and_moving_an_alias_under_load(stack, small_dataset):
+    import asyncio
+    import threading
+
+    import httpx
+
+    jobs = [create_job(stack, small_dataset["id"], strategy="linear_probe", model_name="ants-bees", seed=s) for s in (1, 2)]
+    models = [stack.http.get(f"/v1/models/{stack.wait_job(j['id'])['model_id']}").json() for j in jobs]
+    assert sorted(m["version"] for m in models) == [1, 2] and {m["name"] for m in models} == {"ants-bees"}
+    by_version = {m["version"]: m["id"] for m in models}
+    assert stack.http.get("/v1/models/ants-bees@2").json()["id"] == by_version[2]
+    assert stack.http.get("/v1/models/ants-bees@production").status_code == 404
+
+    moved = stack.http.put("/v1/models/ants-bees/aliases/production", json={"version": 1})
+    assert moved.status_code == 200 and moved.json()["model_id"] == by_version[1]
+    assert stack.http.get(f"/v1/models/{by_version[1]}").json()["aliases"] == ["production"]
+
+    image = val_images(1)[0][0].read_bytes()
+    stop = threading.Event()
+
+    def flip():  # move the alias back and forth while requests are in flight
+        version = 1
+        with httpx.Client(base_url=stack.url, timeout=60) as http:
+            while not stop.is_set():
+                version = 3 - version
+                assert http.put("/v1/models/ants-bees/aliases/production", json={"version": version}).status_code == 200
+
+    async def load():
+        async with httpx.AsyncClient(base_url=stack.url, timeout=60) as client:
+            async def one():
+                return await client.post("/v1/models/ants-bees@production/predict", files={"files": ("a.jpg", image)})
+            return await asyncio.gather(*(one() for _ in range(60)))
+
+    flipper = threading.Thread(target=flip)
+    flipper.start()
+    try:
+        responses = asyncio.run(load())
+    finally:
+        stop.set()
+        flipper.join()
+    assert [r.status_code for r in responses] == [200] * 60  # zero failed requests
+    served_by = {r.json()["model_id"] for r in responses}
+    assert served_by <= set(by_version.values())  # always a whole, registered model
+    assert all(len(r.json()["predictions"][0]["labels"]) == 2 for r in responses)
+
+    assert stack.http.delete("/v1/models/ants-bees@2").status_code == 204
+    assert stack.http.get(f"/v1/models/{by_version[2]}").status_code == 404
+    assert stack.http.get("/v1/models/ants-bees@1").json()["id"] == by_version[1]
+    assert not (stack.data_dir / "models" / by_version[2]).exists()
