@@ -51,13 +51,13 @@ async def load(url: str, model_id: str, requests: int, clients: int) -> dict:
     return {"rps": requests / elapsed, "p50": cuts[49], "p95": cuts[94], "p99": cuts[98], "failures": failures}
 
 
-def raw_forward(artifact: Path) -> tuple[dict[int, float], float]:
+def raw_forward(artifact: Path, memory_format: torch.memory_format) -> tuple[dict[int, float], float]:
     """Images/s of the plain forward pass per batch size, and the batch-1 forward time in seconds."""
-    model = load_artifact(artifact).eval()
+    model = load_artifact(artifact).eval().to(memory_format=memory_format)
     rates = {}
     with torch.inference_mode():
         for batch_size in (1, 4, 8, 16, 32):
-            x = torch.randn(batch_size, 3, 224, 224)
+            x = torch.randn(batch_size, 3, 224, 224).contiguous(memory_format=memory_format)
             model(x)
             repeats = max(3, 64 // batch_size)
             started = time.perf_counter()
@@ -91,7 +91,8 @@ def main() -> None:
                     .raise_for_status().json() for seed in range(5)]  # fmt: skip
             models = [wait_for_job(http, job)["model_id"] for job in jobs]
 
-        rates, batch1 = raw_forward(data_dir / "models" / models[0])
+        contiguous, _ = raw_forward(data_dir / "models" / models[0], torch.contiguous_format)
+        rates, batch1 = raw_forward(data_dir / "models" / models[0], torch.channels_last)  # as the API runs it
         best = max(rates, key=rates.get)
         results = {}
         for value in args.batch_sizes.split(","):
@@ -111,9 +112,11 @@ def main() -> None:
                 http.post(f"/v1/models/{model_id}/predict", files={"files": ("x.jpg", IMAGES[0])}).raise_for_status()
                 samples.append(rss_bytes(service.pid))
 
-    print(f"raw forward (plain script, mobilenetv2_100, {torch.get_num_threads()} threads): "
-          + ", ".join(f"batch {b}: {r:.1f} img/s" for b, r in rates.items()))  # fmt: skip
-    print(f"best raw throughput: {rates[best]:.1f} img/s at batch {best}; batch-1 forward {batch1 * 1000:.1f} ms")
+    for name, table in (("default layout", contiguous), ("channels_last", rates)):
+        print(f"raw forward, {name} (plain script, mobilenetv2_100, {torch.get_num_threads()} threads): "
+              + ", ".join(f"batch {b}: {r:.1f} img/s" for b, r in table.items()))  # fmt: skip
+    print(f"best raw throughput (channels_last, as served): {rates[best]:.1f} img/s at batch {best}; "
+          f"batch-1 forward {batch1 * 1000:.1f} ms")  # fmt: skip
     print(f"{args.requests} requests, {args.clients} concurrent clients, one JPEG each")
     for name, r in results.items():
         print(f"  {name:24s} {r['rps']:6.1f} req/s ({r['rps'] / rates[best]:.2f}x raw)  p50 {r['p50'] * 1000:6.1f} ms  "
