@@ -3,6 +3,9 @@
 from collections.abc import Iterator
 from contextlib import contextmanager
 from functools import lru_cache
+from typing import Annotated
+
+from fastapi import Depends
 
 from sqlalchemy import Engine, create_engine, event
 from sqlalchemy.orm import Session, sessionmaker
@@ -59,3 +62,6 @@ def get_session() -> Iterator[Session]:
     """FastAPI dependency: one session per request."""
     with new_session() as session:
         yield session
+
+
+SessionDep = Annotated[Session, Depends(get_session)]

@@ -2,17 +2,15 @@ from typing import Annotated
 
 from fastapi import APIRouter, Depends, Query, Request, status
 from fastapi.concurrency import run_in_threadpool
-from sqlalchemy.orm import Session
 
 from app.core.config import get_settings
-from app.core.db import get_session
+from app.core.db import SessionDep
 from app.core.storage import receive_file
 from app.datasets import service
 from app.datasets.schemas import DatasetList, DatasetOut
 from app.db.tables import Dataset
 
 router = APIRouter(prefix="/v1/datasets", tags=["datasets"])
-SessionDep = Annotated[Session, Depends(get_session)]
 
 
 def _dataset(dataset_id: str, session: SessionDep) -> Dataset:

@@ -2,16 +2,14 @@ from typing import Annotated
 
 from fastapi import APIRouter, Depends, Query, status
 from fastapi.concurrency import run_in_threadpool
-from sqlalchemy.orm import Session
 
 from app.core.config import get_settings
-from app.core.db import get_session
+from app.core.db import SessionDep
 from app.db.tables import Job
 from app.jobs import service
 from app.jobs.schemas import JobCreate, JobEventList, JobList, JobOut
 
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
-SessionDep = Annotated[Session, Depends(get_session)]
 
 
 def _job(job_id: str, session: SessionDep) -> Job:

@@ -11,7 +11,7 @@ from starlette.background import BackgroundTask
 from starlette.datastructures import UploadFile
 
 from app.core.config import get_settings
-from app.core.db import get_session, new_session
+from app.core.db import SessionDep, new_session
 from app.core.errors import Invalid, NotFound
 from app.core.storage import capped_body, parse_multipart, remove_quietly
 from app.db.tables import Model
@@ -31,7 +31,6 @@ from app.serving import predictor
 from app.serving.predictor import LoadedModel
 
 router = APIRouter(prefix="/v1/models", tags=["models"])
-SessionDep = Annotated[Session, Depends(get_session)]
 
 
 def _model(

@@ -2,10 +2,9 @@ from typing import Annotated
 
 from fastapi import APIRouter, Depends, Query, status
 from fastapi.concurrency import run_in_threadpool
-from sqlalchemy.orm import Session
 
 from app.core.config import get_settings
-from app.core.db import get_session
+from app.core.db import SessionDep
 from app.db.tables import Sweep
 from app.jobs import service as jobs
 from app.jobs.schemas import JobOut
@@ -13,7 +12,6 @@ from app.sweeps import service
 from app.sweeps.schemas import Promote, SweepCreate, SweepList, SweepOut
 
 router = APIRouter(prefix="/v1/sweeps", tags=["sweeps"])
-SessionDep = Annotated[Session, Depends(get_session)]
 
 
 def _sweep(sweep_id: str, session: SessionDep) -> Sweep:
