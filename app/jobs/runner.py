@@ -251,7 +251,8 @@ def _insert_model(job_id, me, model_id, name, dataset_id, backbone, class_names,
         done = session.execute(
             update(Job)
             .where(Job.id == job_id, Job.status == "running", Job.claimed_by == me)
-            .values(status="succeeded", finished_at=utcnow(), heartbeat_at=utcnow())
+            # A finished job's metrics are those of the weights it kept (its best epoch), not its last epoch's.
+            .values(status="succeeded", finished_at=utcnow(), heartbeat_at=utcnow(), metrics=_summary(metrics))
         ).rowcount
         if not done:
             raise JobStopped("cancelled or taken over before the model was registered")
@@ -272,6 +273,11 @@ def _insert_model(job_id, me, model_id, name, dataset_id, backbone, class_names,
         )
         add_event(session, job_id, "status", f"succeeded: model {model_id} ({name}@{version})",
                   {"model_id": model_id, "name": name, "version": version})  # fmt: skip
+
+
+def _summary(metrics: dict[str, Any]) -> dict[str, Any]:
+    keys = ("val_accuracy", "val_top5_accuracy", "macro_f1", "val_loss", "best_epoch", "stopped_early", "calibration")
+    return {key: metrics[key] for key in keys if key in metrics}
 
 
 def default_model_name(dataset_name: str, architecture: str) -> str:

@@ -50,7 +50,9 @@ class JobOut(BaseModel):
     seed: int
     status: JobStatus
     progress: Progress
-    metrics: dict[str, Any]
+    metrics: dict[str, Any] = Field(
+        description="While running: the latest epoch's. Once succeeded: those of the kept weights (best epoch)."
+    )
     model_id: str | None
     error: JobError | None
     worker: str | None = Field(description="host:pid of the worker process that holds or held the job.")
