@@ -34,7 +34,9 @@ async def lifespan(app: FastAPI):
     settings = get_settings()
     settings.data_dir.mkdir(parents=True, exist_ok=True)
     await run_in_threadpool(upgrade_to_head, settings.database_url)
-    app.state.model_cache = ModelCache(settings.model_cache_bytes, settings.max_batch_size, settings.max_wait_ms)
+    app.state.model_cache = ModelCache(
+        settings.model_cache_bytes, settings.max_batch_size, settings.max_wait_ms, settings.serving_runtime
+    )
     yield
     get_engine().dispose()
 

@@ -5,7 +5,10 @@
 One run prints, for a mobilenetv2_100 model trained here through the service:
 - requests/s and p50/p95/p99 latency with micro-batching on (the defaults) and off;
 - beside them, the raw model forward throughput at its best batch size and the batch-1 forward
-  time, measured in a plain script (the same artifact loaded with timm, preprocessed tensors);
+  time, measured in a plain script (the same artifact loaded with timm, and its ONNX export in
+  onnxruntime; random input tensors);
+- the same load on the PyTorch runtime, for models with an ONNX export (which the defaults serve
+  through onnxruntime when it is faster);
 - the API's resident memory while 5 models cycle through a cache sized for 2.
 """
 
@@ -16,9 +19,11 @@ import statistics
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import httpx
+import onnxruntime
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -51,20 +56,31 @@ async def load(url: str, model_id: str, requests: int, clients: int) -> dict:
     return {"rps": requests / elapsed, "p50": cuts[49], "p95": cuts[94], "p99": cuts[98], "failures": failures}
 
 
-def raw_forward(artifact: Path, memory_format: torch.memory_format) -> tuple[dict[int, float], float]:
-    """Images/s of the plain forward pass per batch size, and the batch-1 forward time in seconds."""
-    model = load_artifact(artifact).eval().to(memory_format=memory_format)
+def raw_forward(forward: Callable[[torch.Tensor], object]) -> dict[int, float]:
+    """Images/s of a plain forward pass per batch size."""
     rates = {}
     with torch.inference_mode():
         for batch_size in (1, 4, 8, 16, 32):
-            x = torch.randn(batch_size, 3, 224, 224).contiguous(memory_format=memory_format)
-            model(x)
+            x = torch.rand(batch_size, 3, 224, 224)
+            forward(x)
             repeats = max(3, 64 // batch_size)
             started = time.perf_counter()
             for _ in range(repeats):
-                model(x)
+                forward(x)
             rates[batch_size] = batch_size * repeats / (time.perf_counter() - started)
-    return rates, 1 / rates[1]
+    return rates
+
+
+def torch_forward(artifact: Path, memory_format: torch.memory_format) -> Callable[[torch.Tensor], object]:
+    model = load_artifact(artifact).eval().to(memory_format=memory_format)
+    return lambda x: model(x.contiguous(memory_format=memory_format))
+
+
+def onnxruntime_forward(onnx_file: Path) -> Callable[[torch.Tensor], object]:
+    options = onnxruntime.SessionOptions()
+    options.intra_op_num_threads = torch.get_num_threads()  # as the API runs it
+    session = onnxruntime.InferenceSession(str(onnx_file), options, providers=["CPUExecutionProvider"])
+    return lambda x: session.run(None, {"pixels": x.numpy()})
 
 
 def rss_bytes(pid: int) -> int:
@@ -90,17 +106,23 @@ def main() -> None:
             jobs = [http.post("/v1/jobs", json={"dataset_id": dataset["id"], "backbone": "mobilenetv2_100", "seed": seed})
                     .raise_for_status().json() for seed in range(5)]  # fmt: skip
             models = [wait_for_job(http, job)["model_id"] for job in jobs]
+            http.post(f"/v1/models/{models[0]}/exports", json={"format": "onnx"}, timeout=600).raise_for_status()
 
-        contiguous, _ = raw_forward(data_dir / "models" / models[0], torch.contiguous_format)
-        rates, batch1 = raw_forward(data_dir / "models" / models[0], torch.channels_last)  # as the API runs it
-        best = max(rates, key=rates.get)
+        artifact = data_dir / "models" / models[0]
+        raw = {
+            "PyTorch, default layout": raw_forward(torch_forward(artifact, torch.contiguous_format)),
+            "PyTorch, channels_last": raw_forward(torch_forward(artifact, torch.channels_last)),  # as the API runs it
+            "onnxruntime": raw_forward(onnxruntime_forward(data_dir / "exports" / models[0] / "model.onnx")),
+        }
         results = {}
         for value in args.batch_sizes.split(","):
-            name = "defaults (batching on)" if value == "default" else ("batching off" if value == "1" else f"max_batch_size {value}")
-            settings = {} if value == "default" else {"max_batch_size": value}
-            with running("serve", data_dir, **settings) as (_, http):
-                http.post(f"/v1/models/{models[0]}/predict", files={"files": ("x.jpg", IMAGES[0])})  # load it
-                results[name] = asyncio.run(load(str(http.base_url), models[0], args.requests, args.clients))
+            for runtime in ("auto", "torch"):
+                name = "defaults (batching on)" if value == "default" else ("batching off" if value == "1" else f"max_batch_size {value}")
+                settings = ({} if value == "default" else {"max_batch_size": value}) | ({} if runtime == "auto" else {"serving_runtime": runtime})
+                with running("serve", data_dir, **settings) as (_, http):
+                    served_by = http.post(f"/v1/models/{models[0]}/predict", files={"files": ("x.jpg", IMAGES[0])}).headers["X-Runtime"]
+                    key = "PyTorch, channels_last" if served_by == "torch" else "onnxruntime"
+                    results[f"{name}, {served_by}"] = key, asyncio.run(load(str(http.base_url), models[0], args.requests, args.clients))
 
         model_bytes = sum(t.numel() * t.element_size() for t in load_artifact(data_dir / "models" / models[0]).state_dict().values())
         with running("serve", data_dir, model_cache_bytes=str(int(2.5 * model_bytes))) as (service, http):
@@ -112,14 +134,16 @@ def main() -> None:
                 http.post(f"/v1/models/{model_id}/predict", files={"files": ("x.jpg", IMAGES[0])}).raise_for_status()
                 samples.append(rss_bytes(service.pid))
 
-    for name, table in (("default layout", contiguous), ("channels_last", rates)):
+    for name, table in raw.items():
+        best = max(table, key=table.get)
         print(f"raw forward, {name} (plain script, mobilenetv2_100, {torch.get_num_threads()} threads): "
-              + ", ".join(f"batch {b}: {r:.1f} img/s" for b, r in table.items()))  # fmt: skip
-    print(f"best raw throughput (channels_last, as served): {rates[best]:.1f} img/s at batch {best}; "
-          f"batch-1 forward {batch1 * 1000:.1f} ms")  # fmt: skip
-    print(f"{args.requests} requests, {args.clients} concurrent clients, one JPEG each")
-    for name, r in results.items():
-        print(f"  {name:24s} {r['rps']:6.1f} req/s ({r['rps'] / rates[best]:.2f}x raw)  p50 {r['p50'] * 1000:6.1f} ms  "
+              + ", ".join(f"batch {b}: {r:.1f}" for b, r in table.items())
+              + f" img/s; best {table[best]:.1f} img/s at batch {best}; batch-1 forward {1000 / table[1]:.1f} ms")  # fmt: skip
+    print(f"{args.requests} requests, {args.clients} concurrent clients, one JPEG each; ratios against the raw "
+          f"figures of the runtime that served")  # fmt: skip
+    for name, (key, r) in results.items():
+        best, batch1 = max(raw[key].values()), 1 / raw[key][1]
+        print(f"  {name:36s} {r['rps']:6.1f} req/s ({r['rps'] / best:.2f}x raw)  p50 {r['p50'] * 1000:6.1f} ms  "
               f"p95 {r['p95'] * 1000:6.1f} ms  p99 {r['p99'] * 1000:6.1f} ms ({r['p99'] / batch1:.1f}x batch-1 forward)  "
               f"failed {r['failures']}")  # fmt: skip
     print(f"model cache sized for 2 models ({2.5 * model_bytes / 2**20:.0f} MiB), 5 models cycled 10 times: "

@@ -2,6 +2,7 @@
 
 from functools import lru_cache
 from pathlib import Path
+from typing import Literal
 
 from pydantic import Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -38,6 +39,11 @@ class Settings(BaseSettings):
     # 53.7 req/s against 39.1 with batching off).
     max_batch_size: int = Field(8, description="Micro-batching: most images in one forward pass; 1 turns it off.")
     max_wait_ms: float = Field(5.0, description="Micro-batching: longest wait for more images to batch.")
+    serving_runtime: Literal["auto", "torch", "onnxruntime"] = Field(
+        "auto",
+        description="For models with an ONNX export: auto times both runtimes at load and keeps the faster; "
+        "onnxruntime always uses the export; torch never does. Models without an export run in PyTorch.",
+    )
 
     # A running job whose worker has not reported for this long is taken over when its
     # message is delivered again (the worker died).

@@ -5,7 +5,8 @@ from typing import Any
 
 import timm
 import torch
-from timm.data import resolve_model_data_config
+from timm.data import create_transform, resolve_model_data_config
+from torchvision import transforms
 
 
 def build_model(
@@ -48,3 +49,39 @@ def preprocessing_of(model: torch.nn.Module) -> dict[str, Any]:
     """The eval preprocessing timm resolves for this model, as JSON-able values."""
     config = resolve_model_data_config(model)
     return {key: list(value) if isinstance(value, tuple) else value for key, value in config.items()}
+
+
+class CalibratedClassifier(torch.nn.Module):
+    """[0, 1] pixels in, calibrated probabilities out: the model plus the normalisation before it and
+    the temperature-scaled softmax after it. What serving runs and what the ONNX export contains."""
+
+    def __init__(self, model: torch.nn.Module, temperature: float):
+        super().__init__()
+        config = resolve_model_data_config(model)
+        self.model = model
+        self.register_buffer("mean", torch.tensor(config["mean"], dtype=torch.float32).view(1, -1, 1, 1))
+        self.register_buffer("std", torch.tensor(config["std"], dtype=torch.float32).view(1, -1, 1, 1))
+        self.temperature = float(temperature)
+
+    def normalize(self, pixels: torch.Tensor) -> torch.Tensor:
+        return (pixels - self.mean) / self.std  # the arithmetic of torchvision's Normalize
+
+    def forward(self, pixels: torch.Tensor) -> torch.Tensor:
+        return (self.model(self.normalize(pixels)) / self.temperature).softmax(dim=1)
+
+    def embeddings(self, pixels: torch.Tensor) -> torch.Tensor:
+        """The pooled features the classifier takes."""
+        return self.model.forward_head(self.model.forward_features(self.normalize(pixels)), pre_logits=True)
+
+
+def pixel_transform(model: torch.nn.Module) -> transforms.Compose:
+    """timm's eval transform for this model up to ToTensor: the [0, 1] pixels CalibratedClassifier takes.
+
+    Dropping the Normalize step (rather than rebuilding with mean 0 / std 1) keeps every other
+    step identical, including the mean-coloured padding of timm's 'border' crop mode.
+    """
+    transform = create_transform(**resolve_model_data_config(model), is_training=False)
+    steps = [step for step in transform.transforms if not isinstance(step, transforms.Normalize)]
+    if len(steps) != len(transform.transforms) - 1:
+        raise ValueError(f"expected exactly one Normalize step in the eval transform: {transform}")
+    return transforms.Compose(steps)

@@ -19,10 +19,9 @@ import onnx
 import onnxruntime
 import torch
 from PIL import Image
-from timm.data import create_transform, resolve_model_data_config
-from torchvision import transforms
+from timm.data import resolve_model_data_config
 
-from app.ml.backbone import load_artifact, preprocessing_of
+from app.ml.backbone import CalibratedClassifier, load_artifact, pixel_transform, preprocessing_of
 from app.ml.export import read_temperature
 
 INPUT_NAME = "pixels"
@@ -40,22 +39,6 @@ class ParityReport:
 
     def as_dict(self) -> dict:
         return asdict(self)
-
-
-class CalibratedClassifier(torch.nn.Module):
-    """[0, 1] pixels in, calibrated probabilities out: the model plus what serving does around it."""
-
-    def __init__(self, model: torch.nn.Module, mean: tuple[float, ...], std: tuple[float, ...], temperature: float):
-        super().__init__()
-        self.model = model
-        self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1))
-        self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1))
-        self.temperature = float(temperature)
-
-    def forward(self, pixels: torch.Tensor) -> torch.Tensor:
-        # The arithmetic of torchvision's Normalize and of app.serving.predictor, in that order.
-        logits = self.model((pixels - self.mean) / self.std)
-        return (logits / self.temperature).softmax(dim=1)
 
 
 def export_onnx(
@@ -77,7 +60,7 @@ def export_onnx(
     model = load_artifact(artifact_dir).eval().to(device="cpu", dtype=torch.float32)
     data_config = resolve_model_data_config(model)
     temperature = read_temperature(artifact_dir)
-    wrapper = CalibratedClassifier(model, data_config["mean"], data_config["std"], temperature).eval()
+    wrapper = CalibratedClassifier(model, temperature).eval()
     metadata = {
         "label_names": json.dumps(list(model.pretrained_cfg["label_names"])),
         "preprocessing": json.dumps(preprocessing_of(model)),
@@ -87,7 +70,7 @@ def export_onnx(
     try:
         _export(wrapper, tuple(data_config["input_size"]), out_path, opset, metadata)
         exported_opset = _check(out_path)
-        report = _parity(model, data_config, temperature, out_path, parity_images, tolerance, exported_opset)
+        report = _parity(wrapper, out_path, parity_images, tolerance, exported_opset)
     except BaseException:
         _remove(out_path)
         raise
@@ -136,27 +119,17 @@ def _check(out_path: Path) -> int:
 
 
 def _parity(
-    model: torch.nn.Module,
-    data_config: dict,
-    temperature: float,
-    out_path: Path,
-    parity_images: list[Path],
-    tolerance: float,
-    opset: int,
+    wrapper: CalibratedClassifier, out_path: Path, parity_images: list[Path], tolerance: float, opset: int
 ) -> ParityReport:
-    serving_transform = create_transform(**data_config, is_training=False)
-    pixel_transform = _without_normalize(serving_transform)
+    transform = pixel_transform(wrapper.model)
     session = onnxruntime.InferenceSession(str(out_path), providers=["CPUExecutionProvider"])
 
     batch_diffs, agreeing = [], 0
     for start in range(0, len(parity_images), PARITY_BATCH_SIZE):
-        images = [_read_rgb(path) for path in parity_images[start : start + PARITY_BATCH_SIZE]]
+        pixels = torch.stack([transform(_read_rgb(path)) for path in parity_images[start : start + PARITY_BATCH_SIZE]])
         with torch.inference_mode():
-            # The reference is exactly what app.serving.predictor computes, Normalize step included.
-            normalised = torch.stack([serving_transform(image) for image in images])
-            reference = (model(normalised) / temperature).softmax(dim=1).numpy()
-        pixels = torch.stack([pixel_transform(image) for image in images]).numpy()
-        (exported,) = session.run([OUTPUT_NAME], {INPUT_NAME: pixels})
+            reference = wrapper(pixels).numpy()  # what app.serving.predictor's PyTorch runtime computes
+        (exported,) = session.run([OUTPUT_NAME], {INPUT_NAME: pixels.numpy()})
         batch_diffs.append(np.abs(exported.astype(np.float64) - reference).max())
         agreeing += int((exported.argmax(axis=1) == reference.argmax(axis=1)).sum())
 
@@ -169,18 +142,6 @@ def _parity(
         passed=top1_agreement == 1.0 and max_diff <= tolerance,
         opset=opset,
     )
-
-
-def _without_normalize(transform: transforms.Compose) -> transforms.Compose:
-    """The eval transform up to ToTensor: the [0, 1] pixels the ONNX graph takes.
-
-    Dropping the Normalize step (rather than rebuilding with mean 0 / std 1) keeps every other
-    step identical, including the mean-coloured padding of timm's 'border' crop mode.
-    """
-    steps = [step for step in transform.transforms if not isinstance(step, transforms.Normalize)]
-    if len(steps) != len(transform.transforms) - 1:
-        raise ValueError(f"expected exactly one Normalize step in the eval transform: {transform}")
-    return transforms.Compose(steps)
 
 
 def _read_rgb(path: Path) -> Image.Image:

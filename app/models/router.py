@@ -5,8 +5,8 @@ import torch
 from fastapi import APIRouter, Depends, Path, Query, Request, Response, status
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import FileResponse
-from sqlalchemy.orm import Session
 from pydantic import ValidationError
+from sqlalchemy.orm import Session
 from starlette.background import BackgroundTask
 from starlette.datastructures import UploadFile
 
@@ -85,10 +85,12 @@ def download_model(model: ModelDep) -> FileResponse:
 
 
 @router.post("/{model_id}/exports", status_code=status.HTTP_201_CREATED, response_model=ExportOut)
-async def create_export(model: ModelDep, request: ExportCreate, session: SessionDep) -> dict:
+async def create_export(model: ModelDep, body: ExportCreate, session: SessionDep, request: Request) -> dict:
     """ONNX with the normalisation and calibration inside; kept only if onnxruntime matches PyTorch
     on the validation images (top-1 agreement 100%, probabilities within 1e-4)."""
-    return await run_in_threadpool(service.export_onnx, session, get_settings(), model)
+    export = await run_in_threadpool(service.export_onnx, session, get_settings(), model)
+    request.app.state.model_cache.evict(model.id)  # the next prediction may run on the export
+    return export
 
 
 @router.get("/{model_id}/exports/onnx", response_class=FileResponse)
@@ -151,7 +153,12 @@ async def read_images(request: Request) -> list[tuple[str, bytes]]:
 async def _prepare(request: Request, model: Model) -> tuple[list[tuple[str, bytes]], LoadedModel, torch.Tensor]:
     settings = get_settings()
     images = await read_images(request)
-    loaded = await run_in_threadpool(request.app.state.model_cache.get, model.id, service.artifact_dir(settings, model))
+    loaded = await run_in_threadpool(
+        request.app.state.model_cache.get,
+        model.id,
+        service.artifact_dir(settings, model),
+        service.exports_dir(settings, model) / "model.onnx",
+    )
     batch = await run_in_threadpool(predictor.preprocess, loaded, images, settings.max_image_pixels)
     return images, loaded, batch
 
@@ -180,6 +187,7 @@ async def predict(
     results, batch_size = await predictor.predict(loaded, batch, top_k, threshold)
     _timed(response, started)
     response.headers["X-Batch-Size"] = str(batch_size)
+    response.headers["X-Runtime"] = loaded.runtime
     return PredictionResponse(
         model_id=model.id,
         predictions=[

@@ -261,12 +261,22 @@ def test_onnx_export_matches_pytorch_on_validation_images(stack, probe, tmp_path
     import onnxruntime
 
     url = f"/v1/models/{probe['model_id']}/exports"
+    files = [("files", (p.name, p.read_bytes())) for p, _ in val_images(8)]
+    before = stack.http.post(f"/v1/models/{probe['model_id']}/predict", files=files)
+    assert before.headers["X-Runtime"] == "torch"  # no export yet
     assert stack.http.get(f"{url}/onnx").status_code == 404
     response = stack.http.post(url, json={"format": "onnx"})
     assert response.status_code == 201, response.text
     parity = response.json()["parity"]
     assert parity["passed"] and parity["images"] == 153 and parity["top1_agreement"] == 1.0
     assert parity["max_abs_prob_diff"] <= 1e-4
+    # The next prediction loads the model again and may run on the export (the faster runtime,
+    # timed at load): either way the answers stay the same.
+    after = stack.http.post(f"/v1/models/{probe['model_id']}/predict", files=files)
+    assert after.status_code == 200 and after.headers["X-Runtime"] in ("torch", "onnxruntime")
+    for old, new in zip(before.json()["predictions"], after.json()["predictions"], strict=True):
+        assert [l["label"] for l in old["labels"]] == [l["label"] for l in new["labels"]]
+        assert [l["score"] for l in old["labels"]] == pytest.approx([l["score"] for l in new["labels"]], abs=1e-4)
 
     onnx_file = tmp_path / "model.onnx"
     onnx_file.write_bytes(stack.http.get(f"{url}/onnx").content)

@@ -6,9 +6,10 @@ import torch
 
 from app.ml.backbone import build_model
 from app.ml.export import save_artifact
+from app.ml.onnx_export import export_onnx
 from app.serving.batcher import MicroBatcher
-from app.serving.predictor import ModelCache
-from tests.conftest import MOBILENET_WEIGHTS
+from app.serving.predictor import ModelCache, preprocess
+from tests.conftest import HYMENOPTERA, MOBILENET_WEIGHTS
 
 
 def test_concurrent_requests_share_forward_passes_and_get_their_own_rows():
@@ -65,10 +66,37 @@ def test_cache_evicts_least_recently_used_models_past_its_byte_budget(tmp_path):
         directory = tmp_path / f"m{i}"
         save_artifact(model, directory, ["a", "b"], {}, temperature=1.0)
         directories.append(directory)
-    one = ModelCache(max_bytes=10**12, max_batch_size=1, max_wait_ms=0).get("m0", directories[0]).nbytes
+    no_export = tmp_path / "none.onnx"
+    one = ModelCache(max_bytes=10**12, max_batch_size=1, max_wait_ms=0).get("m0", directories[0], no_export).nbytes
     cache = ModelCache(max_bytes=int(2.5 * one), max_batch_size=1, max_wait_ms=0)
-    first = cache.get("m0", directories[0])
-    cache.get("m1", directories[1])
-    assert cache.get("m0", directories[0]) is first  # still cached, and now most recently used
-    cache.get("m2", directories[2])  # over budget: the least recently used (m1) goes
+    first = cache.get("m0", directories[0], no_export)
+    cache.get("m1", directories[1], no_export)
+    assert cache.get("m0", directories[0], no_export) is first  # still cached, and now most recently used
+    cache.get("m2", directories[2], no_export)  # over budget: the least recently used (m1) goes
     assert list(cache._models) == ["m0", "m2"] and cache.nbytes <= 2.5 * one
+
+
+def test_onnxruntime_serves_the_same_probabilities_as_pytorch(tmp_path):
+    directory, onnx_file = tmp_path / "model", tmp_path / "model.onnx"
+    save_artifact(build_model("mobilenetv2_100", 2, weights_file=MOBILENET_WEIGHTS), directory, ["ants", "bees"], {},
+                  temperature=1.3)  # fmt: skip
+    images = sorted((HYMENOPTERA / "val" / "bees").iterdir())[:8]
+    assert export_onnx(directory, onnx_file, images).passed
+    files = [(path.name, path.read_bytes()) for path in images]
+
+    served = {}
+    for runtime in ("torch", "onnxruntime"):
+        loaded = ModelCache(10**12, 8, 0, runtime).get("m", directory, onnx_file)
+        assert loaded.runtime == runtime
+        pixels = preprocess(loaded, files, max_pixels=10**8)
+        together = loaded.probabilities(pixels)
+        one_by_one = torch.cat([loaded.probabilities(pixels[i : i + 1]) for i in range(len(pixels))])
+        assert torch.allclose(together, one_by_one, atol=1e-5)
+        served[runtime] = together
+    assert (served["torch"] - served["onnxruntime"]).abs().max() <= 1e-4
+    assert torch.equal(served["torch"].argmax(1), served["onnxruntime"].argmax(1))
+
+    # auto times both on this machine and keeps the faster; without an export it can only be PyTorch.
+    auto = ModelCache(10**12, 8, 0, "auto").get("m", directory, onnx_file)
+    assert set(auto.timings) == {"torch", "onnxruntime"} and auto.runtime == min(auto.timings, key=auto.timings.get)
+    assert ModelCache(10**12, 8, 0, "onnxruntime").get("m", directory, tmp_path / "none.onnx").runtime == "torch"
