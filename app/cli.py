@@ -1,4 +1,4 @@
-"""`visiontune` command: serve (API), worker (Celery), up (both, for local use), migrate."""
+"""`visiontune` command: serve (API), worker (Celery), up (both, for local use), migrate, keys."""
 
 import argparse
 import os
@@ -31,6 +31,34 @@ def migrate() -> None:
     upgrade_to_head(settings.database_url)
 
 
+def create_key(tenant_name: str, scopes: list[str], name: str) -> str:
+    """A new key for the tenant (created if it does not exist yet); the key is returned once."""
+    from sqlalchemy import select
+
+    from app.core.db import session_scope
+    from app.db.tables import Tenant
+    from app.tenants import service
+
+    migrate()
+    with session_scope() as session:
+        tenant = session.scalar(select(Tenant).where(Tenant.name == tenant_name))
+        if tenant is None:
+            tenant = service.create_tenant(session, tenant_name)
+        _, key = service.create_key(session, tenant, name, scopes)
+    return key
+
+
+def first_key_if_none() -> str | None:
+    """Never an open server: the first start creates an admin key for tenant "default"."""
+    from app.core.db import session_scope
+    from app.tenants.service import any_active_key
+
+    with session_scope() as session:
+        if any_active_key(session):
+            return None
+    return create_key("default", ["admin"], "first key, created by visiontune up")
+
+
 def serve(host: str, port: int) -> None:
     uvicorn.run("app.main:app", host=host, port=port, log_level="info")
 
@@ -40,6 +68,11 @@ def up(host: str, port: int) -> int:
     process is told to. (Children, because uvicorn ends its own process with the signal it was
     stopped by, which would leave a worker started from inside it behind.)"""
     migrate()  # once, before two processes race to do it
+    key = first_key_if_none()
+    if key:
+        print(f"\nFirst API key (tenant 'default', scope admin). It is shown only this once; store it:\n\n"
+              f"    {key}\n\nSend it as `Authorization: Bearer <key>`; more keys: POST /v1/admin/tenants/{{id}}/keys "
+              f"or `visiontune keys create`.\n", flush=True)  # fmt: skip
     api = [sys.executable, "-m", "app.cli", "serve", "--host", host, "--port", str(port)]
     children = [subprocess.Popen(worker_argv()), subprocess.Popen(api)]
 
@@ -76,6 +109,12 @@ def main(argv: list[str] | None = None) -> None:
     worker = commands.add_parser("worker", help="run a Celery training worker")
     worker.add_argument("celery_args", nargs=argparse.REMAINDER, help="extra arguments for `celery worker`")
     commands.add_parser("migrate", help="apply database migrations")
+    keys = commands.add_parser("keys", help="API keys, on the server itself (e.g. the first admin key)")
+    key_commands = keys.add_subparsers(dest="keys_command", required=True)
+    create = key_commands.add_parser("create", help="create a key and print it (shown only this once)")
+    create.add_argument("--tenant", default="default", help="tenant name; created if it does not exist")
+    create.add_argument("--scopes", default="admin", help="comma-separated: read, train, predict, admin")
+    create.add_argument("--name", default="", help="a note to recognise the key by")
     args = parser.parse_args(argv)
 
     if args.command == "serve":
@@ -88,6 +127,16 @@ def main(argv: list[str] | None = None) -> None:
         os.execv(argv[0], argv)
     elif args.command == "migrate":
         migrate()
+    elif args.command == "keys":
+        from app.tenants.schemas import KeyCreate, TenantCreate
+
+        scopes = [scope.strip() for scope in args.scopes.split(",") if scope.strip()]
+        try:  # the same validation as the admin API
+            TenantCreate(name=args.tenant)
+            KeyCreate(name=args.name, scopes=scopes)
+        except ValueError as exc:
+            parser.error(str(exc))
+        print(create_key(args.tenant, scopes, args.name))
 
 
 if __name__ == "__main__":

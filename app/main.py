@@ -2,11 +2,13 @@
 
 import logging
 from contextlib import asynccontextmanager
+from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from pydantic import BaseModel
 from sqlalchemy import text
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
@@ -15,18 +17,49 @@ from app.core.broker import broker_reachable
 from app.core.config import get_settings
 from app.core.db import get_engine
 from app.core.errors import AppError
+from app.core.limits import BodyTimeoutMiddleware
 from app.datasets.router import router as datasets_router
 from app.db.migrate import upgrade_to_head
 from app.jobs.router import router as jobs_router
 from app.models.router import router as models_router
 from app.serving.predictor import ModelCache
 from app.sweeps.router import router as sweeps_router
+from app.tenants.router import router as tenants_router
 
 logger = logging.getLogger(__name__)
 
 
-def _error(status: int, code: str, message: str, details: list | None = None) -> JSONResponse:
-    return JSONResponse(status_code=status, content={"error": {"code": code, "message": message, "details": details or []}})
+def _error(status: int, code: str, message: str, details: list | None = None, headers: dict | None = None) -> JSONResponse:
+    content = {"error": {"code": code, "message": message, "details": details or []}}
+    return JSONResponse(status_code=status, content=content, headers=headers)
+
+
+class ErrorBody(BaseModel):
+    code: str
+    message: str
+    details: list[Any]
+
+
+class ErrorEnvelope(BaseModel):
+    error: ErrorBody
+
+
+# Documented on every operation, so that clients (and schemathesis) know every error's shape.
+ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
+    status: {"model": ErrorEnvelope, "description": description}
+    for status, description in {
+        401: "Missing or invalid API key",
+        403: "The API key lacks the scope this endpoint needs",
+        404: "Not found (or not this tenant's)",
+        408: "The request body was too slow",
+        409: "Conflict with the current state",
+        413: "Request body too large",
+        415: "Unsupported media type",
+        422: "Invalid request",
+        429: "A tenant quota would be exceeded",
+        503: "A dependency (broker, database) is unavailable",
+    }.items()
+}
 
 
 @asynccontextmanager
@@ -42,18 +75,24 @@ async def lifespan(app: FastAPI):
 
 
 def create_app() -> FastAPI:
+    settings = get_settings()
     app = FastAPI(
         title="VisionTune",
         version="0.1.0",
         summary="Fine-tune pretrained timm image backbones on your own data and serve them.",
         lifespan=lifespan,
+        # Every endpoint's body limit; uploads and predictions declare their own larger ones.
+        max_body_size=settings.max_request_bytes,
+        responses=ERROR_RESPONSES,
     )
-    for router in (datasets_router, backbones_router, jobs_router, models_router, sweeps_router):
+    app.add_middleware(BodyTimeoutMiddleware, idle_timeout=settings.body_idle_timeout_s,
+                       total_timeout=settings.body_timeout_s)  # fmt: skip
+    for router in (datasets_router, backbones_router, jobs_router, models_router, sweeps_router, tenants_router):
         app.include_router(router)
 
     @app.exception_handler(AppError)
     async def app_error(_: Request, exc: AppError) -> JSONResponse:
-        return _error(exc.status_code, exc.code, exc.message, exc.details)
+        return _error(exc.status_code, exc.code, exc.message, exc.details, exc.headers)
 
     @app.exception_handler(RequestValidationError)
     async def validation_error(_: Request, exc: RequestValidationError) -> JSONResponse:
@@ -64,8 +103,11 @@ def create_app() -> FastAPI:
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:
-        code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
-        return _error(exc.status_code, code, str(exc.detail))
+        code = {404: "not_found", 405: "method_not_allowed", 413: "request_too_large"}.get(exc.status_code, "http_error")
+        message = str(exc.detail)
+        if exc.status_code == 413:
+            message = f"The request body is larger than this endpoint accepts ({settings.max_request_bytes} bytes)."
+        return _error(exc.status_code, code, message, headers=exc.headers)
 
     @app.exception_handler(Exception)
     async def unexpected_error(_: Request, exc: Exception) -> JSONResponse:

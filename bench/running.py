@@ -28,10 +28,12 @@ def running(command: str, data_dir: Path, **settings: str) -> Iterator[tuple[sub
     env = {**os.environ, "VISIONTUNE_DATA_DIR": str(data_dir), "VISIONTUNE_WEIGHTS_DIR": str(SHARED / "weights")}
     env.update({f"VISIONTUNE_{name.upper()}": value for name, value in settings.items()})
     log_path = data_dir.parent / f"{command}-{port}.log"
+    keys = [sys.executable, "-m", "app.cli", "keys", "create", "--tenant", "bench", "--scopes", "admin"]
+    key = subprocess.run(keys, env=env, check=True, capture_output=True, text=True).stdout.strip()
     with log_path.open("wb") as log:
         service = subprocess.Popen([sys.executable, "-m", "app.cli", command, "--port", str(port)], env=env,
                                    stdout=log, stderr=subprocess.STDOUT)  # fmt: skip
-        http = httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=600)
+        http = httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=600, headers={"Authorization": f"Bearer {key}"})
         try:
             deadline = time.monotonic() + 120
             while True:

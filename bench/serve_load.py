@@ -35,7 +35,7 @@ from bench.running import running, wait_for_job, zip_hymenoptera  # noqa: E402
 IMAGES = [p.read_bytes() for label in ("ants", "bees") for p in sorted((HYMENOPTERA / "val" / label).iterdir())]
 
 
-async def load(url: str, model_id: str, requests: int, clients: int) -> dict:
+async def load(url: str, headers: httpx.Headers, model_id: str, requests: int, clients: int) -> dict:
     counter = itertools.count()
     latencies: list[float] = []
     failures = 0
@@ -48,7 +48,7 @@ async def load(url: str, model_id: str, requests: int, clients: int) -> dict:
             latencies.append(time.perf_counter() - started)
             failures += response.status_code != 200
 
-    async with httpx.AsyncClient(base_url=url, timeout=120) as http:
+    async with httpx.AsyncClient(base_url=url, headers=headers, timeout=120) as http:
         started = time.perf_counter()
         await asyncio.gather(*(client(http) for _ in range(clients)))
         elapsed = time.perf_counter() - started
@@ -122,7 +122,7 @@ def main() -> None:
                 with running("serve", data_dir, **settings) as (_, http):
                     served_by = http.post(f"/v1/models/{models[0]}/predict", files={"files": ("x.jpg", IMAGES[0])}).headers["X-Runtime"]
                     key = "PyTorch, channels_last" if served_by == "torch" else "onnxruntime"
-                    results[f"{name}, {served_by}"] = key, asyncio.run(load(str(http.base_url), models[0], args.requests, args.clients))
+                    results[f"{name}, {served_by}"] = key, asyncio.run(load(str(http.base_url), http.headers, models[0], args.requests, args.clients))
 
         model_bytes = sum(t.numel() * t.element_size() for t in load_artifact(data_dir / "models" / models[0]).state_dict().values())
         with running("serve", data_dir, model_cache_bytes=str(int(2.5 * model_bytes))) as (service, http):

@@ -86,7 +86,10 @@ def client(settings_env):
 
     from app.main import create_app
 
+    from app.cli import create_key
+
     with TestClient(create_app()) as test_client:
+        test_client.headers["Authorization"] = f"Bearer {create_key('default', ['admin'], 'tests')}"
         yield test_client
 
 
@@ -174,8 +177,14 @@ class Stack:
         self.processes: list[Process] = []
         self.http = httpx.Client(base_url=self.url, timeout=120)
 
+    def create_key(self, tenant: str = "default", scopes: str = "admin") -> str:
+        """`visiontune keys create` on this stack's database, as an operator would run it."""
+        argv = [sys.executable, "-m", "app.cli", "keys", "create", "--tenant", tenant, "--scopes", scopes]
+        return subprocess.run(argv, env=self.env, check=True, capture_output=True, text=True).stdout.strip()
+
     def start_api(self) -> None:
         cli = [sys.executable, "-m", "app.cli"]
+        self.http.headers["Authorization"] = f"Bearer {self.create_key()}"
         self.processes.append(Process("api", [*cli, "serve", "--port", str(self.port)], self.env, self.log_dir))
         wait_until(self._healthy, 60, "the API", processes=self.processes)
 

@@ -19,3 +19,36 @@ def test_migrations_match_the_tables_and_downgrade_cleanly(tmp_path):
     command.downgrade(alembic_config(url), "base")
     upgrade_to_head(url)
     engine.dispose()
+
+
+def test_data_from_before_tenancy_moves_to_the_default_tenant(tmp_path):
+    from sqlalchemy import text
+
+    url = f"sqlite:///{tmp_path / 'db.sqlite'}"
+    command.upgrade(alembic_config(url), "0003")
+    engine = make_engine(url)
+    with engine.begin() as connection:
+        connection.execute(text(
+            "INSERT INTO datasets (id, name, status, num_images, classes, has_val_split, sha256, size_bytes, warnings, created_at) "
+            "VALUES ('ds_1', 'old', 'ready', 10, '[]', 0, 'x', 5, '[]', CURRENT_TIMESTAMP)"
+        ))  # fmt: skip
+        connection.execute(text(
+            "INSERT INTO jobs (id, dataset_id, backbone, strategy, pretrained, hyperparameters, seed, status, epoch, "
+            "metrics, attempts, created_at) VALUES ('job_1', 'ds_1', 'b', 'full', 1, '{}', 0, 'succeeded', 1, '{}', 1, CURRENT_TIMESTAMP)"
+        ))  # fmt: skip
+        connection.execute(text(
+            "INSERT INTO models (id, name, version, job_id, dataset_id, backbone, classes, metrics, preprocessing, size_bytes, "
+            "created_at) VALUES ('model_1', 'pets', 1, 'job_1', 'ds_1', 'b', '[]', '{}', '{}', 7, CURRENT_TIMESTAMP)"
+        ))  # fmt: skip
+        connection.execute(text(
+            "INSERT INTO model_aliases (name, alias, model_id, updated_at) VALUES ('pets', 'production', 'model_1', CURRENT_TIMESTAMP)"
+        ))  # fmt: skip
+    upgrade_to_head(url)
+    with engine.connect() as connection:
+        (tenant_id,) = connection.execute(text("SELECT id FROM tenants WHERE name = 'default'")).one()
+        for table in ("datasets", "jobs", "models", "model_aliases"):
+            assert connection.execute(text(f"SELECT DISTINCT tenant_id FROM {table}")).scalars().all() == [tenant_id]
+    command.downgrade(alembic_config(url), "0003")
+    with engine.connect() as connection:
+        assert connection.execute(text("SELECT model_id FROM model_aliases")).scalars().all() == ["model_1"]
+    engine.dispose()

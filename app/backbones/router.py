@@ -5,6 +5,7 @@ from fastapi.concurrency import run_in_threadpool
 
 from app.backbones import service
 from app.backbones.schemas import BackboneList
+from app.core.auth import ReadKey
 from app.core.config import get_settings
 
 router = APIRouter(prefix="/v1/backbones", tags=["backbones"])
@@ -12,6 +13,7 @@ router = APIRouter(prefix="/v1/backbones", tags=["backbones"])
 
 @router.get("", response_model=BackboneList)
 async def list_backbones(
+    _: ReadKey,
     search: Annotated[str | None, Query(max_length=100, description="Substring of a timm architecture name")] = None,
     limit: Annotated[int, Query(ge=1, le=100)] = 20,
     offset: Annotated[int, Query(ge=0)] = 0,

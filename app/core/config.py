@@ -31,6 +31,16 @@ class Settings(BaseSettings):
     max_image_pixels: int = 64_000_000
     min_images_per_class: int = 5
 
+    # Every request.
+    max_request_bytes: int = Field(1024**2, description="Body limit of every endpoint without a limit of its own.")
+    body_idle_timeout_s: float = Field(30.0, description="A request body that sends nothing for this long gets 408.")
+    body_timeout_s: float = Field(3600.0, description="A request body not complete after this long gets 408.")
+
+    # Tenant quotas, unless set on the tenant (PATCH /v1/admin/tenants/{id}); None = no limit.
+    default_max_stored_bytes: int | None = Field(None, description="Dataset and model bytes per tenant.")
+    default_max_concurrent_jobs: int | None = Field(None, description="Queued + running jobs per tenant.")
+    default_max_models: int | None = Field(None, description="Models per tenant, counting jobs that will make one.")
+
     # Prediction.
     max_predict_files: int = 64
     max_predict_bytes: int = 64 * 1024**2

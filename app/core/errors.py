@@ -6,6 +6,7 @@ from typing import Any
 class AppError(Exception):
     status_code = 400
     code = "bad_request"
+    headers: dict[str, str] | None = None
 
     def __init__(self, message: str, *, code: str | None = None, details: list[Any] | None = None):
         super().__init__(message)
@@ -45,3 +46,27 @@ class UnsupportedMedia(AppError):
 class ServiceUnavailable(AppError):
     status_code = 503
     code = "unavailable"
+
+
+class Unauthorized(AppError):
+    status_code = 401
+    code = "unauthorized"
+    headers = {"WWW-Authenticate": "Bearer"}
+
+
+class Forbidden(AppError):
+    """An authenticated key without the scope an endpoint needs. Never used for another tenant's
+    objects: those are NotFound, so that ids of other tenants cannot be probed."""
+
+    status_code = 403
+    code = "insufficient_scope"
+
+
+class QuotaExceeded(AppError):
+    status_code = 429
+    code = "quota_exceeded"
+
+
+class RequestTimeout(AppError):
+    status_code = 408
+    code = "request_timeout"

@@ -3,9 +3,11 @@ from typing import Annotated
 from fastapi import APIRouter, Depends, Query, Request, status
 from fastapi.concurrency import run_in_threadpool
 
+from app.core.auth import AnyKey, ReadKey, TrainKey
 from app.core.config import get_settings
+from app.core.ids import DatasetId
 from app.core.db import SessionDep
-from app.core.storage import receive_file
+from app.core.storage import OWN_BODY_LIMIT, receive_file
 from app.datasets import service
 from app.datasets.schemas import DatasetList, DatasetOut
 from app.db.tables import Dataset
@@ -13,8 +15,8 @@ from app.db.tables import Dataset
 router = APIRouter(prefix="/v1/datasets", tags=["datasets"])
 
 
-def _dataset(dataset_id: str, session: SessionDep) -> Dataset:
-    return service.get_dataset(session, dataset_id)
+def _dataset(dataset_id: DatasetId, principal: AnyKey, session: SessionDep) -> Dataset:
+    return service.get_dataset(session, principal.tenant_id, dataset_id)
 
 
 DatasetDep = Annotated[Dataset, Depends(_dataset)]
@@ -43,23 +45,31 @@ UPLOAD_SCHEMA = {
 }
 
 
-@router.post("", status_code=status.HTTP_201_CREATED, response_model=DatasetOut, openapi_extra=UPLOAD_SCHEMA)
-async def upload_dataset(request: Request, session: SessionDep) -> Dataset:
+@router.post(
+    "",
+    status_code=status.HTTP_201_CREATED,
+    response_model=DatasetOut,
+    openapi_extra=UPLOAD_SCHEMA,
+    max_body_size=OWN_BODY_LIMIT,  # max_upload_bytes, in receive_file
+)
+async def upload_dataset(request: Request, principal: TrainKey, session: SessionDep) -> Dataset:
     settings = get_settings()
     upload = await receive_file(request, "file", settings.max_upload_bytes, settings.staging_dir)
-    return await run_in_threadpool(service.create_dataset, session, settings, upload, upload.fields.get("name"))
+    return await run_in_threadpool(
+        service.create_dataset, session, settings, principal.tenant_id, upload, upload.fields.get("name")
+    )
 
 
 @router.get("", response_model=DatasetList)
-def list_datasets(session: SessionDep, limit: Annotated[int, Query(ge=1, le=1000)] = 100) -> dict:
-    return {"data": service.list_datasets(session, limit)}
+def list_datasets(principal: ReadKey, session: SessionDep, limit: Annotated[int, Query(ge=1, le=1000)] = 100) -> dict:
+    return {"data": service.list_datasets(session, principal.tenant_id, limit)}
 
 
 @router.get("/{dataset_id}", response_model=DatasetOut)
-def get_dataset(dataset: DatasetDep) -> Dataset:
+def get_dataset(dataset: DatasetDep, _: ReadKey) -> Dataset:
     return dataset
 
 
 @router.delete("/{dataset_id}", status_code=status.HTTP_204_NO_CONTENT)
-def delete_dataset(dataset: DatasetDep, session: SessionDep) -> None:
+def delete_dataset(dataset: DatasetDep, _: TrainKey, session: SessionDep) -> None:
     service.delete_dataset(session, get_settings(), dataset)

@@ -16,6 +16,7 @@ from app.core.errors import Conflict, NotFound
 from app.core.storage import ReceivedFile, remove_quietly
 from app.datasets.ingest import IngestLimits, ingest_archive
 from app.db.tables import Dataset, Job
+from app.tenants.service import check_quota
 
 
 def limits_from(settings: Settings) -> IngestLimits:
@@ -28,14 +29,18 @@ def limits_from(settings: Settings) -> IngestLimits:
     )
 
 
-def create_dataset(session: Session, settings: Settings, upload: ReceivedFile, name: str | None) -> Dataset:
+def create_dataset(
+    session: Session, settings: Settings, tenant_id: str, upload: ReceivedFile, name: str | None
+) -> Dataset:
     dataset_id = f"ds_{secrets.token_hex(12)}"
     staging = settings.staging_dir / dataset_id
     final = settings.datasets_dir / dataset_id
     try:
         result = ingest_archive(upload.path, staging, limits_from(settings))
+        check_quota(session, settings, tenant_id, new_bytes=upload.size)
         dataset = Dataset(
             id=dataset_id,
+            tenant_id=tenant_id,
             name=(name or Path(upload.filename).name.split(".")[0] or dataset_id)[:200],
             status="ready",
             num_images=result.num_images,
@@ -59,15 +64,16 @@ def create_dataset(session: Session, settings: Settings, upload: ReceivedFile, n
         remove_quietly(upload.path)
 
 
-def get_dataset(session: Session, dataset_id: str) -> Dataset:
+def get_dataset(session: Session, tenant_id: str, dataset_id: str) -> Dataset:
     dataset = session.get(Dataset, dataset_id)
-    if dataset is None:
+    if dataset is None or dataset.tenant_id != tenant_id:
         raise NotFound(f"Dataset '{dataset_id}' not found.", code="dataset_not_found")
     return dataset
 
 
-def list_datasets(session: Session, limit: int) -> list[Dataset]:
-    return list(session.scalars(select(Dataset).order_by(Dataset.created_at.desc()).limit(limit)))
+def list_datasets(session: Session, tenant_id: str, limit: int) -> list[Dataset]:
+    query = select(Dataset).where(Dataset.tenant_id == tenant_id).order_by(Dataset.created_at.desc()).limit(limit)
+    return list(session.scalars(query))
 
 
 def delete_dataset(session: Session, settings: Settings, dataset: Dataset) -> None:

@@ -27,10 +27,43 @@ class Base(DeclarativeBase):
     type_annotation_map = {dict[str, Any]: JSON, list[Any]: JSON, datetime: UTCDateTime()}
 
 
+class Tenant(Base):
+    """A team or service whose datasets, jobs and models are its own. Quotas: None = the server default."""
+
+    __tablename__ = "tenants"
+
+    id: Mapped[str] = mapped_column(String(40), primary_key=True)
+    name: Mapped[str] = mapped_column(String(64), unique=True)
+    max_stored_bytes: Mapped[int | None] = mapped_column(BigInteger)
+    max_concurrent_jobs: Mapped[int | None] = mapped_column(Integer)
+    max_models: Mapped[int | None] = mapped_column(Integer)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    # Written by every quota check before it counts: the write serialises concurrent checks of
+    # one tenant (a row lock on PostgreSQL, the database write lock on SQLite).
+    usage_checked_at: Mapped[datetime | None] = mapped_column()
+
+
+class ApiKey(Base):
+    """Only a hash of the key is stored; `prefix` (shown in listings) finds the row."""
+
+    __tablename__ = "api_keys"
+
+    id: Mapped[str] = mapped_column(String(40), primary_key=True)
+    tenant_id: Mapped[str] = mapped_column(ForeignKey("tenants.id", ondelete="CASCADE"), index=True)
+    name: Mapped[str] = mapped_column(String(100))
+    prefix: Mapped[str] = mapped_column(String(20), unique=True)
+    key_hash: Mapped[str] = mapped_column(String(64))
+    scopes: Mapped[list[Any]] = mapped_column()
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    last_used_at: Mapped[datetime | None] = mapped_column()
+    revoked_at: Mapped[datetime | None] = mapped_column()
+
+
 class Dataset(Base):
     __tablename__ = "datasets"
 
     id: Mapped[str] = mapped_column(String(40), primary_key=True)
+    tenant_id: Mapped[str] = mapped_column(ForeignKey("tenants.id", ondelete="RESTRICT"), index=True)
     name: Mapped[str] = mapped_column(String(200))
     status: Mapped[str] = mapped_column(String(20))
     num_images: Mapped[int] = mapped_column(Integer)
@@ -48,6 +81,7 @@ class Sweep(Base):
     __tablename__ = "sweeps"
 
     id: Mapped[str] = mapped_column(String(40), primary_key=True)
+    tenant_id: Mapped[str] = mapped_column(ForeignKey("tenants.id", ondelete="RESTRICT"), index=True)
     dataset_id: Mapped[str | None] = mapped_column(ForeignKey("datasets.id", ondelete="SET NULL"))
     backbones: Mapped[list[Any]] = mapped_column()
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
@@ -57,6 +91,7 @@ class Job(Base):
     __tablename__ = "jobs"
 
     id: Mapped[str] = mapped_column(String(40), primary_key=True)
+    tenant_id: Mapped[str] = mapped_column(ForeignKey("tenants.id", ondelete="RESTRICT"), index=True)
     # Jobs outlive their dataset: deleting a dataset keeps the job history.
     dataset_id: Mapped[str | None] = mapped_column(ForeignKey("datasets.id", ondelete="SET NULL"), index=True)
     backbone: Mapped[str] = mapped_column(String(200))
@@ -94,13 +129,15 @@ class JobEvent(Base):
 
 class Model(Base):
     __tablename__ = "models"
-    # Exactly one model per succeeded job, and one model per (name, version), enforced by the database.
+    # Exactly one model per succeeded job, and one model per (tenant, name, version), enforced by
+    # the database.
     __table_args__ = (
         UniqueConstraint("job_id", name="uq_models_job_id"),
-        UniqueConstraint("name", "version", name="uq_models_name_version"),
+        UniqueConstraint("tenant_id", "name", "version", name="uq_models_tenant_name_version"),
     )
 
     id: Mapped[str] = mapped_column(String(40), primary_key=True)
+    tenant_id: Mapped[str] = mapped_column(ForeignKey("tenants.id", ondelete="RESTRICT"), index=True)
     name: Mapped[str] = mapped_column(String(100), index=True)
     version: Mapped[int] = mapped_column(Integer)
     job_id: Mapped[str] = mapped_column(ForeignKey("jobs.id", ondelete="RESTRICT"))
@@ -118,6 +155,7 @@ class ModelAlias(Base):
 
     __tablename__ = "model_aliases"
 
+    tenant_id: Mapped[str] = mapped_column(ForeignKey("tenants.id", ondelete="CASCADE"), primary_key=True)
     name: Mapped[str] = mapped_column(String(100), primary_key=True)
     alias: Mapped[str] = mapped_column(String(64), primary_key=True)
     model_id: Mapped[str] = mapped_column(ForeignKey("models.id", ondelete="CASCADE"), index=True)

@@ -3,7 +3,9 @@ from typing import Annotated
 from fastapi import APIRouter, Depends, Query, status
 from fastapi.concurrency import run_in_threadpool
 
+from app.core.auth import AnyKey, ReadKey, TrainKey
 from app.core.config import get_settings
+from app.core.ids import JobId
 from app.core.db import SessionDep
 from app.db.tables import Job
 from app.jobs import service
@@ -12,32 +14,33 @@ from app.jobs.schemas import JobCreate, JobEventList, JobList, JobOut
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
 
 
-def _job(job_id: str, session: SessionDep) -> Job:
-    return service.get_job(session, job_id)
+def _job(job_id: JobId, principal: AnyKey, session: SessionDep) -> Job:
+    return service.get_job(session, principal.tenant_id, job_id)
 
 
 JobDep = Annotated[Job, Depends(_job)]
 
 
 @router.post("", status_code=status.HTTP_202_ACCEPTED, response_model=JobOut)
-async def create_job(request: JobCreate, session: SessionDep) -> JobOut:
-    job = await run_in_threadpool(service.create_job, session, get_settings(), request)
+async def create_job(request: JobCreate, principal: TrainKey, session: SessionDep) -> JobOut:
+    job = await run_in_threadpool(service.create_job, session, get_settings(), principal.tenant_id, request)
     return service.to_out(session, job)
 
 
 @router.get("", response_model=JobList)
-def list_jobs(session: SessionDep, limit: Annotated[int, Query(ge=1, le=1000)] = 100) -> JobList:
-    return JobList(data=service.list_jobs(session, limit))
+def list_jobs(principal: ReadKey, session: SessionDep, limit: Annotated[int, Query(ge=1, le=1000)] = 100) -> JobList:
+    return JobList(data=service.list_jobs(session, principal.tenant_id, limit))
 
 
 @router.get("/{job_id}", response_model=JobOut)
-def get_job(job: JobDep, session: SessionDep) -> JobOut:
+def get_job(job: JobDep, _: ReadKey, session: SessionDep) -> JobOut:
     return service.to_out(session, job)
 
 
 @router.get("/{job_id}/events", response_model=JobEventList)
 def list_events(
     job: JobDep,
+    _: ReadKey,
     session: SessionDep,
     after: Annotated[int, Query(ge=0, description="Only events with a larger id (for polling).")] = 0,
     limit: Annotated[int, Query(ge=1, le=1000)] = 1000,
@@ -46,5 +49,5 @@ def list_events(
 
 
 @router.post("/{job_id}/cancel", response_model=JobOut)
-def cancel_job(job: JobDep, session: SessionDep) -> JobOut:
+def cancel_job(job: JobDep, _: TrainKey, session: SessionDep) -> JobOut:
     return service.to_out(session, service.cancel_job(session, job))

@@ -224,7 +224,7 @@ def _train(job_id: str, me: str, settings: Settings, loader_context) -> None:
 def _register_model(job_id, me, settings, result, class_names, metrics, dataset_id, backbone, name) -> None:
     """Write the artifact, then in one transaction add the model row (the next version of its name)
     and mark the job succeeded. The unique job_id on models and the conditional update make a
-    second model impossible; the unique (name, version) makes concurrent versions retry."""
+    second model impossible; the unique (tenant, name, version) makes concurrent versions retry."""
     model_id = f"model_{secrets.token_hex(12)}"
     staging = settings.staging_dir / model_id
     final = settings.models_dir / model_id
@@ -256,10 +256,13 @@ def _insert_model(job_id, me, model_id, name, dataset_id, backbone, class_names,
         ).rowcount
         if not done:
             raise JobStopped("cancelled or taken over before the model was registered")
-        version = (session.scalar(select(func.max(Model.version)).where(Model.name == name)) or 0) + 1
+        tenant_id = session.scalar(select(Job.tenant_id).where(Job.id == job_id))
+        latest = select(func.max(Model.version)).where(Model.tenant_id == tenant_id, Model.name == name)
+        version = (session.scalar(latest) or 0) + 1
         session.add(
             Model(
                 id=model_id,
+                tenant_id=tenant_id,
                 name=name,
                 version=version,
                 job_id=job_id,

@@ -3,9 +3,9 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from app.core.ids import NAME
 from app.ml.spec import Hyperparameters, Strategy
 
-MODEL_NAME_PATTERN = r"^[a-z0-9][a-z0-9._-]{0,99}$"
 JobStatus = Literal["queued", "running", "succeeded", "failed", "cancelled"]
 
 
@@ -22,7 +22,7 @@ class JobCreate(BaseModel):
     seed: int = Field(0, ge=0, le=2**31 - 1)
     model_name: str | None = Field(
         None,
-        pattern=MODEL_NAME_PATTERN,
+        pattern=f"^{NAME}$",
         description="Name of the model this job produces; models of one name get versions 1, 2, ... "
         "Unset: '<dataset name>-<architecture>', so retraining the same backbone on the same data adds a version.",
     )

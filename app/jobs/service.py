@@ -14,9 +14,11 @@ from app.backbones.service import split_backbone
 from app.core import broker
 from app.core.config import Settings
 from app.core.errors import Conflict, NotFound, ServiceUnavailable
-from app.db.tables import Dataset, Job, JobEvent, Model, utcnow
+from app.datasets.service import get_dataset
+from app.db.tables import Dataset, Job, JobEvent, Model, Sweep, utcnow
 from app.jobs.schemas import JobCreate, JobError, JobOut, Progress
 from app.ml.spec import Hyperparameters, choose_strategy, resolve, total_epochs
+from app.tenants.service import check_quota
 
 ACTIVE = ("queued", "running")
 TERMINAL = ("succeeded", "failed", "cancelled")
@@ -31,54 +33,71 @@ def training_images(dataset: Dataset, val_fraction: float) -> int:
     return train if dataset.has_val_split else round(train * (1 - val_fraction))
 
 
-def create_job(session: Session, settings: Settings, request: JobCreate, sweep_id: str | None = None) -> Job:
-    split_backbone(request.backbone, settings)
-    dataset = session.get(Dataset, request.dataset_id)
-    if dataset is None:
-        raise NotFound(f"Dataset '{request.dataset_id}' not found.", code="dataset_not_found")
-    if dataset.status != "ready":
-        raise Conflict(f"Dataset '{dataset.id}' is {dataset.status}, not ready.", code="dataset_not_ready")
-    strategy, reason = request.strategy, None
-    if strategy == "auto":
-        strategy, reason = choose_strategy(training_images(dataset, request.hyperparameters.val_fraction))
-    hyperparameters = resolve(request.hyperparameters, strategy)
-    job = Job(
-        id=f"job_{secrets.token_hex(12)}",
-        dataset_id=dataset.id,
-        backbone=request.backbone.strip(),
-        strategy=strategy,
-        strategy_reason=reason,
-        sweep_id=sweep_id,
-        model_name=request.model_name,
-        pretrained=request.pretrained,
-        hyperparameters=hyperparameters.model_dump(),
-        seed=request.seed,
-        status="queued",
-        epoch=0,
-        metrics={},
-        attempts=0,
-    )
-    session.add(job)
-    add_event(session, job.id, "status", f"queued: {strategy}" + (f" ({reason})" if reason else ""))
+def create_job(session: Session, settings: Settings, tenant_id: str, request: JobCreate) -> Job:
+    return create_jobs(session, settings, tenant_id, [request])[0]
+
+
+def create_jobs(
+    session: Session, settings: Settings, tenant_id: str, requests: list[JobCreate], sweep: Sweep | None = None
+) -> list[Job]:
+    """Queue jobs (and the sweep they belong to) all together or not at all: every request is
+    checked, and the tenant's quotas with it, before anything is stored."""
+    created = []
+    for request in requests:
+        split_backbone(request.backbone, settings)
+        dataset = get_dataset(session, tenant_id, request.dataset_id)
+        if dataset.status != "ready":
+            raise Conflict(f"Dataset '{dataset.id}' is {dataset.status}, not ready.", code="dataset_not_ready")
+        strategy, reason = request.strategy, None
+        if strategy == "auto":
+            strategy, reason = choose_strategy(training_images(dataset, request.hyperparameters.val_fraction))
+        hyperparameters = resolve(request.hyperparameters, strategy)
+        job = Job(
+            id=f"job_{secrets.token_hex(12)}",
+            tenant_id=tenant_id,
+            dataset_id=dataset.id,
+            backbone=request.backbone.strip(),
+            strategy=strategy,
+            strategy_reason=reason,
+            sweep_id=sweep.id if sweep else None,
+            model_name=request.model_name,
+            pretrained=request.pretrained,
+            hyperparameters=hyperparameters.model_dump(),
+            seed=request.seed,
+            status="queued",
+            epoch=0,
+            metrics={},
+            attempts=0,
+        )
+        created.append((job, f"queued: {strategy}" + (f" ({reason})" if reason else "")))
+    check_quota(session, settings, tenant_id, new_jobs=len(created))
+    if sweep is not None:
+        session.add(sweep)
+        session.flush()  # its row before the jobs that point at it
+    for job, message in created:
+        session.add(job)
+        add_event(session, job.id, "status", message)
     session.commit()
     # Enqueue only after the commit: a worker that receives the message must find the job.
-    try:
-        broker.enqueue_finetune(job.id)
-    except Exception as exc:
-        fail(session, job.id, "broker_unavailable", f"Could not enqueue the job: {exc}")
-        raise ServiceUnavailable(f"The job queue is unreachable: {exc}", code="broker_unavailable") from exc
-    return job
+    for job, _ in created:
+        try:
+            broker.enqueue_finetune(job.id)
+        except Exception as exc:
+            fail(session, job.id, "broker_unavailable", f"Could not enqueue the job: {exc}")
+            raise ServiceUnavailable(f"The job queue is unreachable: {exc}", code="broker_unavailable") from exc
+    return [job for job, _ in created]
 
 
-def get_job(session: Session, job_id: str) -> Job:
+def get_job(session: Session, tenant_id: str, job_id: str) -> Job:
     job = session.get(Job, job_id)
-    if job is None:
+    if job is None or job.tenant_id != tenant_id:
         raise NotFound(f"Job '{job_id}' not found.", code="job_not_found")
     return job
 
 
-def list_jobs(session: Session, limit: int) -> list[JobOut]:
-    jobs = list(session.scalars(select(Job).order_by(Job.created_at.desc()).limit(limit)))
+def list_jobs(session: Session, tenant_id: str, limit: int) -> list[JobOut]:
+    query = select(Job).where(Job.tenant_id == tenant_id).order_by(Job.created_at.desc()).limit(limit)
+    jobs = list(session.scalars(query))
     model_ids = dict(session.execute(select(Model.job_id, Model.id).where(Model.job_id.in_([j.id for j in jobs]))).all())
     return [to_out(session, job, model_ids.get(job.id)) for job in jobs]
 

@@ -2,7 +2,7 @@ import time
 from typing import Annotated
 
 import torch
-from fastapi import APIRouter, Depends, Path, Query, Request, Response, status
+from fastapi import APIRouter, Depends, Query, Request, Response, status
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import FileResponse
 from pydantic import ValidationError
@@ -10,10 +10,12 @@ from sqlalchemy.orm import Session
 from starlette.background import BackgroundTask
 from starlette.datastructures import UploadFile
 
+from app.core.auth import AnyKey, PredictKey, ReadKey, TrainKey
 from app.core.config import get_settings
+from app.core.ids import AliasName, ModelName, ModelRef
 from app.core.db import SessionDep, new_session
 from app.core.errors import Invalid, NotFound
-from app.core.storage import capped_body, parse_multipart, remove_quietly
+from app.core.storage import OWN_BODY_LIMIT, capped_body, parse_multipart, remove_quietly
 from app.db.tables import Model
 from app.models import service
 from app.models.schemas import (
@@ -33,13 +35,11 @@ from app.serving.predictor import LoadedModel
 router = APIRouter(prefix="/v1/models", tags=["models"])
 
 
-def _model(
-    model_id: Annotated[str, Path(description="A model id, `name@version` or `name@alias` (e.g. `pets@production`).")],
-) -> Model:
+def _model(model_id: ModelRef, principal: AnyKey) -> Model:
     # A session of its own, closed at once: a prediction must not hold a database connection
     # while it waits for its forward pass (16 waiting requests would drain the pool).
     with new_session() as session:
-        return service.get_model(session, model_id)
+        return service.get_model(session, principal.tenant_id, model_id)
 
 
 ModelDep = Annotated[Model, Depends(_model)]
@@ -50,34 +50,29 @@ def _out(session: Session, model: Model) -> ModelOut:
 
 
 @router.get("", response_model=ModelList)
-def list_models(session: SessionDep, limit: Annotated[int, Query(ge=1, le=1000)] = 100) -> ModelList:
-    return ModelList(data=[_out(session, model) for model in service.list_models(session, limit)])
+def list_models(principal: ReadKey, session: SessionDep, limit: Annotated[int, Query(ge=1, le=1000)] = 100) -> ModelList:
+    return ModelList(data=[_out(session, model) for model in service.list_models(session, principal.tenant_id, limit)])
 
 
 @router.get("/{model_id}", response_model=ModelOut)
-def get_model(model: ModelDep, session: SessionDep) -> ModelOut:
+def get_model(model: ModelDep, _: ReadKey, session: SessionDep) -> ModelOut:
     return _out(session, model)
 
 
 @router.put("/{name}/aliases/{alias}", response_model=AliasOut)
-def set_alias(
-    name: str,
-    alias: Annotated[str, Path(pattern=r"^[a-z][a-z0-9_-]{0,63}$", description="e.g. production, staging")],
-    request: AliasUpdate,
-    session: SessionDep,
-) -> AliasOut:
+def set_alias(name: ModelName, alias: AliasName, request: AliasUpdate, principal: TrainKey, session: SessionDep) -> AliasOut:
     """Point an alias at a version, atomically: each request is answered by the old or the new model."""
-    pointer = service.set_alias(session, name, alias, request.version)
+    pointer = service.set_alias(session, principal.tenant_id, name, alias, request.version)
     return AliasOut(name=name, alias=alias, version=request.version, model_id=pointer.model_id)
 
 
 @router.delete("/{name}/aliases/{alias}", status_code=status.HTTP_204_NO_CONTENT)
-def delete_alias(name: str, alias: str, session: SessionDep) -> None:
-    service.delete_alias(session, name, alias)
+def delete_alias(name: ModelName, alias: AliasName, principal: TrainKey, session: SessionDep) -> None:
+    service.delete_alias(session, principal.tenant_id, name, alias)
 
 
 @router.get("/{model_id}/download", response_class=FileResponse)
-def download_model(model: ModelDep) -> FileResponse:
+def download_model(model: ModelDep, _: ReadKey) -> FileResponse:
     path = service.zip_artifact(get_settings(), model)
     return FileResponse(
         path, media_type="application/zip", filename=f"{model.id}.zip", background=BackgroundTask(remove_quietly, path)
@@ -85,7 +80,7 @@ def download_model(model: ModelDep) -> FileResponse:
 
 
 @router.post("/{model_id}/exports", status_code=status.HTTP_201_CREATED, response_model=ExportOut)
-async def create_export(model: ModelDep, body: ExportCreate, session: SessionDep, request: Request) -> dict:
+async def create_export(model: ModelDep, body: ExportCreate, _: TrainKey, session: SessionDep, request: Request) -> dict:
     """ONNX with the normalisation and calibration inside; kept only if onnxruntime matches PyTorch
     on the validation images (top-1 agreement 100%, probabilities within 1e-4)."""
     export = await run_in_threadpool(service.export_onnx, session, get_settings(), model)
@@ -94,7 +89,7 @@ async def create_export(model: ModelDep, body: ExportCreate, session: SessionDep
 
 
 @router.get("/{model_id}/exports/onnx", response_class=FileResponse)
-def download_export(model: ModelDep) -> FileResponse:
+def download_export(model: ModelDep, _: ReadKey) -> FileResponse:
     path = service.exports_dir(get_settings(), model) / "model.onnx"
     if not path.exists():
         raise NotFound(f"Model '{model.id}' has no ONNX export yet: POST /v1/models/{model.id}/exports.",
@@ -103,7 +98,7 @@ def download_export(model: ModelDep) -> FileResponse:
 
 
 @router.delete("/{model_id}", status_code=status.HTTP_204_NO_CONTENT)
-def delete_model(model: ModelDep, session: SessionDep, request: Request) -> None:
+def delete_model(model: ModelDep, _: TrainKey, session: SessionDep, request: Request) -> None:
     service.delete_model(session, get_settings(), model)
     request.app.state.model_cache.evict(model.id)
 
@@ -168,9 +163,15 @@ def _timed(response: Response, started: float) -> None:
     response.headers["Server-Timing"] = f"inference;dur={milliseconds:.1f}"
 
 
-@router.post("/{model_id}/predict", response_model=PredictionResponse, openapi_extra=IMAGES_BODY)
+@router.post(
+    "/{model_id}/predict",
+    response_model=PredictionResponse,
+    openapi_extra=IMAGES_BODY,
+    max_body_size=OWN_BODY_LIMIT,  # max_predict_bytes, in read_images
+)
 async def predict(
     model: ModelDep,
+    _: PredictKey,
     request: Request,
     response: Response,
     top_k: Annotated[int | None, Query(ge=1, description="Default: min(5, number of classes).")] = None,
@@ -197,8 +198,13 @@ async def predict(
     )
 
 
-@router.post("/{model_id}/embed", response_model=EmbeddingResponse, openapi_extra=IMAGES_BODY)
-async def embed(model: ModelDep, request: Request, response: Response) -> EmbeddingResponse:
+@router.post(
+    "/{model_id}/embed",
+    response_model=EmbeddingResponse,
+    openapi_extra=IMAGES_BODY,
+    max_body_size=OWN_BODY_LIMIT,  # max_predict_bytes, in read_images
+)
+async def embed(model: ModelDep, _: PredictKey, request: Request, response: Response) -> EmbeddingResponse:
     """The pooled features (the classifier's input) of each image."""
     started = time.perf_counter()
     images, loaded, batch = await _prepare(request, model)

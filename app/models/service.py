@@ -17,16 +17,19 @@ from app.ml import onnx_export
 from app.ml.data import split_samples
 
 
-def get_model(session: Session, ref: str) -> Model:
-    """A model by id, `name@version` or `name@alias`."""
+def get_model(session: Session, tenant_id: str, ref: str) -> Model:
+    """A model of this tenant by id, `name@version` or `name@alias`."""
     name, at, tag = ref.partition("@")
+    mine = select(Model).where(Model.tenant_id == tenant_id)
     if not at:
-        model = session.get(Model, ref)
+        model = session.scalar(mine.where(Model.id == ref))
     elif tag.isdigit():
-        model = session.scalar(select(Model).where(Model.name == name, Model.version == int(tag)))
+        model = session.scalar(mine.where(Model.name == name, Model.version == int(tag)))
     else:
         model = session.scalar(
-            select(Model).join(ModelAlias, ModelAlias.model_id == Model.id).where(ModelAlias.name == name, ModelAlias.alias == tag)
+            mine.join(ModelAlias, ModelAlias.model_id == Model.id).where(
+                ModelAlias.tenant_id == tenant_id, ModelAlias.name == name, ModelAlias.alias == tag
+            )
         )
     if model is None:
         raise NotFound(f"Model '{ref}' not found.", code="model_not_found")
@@ -37,14 +40,12 @@ def aliases_of(session: Session, model: Model) -> list[str]:
     return list(session.scalars(select(ModelAlias.alias).where(ModelAlias.model_id == model.id).order_by(ModelAlias.alias)))
 
 
-def set_alias(session: Session, name: str, alias: str, version: int) -> ModelAlias:
+def set_alias(session: Session, tenant_id: str, name: str, alias: str, version: int) -> ModelAlias:
     """Point `name@alias` at a version, in one transaction: every request sees the old or the new model."""
-    model = session.scalar(select(Model).where(Model.name == name, Model.version == version))
-    if model is None:
-        raise NotFound(f"Model '{name}@{version}' not found.", code="model_not_found")
-    pointer = session.get(ModelAlias, (name, alias))
+    model = get_model(session, tenant_id, f"{name}@{version}")
+    pointer = session.get(ModelAlias, (tenant_id, name, alias))
     if pointer is None:
-        pointer = ModelAlias(name=name, alias=alias, model_id=model.id)
+        pointer = ModelAlias(tenant_id=tenant_id, name=name, alias=alias, model_id=model.id)
         session.add(pointer)
     else:
         pointer.model_id = model.id
@@ -53,16 +54,17 @@ def set_alias(session: Session, name: str, alias: str, version: int) -> ModelAli
     return pointer
 
 
-def delete_alias(session: Session, name: str, alias: str) -> None:
-    pointer = session.get(ModelAlias, (name, alias))
+def delete_alias(session: Session, tenant_id: str, name: str, alias: str) -> None:
+    pointer = session.get(ModelAlias, (tenant_id, name, alias))
     if pointer is None:
         raise NotFound(f"Alias '{name}@{alias}' not found.", code="alias_not_found")
     session.delete(pointer)
     session.commit()
 
 
-def list_models(session: Session, limit: int) -> list[Model]:
-    return list(session.scalars(select(Model).order_by(Model.created_at.desc()).limit(limit)))
+def list_models(session: Session, tenant_id: str, limit: int) -> list[Model]:
+    query = select(Model).where(Model.tenant_id == tenant_id).order_by(Model.created_at.desc()).limit(limit)
+    return list(session.scalars(query))
 
 
 def artifact_dir(settings: Settings, model: Model) -> Path:

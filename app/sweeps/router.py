@@ -3,7 +3,9 @@ from typing import Annotated
 from fastapi import APIRouter, Depends, Query, status
 from fastapi.concurrency import run_in_threadpool
 
+from app.core.auth import AnyKey, ReadKey, TrainKey
 from app.core.config import get_settings
+from app.core.ids import SweepId
 from app.core.db import SessionDep
 from app.db.tables import Sweep
 from app.jobs import service as jobs
@@ -14,30 +16,31 @@ from app.sweeps.schemas import Promote, SweepCreate, SweepList, SweepOut
 router = APIRouter(prefix="/v1/sweeps", tags=["sweeps"])
 
 
-def _sweep(sweep_id: str, session: SessionDep) -> Sweep:
-    return service.get_sweep(session, sweep_id)
+def _sweep(sweep_id: SweepId, principal: AnyKey, session: SessionDep) -> Sweep:
+    return service.get_sweep(session, principal.tenant_id, sweep_id)
 
 
 SweepDep = Annotated[Sweep, Depends(_sweep)]
 
 
 @router.post("", status_code=status.HTTP_202_ACCEPTED, response_model=SweepOut)
-async def create_sweep(request: SweepCreate, session: SessionDep) -> SweepOut:
-    sweep = await run_in_threadpool(service.create_sweep, session, get_settings(), request)
+async def create_sweep(request: SweepCreate, principal: TrainKey, session: SessionDep) -> SweepOut:
+    sweep = await run_in_threadpool(service.create_sweep, session, get_settings(), principal.tenant_id, request)
     return service.to_out(session, sweep)
 
 
 @router.get("", response_model=SweepList)
-def list_sweeps(session: SessionDep, limit: Annotated[int, Query(ge=1, le=1000)] = 100) -> SweepList:
-    return SweepList(data=[service.to_out(session, sweep) for sweep in service.list_sweeps(session, limit)])
+def list_sweeps(principal: ReadKey, session: SessionDep, limit: Annotated[int, Query(ge=1, le=1000)] = 100) -> SweepList:
+    sweeps = service.list_sweeps(session, principal.tenant_id, limit)
+    return SweepList(data=[service.to_out(session, sweep) for sweep in sweeps])
 
 
 @router.get("/{sweep_id}", response_model=SweepOut)
-def get_sweep(sweep: SweepDep, session: SessionDep) -> SweepOut:
+def get_sweep(sweep: SweepDep, _: ReadKey, session: SessionDep) -> SweepOut:
     return service.to_out(session, sweep)
 
 
 @router.post("/{sweep_id}/promote", status_code=status.HTTP_202_ACCEPTED, response_model=JobOut)
-async def promote(sweep: SweepDep, request: Promote, session: SessionDep) -> JobOut:
+async def promote(sweep: SweepDep, request: Promote, _: TrainKey, session: SessionDep) -> JobOut:
     job = await run_in_threadpool(service.promote, session, get_settings(), sweep, request)
     return jobs.to_out(session, job)

@@ -13,35 +13,34 @@ from timm.models import split_model_name_tag
 from app.backbones.service import model_shape, split_backbone
 from app.core.config import Settings
 from app.core.errors import Invalid, NotFound
-from app.datasets.service import get_dataset
 from app.db.tables import Job, Model, Sweep
 from app.jobs import service as jobs
 from app.jobs.schemas import JobCreate
 from app.sweeps.schemas import Promote, SweepCreate, SweepOut, SweepRow
 
 
-def create_sweep(session: Session, settings: Settings, request: SweepCreate) -> Sweep:
-    get_dataset(session, request.dataset_id)
-    for backbone in request.backbones:  # refuse the whole sweep before queueing any of it
-        split_backbone(backbone, settings)
-    sweep = Sweep(id=f"sweep_{secrets.token_hex(12)}", dataset_id=request.dataset_id, backbones=request.backbones)
-    session.add(sweep)
-    session.commit()
-    for backbone in request.backbones:
-        job = JobCreate(dataset_id=request.dataset_id, backbone=backbone, strategy="linear_probe", seed=request.seed)
-        jobs.create_job(session, settings, job, sweep_id=sweep.id)
+def create_sweep(session: Session, settings: Settings, tenant_id: str, request: SweepCreate) -> Sweep:
+    sweep = Sweep(
+        id=f"sweep_{secrets.token_hex(12)}", tenant_id=tenant_id, dataset_id=request.dataset_id, backbones=request.backbones
+    )
+    rows = [
+        JobCreate(dataset_id=request.dataset_id, backbone=backbone, strategy="linear_probe", seed=request.seed)
+        for backbone in request.backbones
+    ]
+    jobs.create_jobs(session, settings, tenant_id, rows, sweep=sweep)  # the whole sweep or nothing
     return sweep
 
 
-def get_sweep(session: Session, sweep_id: str) -> Sweep:
+def get_sweep(session: Session, tenant_id: str, sweep_id: str) -> Sweep:
     sweep = session.get(Sweep, sweep_id)
-    if sweep is None:
+    if sweep is None or sweep.tenant_id != tenant_id:
         raise NotFound(f"Sweep '{sweep_id}' not found.", code="sweep_not_found")
     return sweep
 
 
-def list_sweeps(session: Session, limit: int) -> list[Sweep]:
-    return list(session.scalars(select(Sweep).order_by(Sweep.created_at.desc()).limit(limit)))
+def list_sweeps(session: Session, tenant_id: str, limit: int) -> list[Sweep]:
+    query = select(Sweep).where(Sweep.tenant_id == tenant_id).order_by(Sweep.created_at.desc()).limit(limit)
+    return list(session.scalars(query))
 
 
 def to_out(session: Session, sweep: Sweep) -> SweepOut:
@@ -88,4 +87,4 @@ def promote(session: Session, settings: Settings, sweep: Sweep, request: Promote
         hyperparameters=request.hyperparameters,
         seed=request.seed,
     )
-    return jobs.create_job(session, settings, job)
+    return jobs.create_job(session, settings, sweep.tenant_id, job)

@@ -143,6 +143,6 @@ def test_not_multipart_and_missing_file_field(client, settings_env):
 
 
 def test_unknown_dataset_is_404_with_the_envelope(client):
-    response = client.get("/v1/datasets/ds_missing")
+    response = client.get(f"/v1/datasets/ds_{'0' * 24}")
     assert response.status_code == 404
     assert response.json()["error"]["code"] == "dataset_not_found"

@@ -40,6 +40,11 @@ def embedded_service(tmp_path_factory):
             return False
 
     wait_until(ready, 90, "visiontune up", processes=[process])
+    # Never an open server: `up` printed a first admin key, once; unauthenticated calls are refused.
+    keys = re.findall(r"^\s+(vt_[0-9a-f]{8}_[\w-]{43})$", process.tail(200), re.MULTILINE)
+    assert len(keys) == 1, process.tail()
+    assert http.get("/v1/datasets").status_code == 401
+    http.headers["Authorization"] = f"Bearer {keys[0]}"
     yield url, http, root, process
     http.close()
     assert processes_using(root), "the API and worker processes should be running until stopped"
@@ -65,7 +70,7 @@ def test_quickstart_as_written_on_embedded_broker(embedded_service):
     url, http, root, process = embedded_service
     run = subprocess.run(
         ["bash", "-euo", "pipefail", "-c", quickstart_script()],
-        cwd=root, env={**os.environ, "API": url, "SHARED": str(SHARED)},
+        cwd=root, env={**os.environ, "API": url, "SHARED": str(SHARED), "KEY": http.headers["Authorization"].split()[1]},
         capture_output=True, text=True, timeout=900,
     )
     assert run.returncode == 0, f"{run.stdout}\n{run.stderr}\n{process.tail()}"

@@ -175,7 +175,7 @@ def test_bad_prediction_requests_are_refused_and_the_server_keeps_serving(stack,
     too_many = stack.http.post(url, params={"top_k": 3}, files={"files": (image.name, image.read_bytes())})
     assert too_many.status_code == 422 and too_many.json()["error"]["code"] == "top_k_too_large"
     assert stack.http.post(url, files={"other": ("x", b"")}).status_code == 422
-    assert stack.http.post("/v1/models/model_missing/predict", files={"files": (image.name, image.read_bytes())}).status_code == 404
+    assert stack.http.post(f"/v1/models/model_{'0' * 24}/predict", files={"files": (image.name, image.read_bytes())}).status_code == 404
     assert stack.http.post(url, files={"files": (image.name, image.read_bytes())}).status_code == 200
 
 
@@ -221,7 +221,7 @@ def test_batched_results_equal_one_by_one_and_json_equals_multipart(stack, probe
     assert all(r.headers["X-Batch-Size"] == "1" and r.headers["Server-Timing"].startswith("inference;dur=") for r in one_by_one)
 
     async def concurrently():
-        async with httpx.AsyncClient(base_url=stack.url, timeout=60) as client:
+        async with httpx.AsyncClient(base_url=stack.url, headers=stack.http.headers, timeout=60) as client:
             return await asyncio.gather(*(client.post(url, files={"files": (p.name, p.read_bytes())}) for p, _ in images * 3))
 
     together = asyncio.run(concurrently())
@@ -309,13 +309,13 @@ def test_versions_and_moving_an_alias_under_load(stack, small_dataset):
 
     def flip():  # move the alias back and forth while requests are in flight
         version = 1
-        with httpx.Client(base_url=stack.url, timeout=60) as http:
+        with httpx.Client(base_url=stack.url, headers=stack.http.headers, timeout=60) as http:
             while not stop.is_set():
                 version = 3 - version
                 assert http.put("/v1/models/ants-bees/aliases/production", json={"version": version}).status_code == 200
 
     async def load():
-        async with httpx.AsyncClient(base_url=stack.url, timeout=60) as client:
+        async with httpx.AsyncClient(base_url=stack.url, headers=stack.http.headers, timeout=60) as client:
             async def one():
                 return await client.post("/v1/models/ants-bees@production/predict", files={"files": ("a.jpg", image)})
             return await asyncio.gather(*(one() for _ in range(60)))

@@ -22,4 +22,4 @@ def test_unknown_backbone_refuses_the_whole_sweep(client):
 
 
 def test_unknown_sweep_is_404(client):
-    assert client.get("/v1/sweeps/sweep_nope").json()["error"]["code"] == "sweep_not_found"
+    assert client.get(f"/v1/sweeps/sweep_{'0' * 24}").json()["error"]["code"] == "sweep_not_found"

@@ -1,0 +1,159 @@
+"""Tenants, their API keys and their quotas.
+
+A key is `vt_<prefix>_<secret>`: 32 random bytes of secret, shown once. Only the SHA-256 of the
+whole key is stored. A fast hash is the right one here (as for GitHub or Stripe tokens): the
+secret is random, not a password, so there is nothing for a slow hash to protect against; the
+prefix finds the row and the hash is compared in constant time.
+"""
+
+import hashlib
+import hmac
+import secrets
+from dataclasses import dataclass
+from datetime import timedelta
+
+from sqlalchemy import func, select, update
+from sqlalchemy.orm import Session
+
+from app.core.config import Settings
+from app.core.errors import Conflict, NotFound, QuotaExceeded, Unauthorized
+from app.db.tables import ApiKey, Dataset, Job, Model, Tenant, utcnow
+
+SCOPES = ("read", "train", "predict", "admin")  # admin: every scope, plus /v1/admin
+ACTIVE_JOB_STATUSES = ("queued", "running")
+LAST_USED_RESOLUTION = timedelta(minutes=1)  # at most one write per key per minute, not one per request
+
+
+@dataclass(frozen=True)
+class Principal:
+    """Who is calling: the key's tenant and scopes."""
+
+    tenant_id: str
+    key_id: str
+    scopes: frozenset[str]
+
+    def allows(self, scope: str) -> bool:
+        return scope in self.scopes or "admin" in self.scopes
+
+
+def _hash(key: str) -> str:
+    return hashlib.sha256(key.encode()).hexdigest()
+
+
+def create_tenant(session: Session, name: str, **quotas: int | None) -> Tenant:
+    if session.scalar(select(Tenant.id).where(Tenant.name == name)):
+        raise Conflict(f"Tenant '{name}' already exists.", code="tenant_exists")
+    tenant = Tenant(id=f"tn_{secrets.token_hex(12)}", name=name, **quotas)
+    session.add(tenant)
+    session.commit()
+    return tenant
+
+
+def get_tenant(session: Session, tenant_id: str) -> Tenant:
+    tenant = session.get(Tenant, tenant_id)
+    if tenant is None:
+        raise NotFound(f"Tenant '{tenant_id}' not found.", code="tenant_not_found")
+    return tenant
+
+
+def list_tenants(session: Session, limit: int) -> list[Tenant]:
+    return list(session.scalars(select(Tenant).order_by(Tenant.created_at).limit(limit)))
+
+
+def create_key(session: Session, tenant: Tenant, name: str, scopes: list[str]) -> tuple[ApiKey, str]:
+    """The stored key and the key itself, which is never available again."""
+    prefix = secrets.token_hex(4)
+    key = f"vt_{prefix}_{secrets.token_urlsafe(32)}"
+    row = ApiKey(
+        id=f"key_{secrets.token_hex(12)}",
+        tenant_id=tenant.id,
+        name=name,
+        prefix=f"vt_{prefix}",
+        key_hash=_hash(key),
+        scopes=sorted(set(scopes)),
+    )
+    session.add(row)
+    session.commit()
+    return row, key
+
+
+def list_keys(session: Session, tenant: Tenant) -> list[ApiKey]:
+    return list(session.scalars(select(ApiKey).where(ApiKey.tenant_id == tenant.id).order_by(ApiKey.created_at)))
+
+
+def revoke_key(session: Session, key_id: str) -> ApiKey:
+    row = session.get(ApiKey, key_id)
+    if row is None:
+        raise NotFound(f"API key '{key_id}' not found.", code="key_not_found")
+    if row.revoked_at is None:
+        row.revoked_at = utcnow()
+        session.commit()
+    return row
+
+
+def any_active_key(session: Session) -> bool:
+    return session.scalar(select(ApiKey.id).where(ApiKey.revoked_at.is_(None)).limit(1)) is not None
+
+
+def authenticate(session: Session, key: str) -> Principal:
+    invalid = Unauthorized("Invalid or revoked API key.", code="invalid_api_key")
+    parts = key.split("_", 2)  # the secret itself may contain "_"
+    if len(parts) != 3 or parts[0] != "vt" or len(key) > 100:
+        raise invalid
+    row = session.scalar(select(ApiKey).where(ApiKey.prefix == f"vt_{parts[1]}"))
+    if row is None or row.revoked_at is not None or not hmac.compare_digest(row.key_hash, _hash(key)):
+        raise invalid
+    now = utcnow()
+    if row.last_used_at is None or now - row.last_used_at > LAST_USED_RESOLUTION:
+        row.last_used_at = now
+        session.commit()
+    return Principal(tenant_id=row.tenant_id, key_id=row.id, scopes=frozenset(row.scopes))
+
+
+# Quotas -----------------------------------------------------------------------------------------
+
+
+def limits(settings: Settings, tenant: Tenant) -> dict[str, int | None]:
+    return {
+        "max_stored_bytes": tenant.max_stored_bytes if tenant.max_stored_bytes is not None else settings.default_max_stored_bytes,
+        "max_concurrent_jobs": tenant.max_concurrent_jobs if tenant.max_concurrent_jobs is not None else settings.default_max_concurrent_jobs,
+        "max_models": tenant.max_models if tenant.max_models is not None else settings.default_max_models,
+    }  # fmt: skip
+
+
+def usage(session: Session, tenant_id: str) -> dict[str, int]:
+    stored = session.scalar(select(func.coalesce(func.sum(Dataset.size_bytes), 0)).where(Dataset.tenant_id == tenant_id))
+    stored += session.scalar(select(func.coalesce(func.sum(Model.size_bytes), 0)).where(Model.tenant_id == tenant_id))
+    active = session.scalar(
+        select(func.count()).select_from(Job).where(Job.tenant_id == tenant_id, Job.status.in_(ACTIVE_JOB_STATUSES))
+    )
+    models = session.scalar(select(func.count()).select_from(Model).where(Model.tenant_id == tenant_id))
+    return {"stored_bytes": stored, "concurrent_jobs": active, "models": models}
+
+
+def check_quota(
+    session: Session, settings: Settings, tenant_id: str, *, new_bytes: int = 0, new_jobs: int = 0
+) -> None:
+    """Refuse (429, naming the quota) what would take the tenant past a quota. Call it inside the
+    transaction that creates the objects: it locks the tenant first, so two concurrent requests
+    cannot both take the last unit."""
+    session.execute(update(Tenant).where(Tenant.id == tenant_id).values(usage_checked_at=utcnow()))
+    limit = limits(settings, get_tenant(session, tenant_id))
+    used = usage(session, tenant_id)
+    checks = []  # (quota, what the tenant would have, the most it may have)
+    if new_bytes:
+        checks.append(("max_stored_bytes", used["stored_bytes"] + new_bytes, limit["max_stored_bytes"]))
+    if new_jobs:
+        # A job's model needs room, and it counts as a model from the moment the job is queued.
+        checks += [
+            ("max_stored_bytes", used["stored_bytes"] + 1, limit["max_stored_bytes"]),
+            ("max_concurrent_jobs", used["concurrent_jobs"] + new_jobs, limit["max_concurrent_jobs"]),
+            ("max_models", used["models"] + used["concurrent_jobs"] + new_jobs, limit["max_models"]),
+        ]
+    for quota, total, most in checks:
+        if most is not None and total > most:
+            session.rollback()
+            raise QuotaExceeded(
+                f"Quota '{quota}' exceeded: this request needs {total}, the tenant's limit is {most}.",
+                details=[{"quota": quota, "limit": most, "requested": total, "usage": used}],
+            )
