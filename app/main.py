@@ -66,6 +66,8 @@ ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
 async def lifespan(app: FastAPI):
     settings = get_settings()
     settings.data_dir.mkdir(parents=True, exist_ok=True)
+    for directory in (settings.staging_dir, settings.datasets_dir, settings.models_dir):
+        directory.mkdir(exist_ok=True)
     await run_in_threadpool(upgrade_to_head, settings.database_url)
     app.state.model_cache = ModelCache(
         settings.model_cache_bytes, settings.max_batch_size, settings.max_wait_ms, settings.serving_runtime

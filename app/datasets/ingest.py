@@ -22,11 +22,13 @@ from typing import IO
 from PIL import Image
 
 from app.core.errors import Invalid, TooLarge, UnsupportedMedia
+from app.ml.data import IMAGE_FORMATS
 
-IMAGE_FORMATS = ["JPEG", "PNG", "BMP", "GIF", "WEBP", "TIFF"]
 SPLIT_DIRS = {"train": "train", "val": "val", "valid": "val", "validation": "val", "test": None}
 SYSTEM_FILES = {"thumbs.db", "desktop.ini"}
 MAX_CLASS_NAME = 100
+MAX_DEPTH = 16  # folders in an entry's path; ImageFolder needs 3 (split/class/image) below a wrapper
+MAX_PATH_BYTES = 1024
 CHUNK = 1 << 20
 
 
@@ -184,8 +186,9 @@ def _unsafe(entry_name: str, why: str) -> Invalid:
 
 
 def _has_control_chars(text: str) -> bool:
-    # Cs: undecodable bytes that tarfile smuggles in as surrogates
-    return any(unicodedata.category(ch) in ("Cc", "Cs") for ch in text)
+    # Cs: undecodable bytes that tarfile smuggles in as surrogates; Cf: invisible format characters
+    # (right-to-left override, zero-width joiners, BOM) that make one name look like another.
+    return any(unicodedata.category(ch) in ("Cc", "Cs", "Cf") for ch in text)
 
 
 def _normalise(entry: _Entry) -> tuple[str, ...]:
@@ -199,6 +202,8 @@ def _normalise(entry: _Entry) -> tuple[str, ...]:
         raise _unsafe(name, "points outside the archive ('..')")
     if any(len(p.encode()) > 255 for p in parts):
         raise _unsafe(name, "has a path component longer than 255 bytes")
+    if len(parts) > MAX_DEPTH or len(name.encode()) > MAX_PATH_BYTES:
+        raise _unsafe(name, f"is nested deeper than {MAX_DEPTH} folders or longer than {MAX_PATH_BYTES} bytes")
     return parts
 
 
@@ -218,7 +223,11 @@ def _safe_files(entries: list[_Entry]) -> list[_File]:
 def _check_unique(paths: Iterable[tuple[tuple[str, ...], str]]) -> None:
     """Two entries must never write the same path, nor a file sit where another needs a directory."""
     seen: dict[tuple[str, ...], str] = {}
-    for parts, name in paths:
+    for original, name in paths:
+        # Compared as a case-insensitive or normalising file system (macOS, Windows, some mounts)
+        # would store them: 'Ants/x.jpg' and 'ants/X.jpg', or an 'é' composed and decomposed,
+        # would overwrite each other there.
+        parts = tuple(unicodedata.normalize("NFC", part).casefold() for part in original)
         if parts in seen:
             raise _unsafe(name, f"has the same path as {seen[parts]!r}")
         seen[parts] = name

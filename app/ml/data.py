@@ -8,7 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image
+from PIL import Image, ImageOps
 
 Sample = tuple[Path, int]
 
@@ -64,9 +64,18 @@ def class_weights(samples: list[Sample], num_classes: int) -> torch.Tensor:
     return torch.tensor([len(samples) / (num_classes * counts[c]) if counts[c] else 0.0 for c in range(num_classes)])
 
 
+IMAGE_FORMATS = ["JPEG", "PNG", "BMP", "GIF", "WEBP", "TIFF"]  # the only decoders ever run on client bytes
+
+
+def upright_rgb(image: Image.Image) -> Image.Image:
+    """RGB pixels the right way up: a camera's EXIF orientation applied, as a photo viewer shows it.
+    Training, serving and the ONNX parity check all decode through here, so they agree."""
+    return ImageOps.exif_transpose(image).convert("RGB")
+
+
 def load_rgb(path: Path) -> Image.Image:
-    with Image.open(path) as image:
-        return image.convert("RGB")
+    with Image.open(path, formats=IMAGE_FORMATS) as image:
+        return upright_rgb(image)
 
 
 def _resize_short_side(image: Image.Image, short_side: int, resample: Image.Resampling) -> Image.Image:

@@ -18,9 +18,9 @@ import numpy as np
 import onnx
 import onnxruntime
 import torch
-from PIL import Image
 from timm.data import resolve_model_data_config
 
+from app.ml.data import load_rgb
 from app.ml.backbone import CalibratedClassifier, load_artifact, pixel_transform, preprocessing_of
 from app.ml.export import read_temperature
 
@@ -126,7 +126,7 @@ def _parity(
 
     batch_diffs, agreeing = [], 0
     for start in range(0, len(parity_images), PARITY_BATCH_SIZE):
-        pixels = torch.stack([transform(_read_rgb(path)) for path in parity_images[start : start + PARITY_BATCH_SIZE]])
+        pixels = torch.stack([transform(load_rgb(path)) for path in parity_images[start : start + PARITY_BATCH_SIZE]])
         with torch.inference_mode():
             reference = wrapper(pixels).numpy()  # what app.serving.predictor's PyTorch runtime computes
         (exported,) = session.run([OUTPUT_NAME], {INPUT_NAME: pixels.numpy()})
@@ -142,11 +142,6 @@ def _parity(
         passed=top1_agreement == 1.0 and max_diff <= tolerance,
         opset=opset,
     )
-
-
-def _read_rgb(path: Path) -> Image.Image:
-    with Image.open(path) as image:
-        return image.convert("RGB")
 
 
 def _remove(out_path: Path) -> None:

@@ -28,12 +28,12 @@ from timm.data import resolve_model_data_config
 from app.core.errors import Invalid, UnsupportedMedia
 from app.ml import onnx_export
 from app.ml.backbone import CalibratedClassifier, load_artifact, pixel_transform
+from app.ml.data import IMAGE_FORMATS, upright_rgb
 from app.ml.export import read_temperature
 from app.serving.batcher import MicroBatcher
 
 logger = logging.getLogger(__name__)
 
-DECODABLE_FORMATS = ["JPEG", "PNG", "BMP", "GIF", "WEBP", "TIFF"]
 
 
 @dataclass
@@ -172,13 +172,13 @@ def release_memory() -> None:
 
 def decode_image(filename: str, data: bytes, max_pixels: int) -> Image.Image:
     try:
-        with Image.open(io.BytesIO(data), formats=DECODABLE_FORMATS) as image:
+        with Image.open(io.BytesIO(data), formats=IMAGE_FORMATS) as image:
             if image.width * image.height > max_pixels:
                 raise Invalid(
                     f"'{filename}' is {image.width}x{image.height} pixels; the limit is {max_pixels}.",
                     code="image_too_large",
                 )
-            return image.convert("RGB")
+            return upright_rgb(image)
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
         raise UnsupportedMedia(f"'{filename}' is not a readable image: {exc}", code="invalid_image") from exc
 

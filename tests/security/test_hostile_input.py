@@ -1,0 +1,220 @@
+"""Hostile uploads over HTTP: the tar-filter CVE family, zip tricks, bombs and Unicode tricks.
+
+Every case goes through the API (in-process, the real app and database) with the server's default
+limits. Each is refused with a 4xx naming the problem, or neutralised (accepted without the bad
+part); either way the data directory holds nothing new but a finished dataset, nothing is written
+outside it, and the server keeps serving. Fake bytes are the point here: these archives and images
+are made by hand because real ones must not exist.
+"""
+
+import io
+import struct
+import tarfile
+import warnings
+import zipfile
+import zlib
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from tests.conftest import HYMENOPTERA
+
+REAL_JPEGS = sorted((HYMENOPTERA / "train" / "ants").iterdir())[:6] + sorted((HYMENOPTERA / "train" / "bees").iterdir())[:6]
+
+
+def good_files() -> dict[str, bytes]:
+    """Six real hymenoptera images per class: a dataset the server accepts."""
+    return {f"{p.parent.name}/{p.name}": p.read_bytes() for p in REAL_JPEGS}
+
+
+def zip_of(files: dict[str, bytes], extra=None) -> bytes:
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w", zipfile.ZIP_DEFLATED) as archive, warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # zipfile warns on duplicate names, which are the point
+        for name, data in files.items():
+            archive.writestr(name, data)
+        for info, data in extra or []:
+            archive.writestr(info, data)
+    return buffer.getvalue()
+
+
+def tar_of(files: dict[str, bytes], members=(), format_=tarfile.PAX_FORMAT) -> bytes:
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w:gz", format=format_) as archive:
+        for name, data in files.items():
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            archive.addfile(info, io.BytesIO(data))
+        for info, data in members:
+            archive.addfile(info, io.BytesIO(data) if info.isreg() else None)
+    return buffer.getvalue()
+
+
+def member(name: str, data: bytes = b"", **attrs) -> tuple[tarfile.TarInfo, bytes]:
+    info = tarfile.TarInfo(name)
+    info.size = len(data)
+    for key, value in attrs.items():
+        setattr(info, key, value)
+    return info, data
+
+
+def zip_symlink(name: str, target: str) -> tuple[zipfile.ZipInfo, bytes]:
+    info = zipfile.ZipInfo(name)
+    info.create_system = 3  # unix
+    info.external_attr = (0o120777 << 16)  # S_IFLNK
+    return info, target.encode()
+
+
+def png_header(width: int, height: int) -> bytes:
+    """A PNG whose header claims a size; no real pixels behind it."""
+
+    def chunk(kind: bytes, body: bytes) -> bytes:
+        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * 64)) + chunk(b"IEND", b"")
+
+
+def gif_header(width: int, height: int) -> bytes:
+    """A GIF whose screen and frame claim a size, with one byte of image data."""
+    screen = b"GIF89a" + struct.pack("<HHBBB", width, height, 0, 0, 0)
+    frame = b"\x2c" + struct.pack("<HHHHB", 0, 0, width, height, 0) + b"\x02\x02\x44\x01\x00"
+    return screen + frame + b"\x3b"
+
+
+def tiff_header(width: int, height: int) -> bytes:
+    """A little-endian TIFF whose tags claim a size, with a single strip of 8 bytes."""
+    entries = [(256, 4, 1, width), (257, 4, 1, height), (258, 3, 1, 8), (259, 3, 1, 1), (262, 3, 1, 1),
+               (273, 4, 1, 8 + 2 + 8 * 12 + 4), (277, 3, 1, 1), (279, 4, 1, 8)]  # fmt: skip
+    ifd = struct.pack("<H", len(entries)) + b"".join(struct.pack("<HHII", *e) for e in entries) + b"\0\0\0\0"
+    return b"II*\x00" + struct.pack("<I", 8) + ifd + b"\0" * 8
+
+
+def image_bytes(fmt: str) -> bytes:
+    buffer = io.BytesIO()
+    Image.new("RGB", (32, 32), (10, 200, 30)).save(buffer, fmt)
+    return buffer.getvalue()
+
+
+GOOD = good_files()
+DEEP = "ants/" + "d/" * 300 + "x.jpg"
+JPEG = REAL_JPEGS[0].read_bytes()
+
+# (id, archive bytes, expected status)
+REFUSED = [
+    ("tar-symlink-escape", tar_of(GOOD, [member("ants/evil", type=tarfile.SYMTYPE, linkname="../../../../etc/passwd")])),
+    ("tar-symlink-absolute", tar_of(GOOD, [member("ants/evil", type=tarfile.SYMTYPE, linkname="/etc/passwd")])),
+    ("tar-hardlink-outside", tar_of(GOOD, [member("ants/evil", type=tarfile.LNKTYPE, linkname="/etc/passwd")])),
+    ("tar-hardlink-inside", tar_of(GOOD, [member("ants/twin.jpg", type=tarfile.LNKTYPE, linkname=next(iter(GOOD)))])),
+    ("tar-link-to-link", tar_of(GOOD, [member("ants/l1", type=tarfile.SYMTYPE, linkname="l2"),
+                                        member("ants/l2", type=tarfile.SYMTYPE, linkname="/etc")])),
+    ("tar-file-through-symlinked-dir", tar_of(GOOD, [member("ants/d", type=tarfile.SYMTYPE, linkname="/tmp"),
+                                                      member("ants/d/x.jpg", JPEG)])),
+    ("tar-chardev", tar_of(GOOD, [member("ants/tty", type=tarfile.CHRTYPE, devmajor=5, devminor=0)])),
+    ("tar-blockdev", tar_of(GOOD, [member("ants/sda", type=tarfile.BLKTYPE, devmajor=8, devminor=0)])),
+    ("tar-fifo", tar_of(GOOD, [member("ants/pipe", type=tarfile.FIFOTYPE)])),
+    ("tar-absolute-name", tar_of(GOOD, [member("/tmp/evil.jpg", JPEG)])),
+    ("tar-dotdot-name", tar_of(GOOD, [member("../evil.jpg", JPEG)])),
+    ("tar-dotdot-inside-name", tar_of(GOOD, [member("ants/../../evil.jpg", JPEG)])),
+    ("tar-duplicate-overwrites", tar_of(GOOD, [member(next(iter(GOOD)), JPEG[:100])])),
+    ("tar-pax-path-escape", tar_of(GOOD, [(tarfile.TarInfo("ants/ok.jpg"), b"")][:0]
+                                   + [member("ants/ok.jpg", JPEG, pax_headers={"path": "../pax.jpg"})])),
+    ("tar-gnu-longname-escape", tar_of(GOOD, [member("../" + "x" * 150 + ".jpg", JPEG)], tarfile.GNU_FORMAT)),
+    ("tar-control-chars", tar_of(GOOD, [member("ants/\x1b[31mred.jpg", JPEG)])),
+    ("tar-deep-path", tar_of(GOOD, [member(DEEP, JPEG)])),
+    ("zip-dotdot", zip_of(GOOD | {"../evil.jpg": JPEG})),
+    ("zip-absolute", zip_of(GOOD | {"/tmp/evil.jpg": JPEG})),
+    ("zip-backslash-dotdot", zip_of(GOOD | {"..\\evil.jpg": JPEG})),
+    ("zip-drive-letter", zip_of(GOOD | {"C:/evil.jpg": JPEG})),
+    ("zip-symlink", zip_of(GOOD, [zip_symlink("ants/evil", "/etc/passwd")])),
+    ("zip-duplicate", zip_of(GOOD, [(next(iter(GOOD)), JPEG[:100])])),
+    ("zip-rtl-override", zip_of(GOOD | {"ants/\u202egpj.exe": JPEG})),
+    ("zip-zero-width-class", zip_of(GOOD | {"an\u200bts/x.jpg": JPEG})),
+    ("zip-nfc-nfd-twins", zip_of(GOOD | {"ants/caf\u00e9.jpg": JPEG, "ants/cafe\u0301.jpg": JPEG})),
+    ("zip-case-twins", zip_of(GOOD | {"ants/Same.jpg": JPEG, "ants/sAME.jpg": JPEG})),
+    ("zip-deep-path", zip_of(GOOD | {DEEP: JPEG})),
+    ("png-pixel-bomb", zip_of(GOOD | {"ants/bomb.png": png_header(100_000, 100_000)})),
+    ("png-negative-width", zip_of(GOOD | {"ants/negative.png": png_header(2**31, 10)})),
+    ("png-over-limit", zip_of(GOOD | {"ants/big.png": png_header(9_000, 9_000)})),
+    ("gif-pixel-bomb", zip_of(GOOD | {"ants/bomb.gif": gif_header(65_535, 65_535)})),
+    ("tiff-pixel-bomb", zip_of(GOOD | {"ants/bomb.tif": tiff_header(200_000, 200_000)})),
+    ("not-an-archive", b"%PDF-1.7 not an archive"),
+]
+
+# Accepted without the bad part: the rest of the dataset is fine.
+NEUTRALISED = [
+    # zipfile ends a name at its first NUL, as the zip format's C readers do: "ants/evil" is kept
+    # as a name, then skipped as not an image.
+    ("zip-nul-in-name", zip_of(GOOD | {"ants/evil\x00.jpg": b"<script>"}), "evil"),
+    # 64 MiB of zeros behind a .jpg name: within the archive-wide ratio limit, then not an image.
+    ("zip-zeros-as-jpeg", zip_of(GOOD | {"ants/zeros.jpg": b"\0" * 64 * 1024**2}), "zeros.jpg"),
+    ("nested-zip", zip_of(GOOD | {"ants/inner.zip": zip_of(GOOD)}), "inner.zip"),
+    ("nested-tar", zip_of(GOOD | {"bees/inner.tar.gz": tar_of(GOOD)}), "inner.tar.gz"),
+    ("png-zero-width", zip_of(GOOD | {"ants/zero.png": png_header(0, 10)}), "zero.png"),
+    ("gif-zero-size", zip_of(GOOD | {"ants/zero.gif": gif_header(0, 0)}), "zero.gif"),
+    ("format-not-allowed-ico", zip_of(GOOD | {"ants/icon.jpg": image_bytes("ICO")}), "icon.jpg"),
+    ("format-not-allowed-pcx", zip_of(GOOD | {"ants/picture.jpg": image_bytes("PCX")}), "picture.jpg"),
+    ("format-not-allowed-eps", zip_of(GOOD | {"ants/page.jpg": b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 9 9\n"}), "page.jpg"),
+]
+
+
+def listing(root: Path) -> set[str]:
+    return {str(p.relative_to(root)) for p in root.rglob("*") if not p.name.endswith(("-wal", "-shm", "-journal"))}
+
+
+def upload(client, content: bytes):
+    return client.post("/v1/datasets", files={"file": ("upload.bin", content)})
+
+
+@pytest.mark.parametrize(("content",), [(c,) for _, c in REFUSED], ids=[i for i, _ in REFUSED])
+def test_hostile_archive_is_refused_and_nothing_is_written(client, settings_env, content):
+    root = settings_env.parent  # the data directory and everything beside it
+    before = listing(root)
+    response = upload(client, content)
+    assert 400 <= response.status_code < 500, response.text
+    assert response.json()["error"]["message"]
+    assert listing(root) == before
+    assert client.get("/v1/datasets").json()["data"] == []
+    assert upload(client, zip_of(GOOD)).status_code == 201  # and the server goes on serving
+
+
+@pytest.mark.parametrize(("content", "dropped"), [(c, d) for _, c, d in NEUTRALISED], ids=[i for i, _, _ in NEUTRALISED])
+def test_hostile_part_is_dropped_and_the_rest_accepted(client, settings_env, content, dropped):
+    root = settings_env.parent
+    before = listing(root)
+    response = upload(client, content)
+    assert response.status_code == 201, response.text
+    dataset = response.json()
+    assert dataset["num_images"] == len(GOOD) and any(dropped in w for w in dataset["warnings"])
+    new = listing(root) - before
+    assert new and all(path.startswith(f"var/datasets/{dataset['id']}") for path in new), new
+    assert not any(dropped in path for path in new)
+
+
+def test_an_archive_of_100k_tiny_entries_is_refused_before_extraction(client, settings_env):
+    root = settings_env.parent
+    entries = {f"ants/{i}.jpg": b"x" for i in range(100_000)}
+    before = listing(root)
+    response = upload(client, zip_of(entries))
+    assert response.status_code in (413, 422), response.text
+    assert listing(root) == before
+
+
+def test_exif_orientation_is_applied_everywhere_pixels_are_decoded(tmp_path):
+    from app.ml.data import load_rgb
+    from app.serving.predictor import decode_image
+
+    # Stored 40x20, left half red and right half blue, with "rotate 90° clockwise to display".
+    stored = Image.new("RGB", (40, 20), (255, 0, 0))
+    stored.paste((0, 0, 255), (20, 0, 40, 20))
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    path = tmp_path / "rotated.jpg"
+    stored.save(path, "JPEG", exif=exif, quality=95)
+
+    for upright in (load_rgb(path), decode_image("rotated.jpg", path.read_bytes(), 10**6)):
+        assert upright.size == (20, 40)  # displayed portrait
+        top, bottom = upright.getpixel((10, 5)), upright.getpixel((10, 35))
+        assert top[0] > 200 and top[2] < 60  # the red half is on top after a clockwise turn
+        assert bottom[2] > 200 and bottom[0] < 60
