@@ -1,0 +1,47 @@
+"""Request size limits on every endpoint, slow-body timeouts, and ids validated by pattern."""
+
+import asyncio
+
+import httpx
+import pytest
+
+
+def test_json_bodies_over_the_limit_get_413_and_malformed_ids_422(client):
+    big = {"dataset_id": "ds_" + "0" * 24, "backbone": "x" * (2 * 1024**2)}
+    response = client.post("/v1/jobs", json=big)
+    assert response.status_code == 413
+    for path in ("/v1/datasets/..%2F..%2Fetc", "/v1/jobs/job_1;drop", "/v1/models/x@@y", "/v1/sweeps/" + "a" * 500):
+        response = client.get(path)
+        assert response.status_code in (404, 422), (path, response.text)
+        assert response.json()["error"]["code"] in ("validation_error", "not_found")
+    assert client.get("/v1/datasets/ds_../x").status_code == 404  # no such route: never a file path
+    assert client.get("/healthz").status_code == 200
+
+
+@pytest.mark.parametrize("idle", [True, False], ids=["idle-body", "too-slow-overall"])
+def test_a_slow_body_gets_408_and_the_server_keeps_serving(client, monkeypatch, idle):
+    from app.core.config import get_settings
+    from app.main import create_app
+
+    monkeypatch.setenv("VISIONTUNE_BODY_IDLE_TIMEOUT_S", "0.3" if idle else "5")
+    monkeypatch.setenv("VISIONTUNE_BODY_TIMEOUT_S", "5" if idle else "0.6")
+    get_settings.cache_clear()
+    app = create_app()
+    key = client.headers["Authorization"]
+
+    async def drip():
+        yield b'--b\r\nContent-Disposition: form-data; name="file"; filename="a.zip"\r\n\r\n'
+        for _ in range(20):
+            yield b"x" * 10
+            await asyncio.sleep(0.5 if idle else 0.1)
+
+    async def scenario():
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://test", headers={"Authorization": key}) as http:
+            slow = await http.post("/v1/datasets", content=drip(), headers={"content-type": "multipart/form-data; boundary=b"})
+            after = await http.get("/v1/datasets")
+        return slow, after
+
+    slow, after = asyncio.run(scenario())
+    assert slow.status_code == 408 and slow.json()["error"]["code"] == "request_timeout"
+    assert after.status_code == 200

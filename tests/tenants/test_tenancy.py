@@ -1,0 +1,131 @@
+"""Tenants, keys, scopes and quotas, in-process with a real trained model: another tenant's ids
+answer 404 on every endpoint, keys are stored only as hashes, quotas refuse with nothing stored."""
+
+import re
+
+import pytest
+
+from app.db.tables import Dataset, Job
+from app.jobs.runner import run_job
+from tests.conftest import HYMENOPTERA, zip_tree
+
+IMAGE = sorted((HYMENOPTERA / "val" / "bees").iterdir())[0]
+
+
+@pytest.fixture
+def archive(tmp_path):
+    return zip_tree(HYMENOPTERA, tmp_path / "small.zip", per_class={"train": 6, "val": 5})
+
+
+def new_tenant(client, name: str, scopes=("admin",), **quotas) -> tuple[dict, dict]:
+    tenant = client.post("/v1/admin/tenants", json={"name": name, **quotas})
+    assert tenant.status_code == 201, tenant.text
+    key = client.post(f"/v1/admin/tenants/{tenant.json()['id']}/keys", json={"name": name, "scopes": list(scopes)})
+    assert key.status_code == 201, key.text
+    return tenant.json(), {"Authorization": f"Bearer {key.json()['key']}"}
+
+
+def upload(client, headers, archive):
+    return client.post("/v1/datasets", headers=headers, files={"file": ("small.zip", archive.read_bytes())})
+
+
+def test_every_endpoint_answers_404_for_another_tenants_ids(client, archive):
+    _, alice = new_tenant(client, "alice")
+    _, bob = new_tenant(client, "bob")
+    dataset = upload(client, alice, archive).json()
+    job = client.post("/v1/jobs", headers=alice, json={"dataset_id": dataset["id"], "backbone": "mobilenetv2_100",
+                                                       "strategy": "linear_probe", "model_name": "pets"}).json()  # fmt: skip
+    run_job(job["id"])  # the worker's own code, in this process
+    model = client.get(f"/v1/jobs/{job['id']}", headers=alice).json()
+    assert model["status"] == "succeeded", model
+    assert client.put("/v1/models/pets/aliases/production", headers=alice, json={"version": 1}).status_code == 200
+    sweep = client.post("/v1/sweeps", headers=alice, json={"dataset_id": dataset["id"], "backbones": ["mobilenetv2_100"]}).json()
+    alice_ids = {"dataset_id": dataset["id"], "job_id": job["id"], "sweep_id": sweep["id"], "name": "pets", "alias": "production"}
+    model_refs = [model["model_id"], "pets@1", "pets@production"]
+    bodies = {
+        "/predict": {"files": {"files": (IMAGE.name, IMAGE.read_bytes())}},
+        "/embed": {"files": {"files": (IMAGE.name, IMAGE.read_bytes())}},
+        "/exports": {"json": {"format": "onnx"}},
+        "/aliases/{alias}": {"json": {"version": 1}},
+        "/promote": {"json": {"backbone": "mobilenetv2_100"}},
+    }
+
+    probes, probed_routes = 0, set()
+    for template, operations in client.app.openapi()["paths"].items():  # every endpoint the app has
+        params = re.findall(r"{(\w+)}", template)
+        if not params or template.startswith("/v1/admin"):
+            continue
+        for method in operations:
+            for ref in model_refs if "model_id" in params else [None]:
+                path = template.format(**alice_ids, model_id=ref)
+                body = next((b for suffix, b in bodies.items() if template.endswith(suffix) and method != "delete"), {})
+                response = client.request(method.upper(), path, headers=bob, **body)
+                assert response.status_code == 404, (method, path, response.status_code, response.text)
+                assert "alice" not in response.text
+                probes += 1
+                probed_routes.add((method, template))
+    # Objects referred to inside bodies, too.
+    for path, body in (("/v1/jobs", {"dataset_id": dataset["id"], "backbone": "mobilenetv2_100"}),
+                       ("/v1/sweeps", {"dataset_id": dataset["id"], "backbones": ["mobilenetv2_100"]})):  # fmt: skip
+        assert client.post(path, headers=bob, json=body).status_code == 404
+        probes += 1
+    for listing in ("/v1/datasets", "/v1/jobs", "/v1/models", "/v1/sweeps"):
+        assert client.get(listing, headers=bob).json()["data"] == []
+        assert client.get(listing, headers=alice).json()["data"] != []
+        probes += 1
+    print(f"cross-tenant probes: {probes} over {len(probed_routes)} endpoint methods, 0 answered other than 404")
+    assert len(probed_routes) >= 16  # every endpoint with an id in its path
+    # Nothing of alice's changed: bob's deletes, cancels and alias moves were all 404s.
+    assert client.get(f"/v1/models/{model['model_id']}", headers=alice).json()["aliases"] == ["production"]
+    assert client.get(f"/v1/datasets/{dataset['id']}", headers=alice).status_code == 200
+
+
+def test_keys_are_shown_once_stored_hashed_scoped_and_revocable(client, settings_env, archive):
+    tenant, admin = new_tenant(client, "team-a")
+    created = client.post(f"/v1/admin/tenants/{tenant['id']}/keys", json={"name": "ci", "scopes": ["read"]}).json()
+    key = created["key"]
+    assert key.startswith(created["prefix"] + "_")
+    listed = client.get(f"/v1/admin/tenants/{tenant['id']}/keys").json()["data"]
+    assert all("key" not in k and "key_hash" not in k for k in listed) and created["prefix"] in {k["prefix"] for k in listed}
+    database = (settings_env / "visiontune.db").read_bytes() + b"".join(p.read_bytes() for p in settings_env.glob("*.db-wal"))
+    assert key.encode() not in database and key.split("_", 2)[2].encode() not in database
+
+    reader = {"Authorization": f"Bearer {key}"}
+    assert client.get("/v1/datasets", headers=reader).status_code == 200
+    refused = upload(client, reader, archive)
+    assert refused.status_code == 403 and "'train'" in refused.json()["error"]["message"]
+    assert client.get("/v1/admin/tenants", headers=reader).status_code == 403
+    assert client.get("/v1/me", headers=reader).json()["key"]["scopes"] == ["read"]
+
+    for bad in ({}, {"Authorization": "Bearer nope"}, {"Authorization": f"Bearer {key}x"}, {"Authorization": "Basic abc"}):
+        response = client.get("/v1/datasets", headers={"Authorization": ""} | bad)
+        assert response.status_code == 401 and response.headers["www-authenticate"] == "Bearer", bad
+    assert client.delete(f"/v1/admin/keys/{created['id']}").json()["revoked_at"] is not None
+    assert client.get("/v1/datasets", headers=reader).status_code == 401
+
+
+def test_quotas_refuse_with_the_quota_named_and_nothing_stored(client, settings_env, archive):
+    from app.core.db import session_scope
+
+    tenant, headers = new_tenant(client, "small", max_concurrent_jobs=1, max_models=5)
+    dataset = upload(client, headers, archive).json()
+    job = {"dataset_id": dataset["id"], "backbone": "mobilenetv2_100", "strategy": "linear_probe"}
+    assert client.post("/v1/jobs", headers=headers, json=job).status_code == 202
+    second = client.post("/v1/jobs", headers=headers, json=job)
+    assert second.status_code == 429 and second.json()["error"]["details"][0]["quota"] == "max_concurrent_jobs"
+    sweep = client.post("/v1/sweeps", headers=headers, json={"dataset_id": dataset["id"], "backbones": ["mobilenetv2_100"]})
+    assert sweep.status_code == 429 and client.get("/v1/sweeps", headers=headers).json()["data"] == []
+    with session_scope() as session:
+        assert session.query(Job).filter_by(tenant_id=tenant["id"]).count() == 1
+
+    # Stored bytes: the next upload would pass the limit, so it is refused and leaves nothing.
+    client.patch(f"/v1/admin/tenants/{tenant['id']}", json={"max_stored_bytes": dataset["size_bytes"] + 10})
+    datasets_before = sorted((settings_env / "datasets").iterdir())
+    over = upload(client, headers, archive)
+    assert over.status_code == 429 and "max_stored_bytes" in over.json()["error"]["message"]
+    assert sorted((settings_env / "datasets").iterdir()) == datasets_before
+    with session_scope() as session:
+        assert session.query(Dataset).filter_by(tenant_id=tenant["id"]).count() == 1
+    me = client.get("/v1/me", headers=headers).json()["tenant"]
+    assert me["usage"] == {"stored_bytes": dataset["size_bytes"], "concurrent_jobs": 1, "models": 0}
+    assert me["limits"]["max_concurrent_jobs"] == 1
