@@ -118,8 +118,7 @@ REFUSED = [
     ("tar-dotdot-name", tar_of(GOOD, [member("../evil.jpg", JPEG)])),
     ("tar-dotdot-inside-name", tar_of(GOOD, [member("ants/../../evil.jpg", JPEG)])),
     ("tar-duplicate-overwrites", tar_of(GOOD, [member(next(iter(GOOD)), JPEG[:100])])),
-    ("tar-pax-path-escape", tar_of(GOOD, [(tarfile.TarInfo("ants/ok.jpg"), b"")][:0]
-                                   + [member("ants/ok.jpg", JPEG, pax_headers={"path": "../pax.jpg"})])),
+    ("tar-pax-path-escape", tar_of(GOOD, [member("ants/ok.jpg", JPEG, pax_headers={"path": "../pax.jpg"})])),
     ("tar-gnu-longname-escape", tar_of(GOOD, [member("../" + "x" * 150 + ".jpg", JPEG)], tarfile.GNU_FORMAT)),
     ("tar-control-chars", tar_of(GOOD, [member("ants/\x1b[31mred.jpg", JPEG)])),
     ("tar-deep-path", tar_of(GOOD, [member(DEEP, JPEG)])),
