@@ -11,6 +11,7 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel
 from sqlalchemy import text
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.routing import compile_path
 
 from app.backbones.router import router as backbones_router
 from app.core.broker import broker_reachable
@@ -34,6 +35,14 @@ def _error(status: int, code: str, message: str, details: list | None = None, he
     return JSONResponse(status_code=status, content=content, headers=headers)
 
 
+def _allowed_methods(request: Request) -> list[str]:
+    """Every method the OpenAPI document lists for this path (Starlette's own 405 names only the
+    first route whose path matches)."""
+    paths = request.app.openapi()["paths"]
+    matching = [ops for template, ops in paths.items() if compile_path(template)[0].match(request.scope["path"])]
+    return sorted({method.upper() for ops in matching for method in ops})
+
+
 class ErrorBody(BaseModel):
     code: str
     message: str
@@ -48,6 +57,7 @@ class ErrorEnvelope(BaseModel):
 ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
     status: {"model": ErrorEnvelope, "description": description}
     for status, description in {
+        400: "The request body could not be parsed (e.g. not UTF-8 JSON)",
         401: "Missing or invalid API key",
         403: "The API key lacks the scope this endpoint needs",
         404: "Not found (or not this tenant's)",
@@ -104,12 +114,16 @@ def create_app() -> FastAPI:
         return _error(422, "validation_error", f"Invalid request: {fields}: {errors[0]['msg']}", details)
 
     @app.exception_handler(StarletteHTTPException)
-    async def http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:
-        code = {404: "not_found", 405: "method_not_allowed", 413: "request_too_large"}.get(exc.status_code, "http_error")
-        message = str(exc.detail)
+    async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        code = {400: "malformed_body", 404: "not_found", 405: "method_not_allowed", 413: "request_too_large"}.get(
+            exc.status_code, "http_error"
+        )
+        message, headers = str(exc.detail), exc.headers
+        if exc.status_code == 405:
+            headers = {"Allow": ", ".join(_allowed_methods(request))}
         if exc.status_code == 413:
             message = f"The request body is larger than this endpoint accepts ({settings.max_request_bytes} bytes)."
-        return _error(exc.status_code, code, message, headers=exc.headers)
+        return _error(exc.status_code, code, message, headers=headers)
 
     @app.exception_handler(Exception)
     async def unexpected_error(_: Request, exc: Exception) -> JSONResponse:

@@ -18,7 +18,6 @@ import tempfile
 import time
 from pathlib import Path
 
-
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.handwritten import HYMENOPTERA, WEIGHTS, frozen_tutorial  # noqa: E402

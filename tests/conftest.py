@@ -84,9 +84,8 @@ def settings_env(tmp_path, monkeypatch) -> Path:
 def client(settings_env):
     from fastapi.testclient import TestClient
 
-    from app.main import create_app
-
     from app.cli import create_key
+    from app.main import create_app
 
     with TestClient(create_app()) as test_client:
         test_client.headers["Authorization"] = f"Bearer {create_key('default', ['admin'], 'tests')}"

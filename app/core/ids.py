@@ -6,10 +6,13 @@ from typing import Annotated
 from fastapi import Path
 
 HEX_ID = "[0-9a-f]{24}"
+BIGINT_MAX = 2**63 - 1  # the bound of every client-given number that reaches an SQL query or column
 NAME = "[a-z0-9][a-z0-9._-]{0,99}"  # model names, as JobCreate.model_name
 ALIAS = "[a-z][a-z0-9_-]{0,63}"
 
-DatasetId = Annotated[str, Path(pattern=f"^ds_{HEX_ID}$")]
+DATASET_ID = f"^ds_{HEX_ID}$"  # also in request bodies that name a dataset
+
+DatasetId = Annotated[str, Path(pattern=DATASET_ID)]
 JobId = Annotated[str, Path(pattern=f"^job_{HEX_ID}$")]
 SweepId = Annotated[str, Path(pattern=f"^sweep_{HEX_ID}$")]
 TenantId = Annotated[str, Path(pattern=f"^tn_{HEX_ID}$")]

@@ -6,7 +6,6 @@ import shutil
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
-
 from typing import BinaryIO
 
 from fastapi import Request

@@ -5,8 +5,8 @@ from fastapi.concurrency import run_in_threadpool
 
 from app.core.auth import AnyKey, ReadKey, TrainKey
 from app.core.config import get_settings
-from app.core.ids import DatasetId
 from app.core.db import SessionDep
+from app.core.ids import DatasetId
 from app.core.storage import OWN_BODY_LIMIT, receive_file
 from app.datasets import service
 from app.datasets.schemas import DatasetList, DatasetOut

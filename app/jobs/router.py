@@ -5,8 +5,8 @@ from fastapi.concurrency import run_in_threadpool
 
 from app.core.auth import AnyKey, ReadKey, TrainKey
 from app.core.config import get_settings
-from app.core.ids import JobId
 from app.core.db import SessionDep
+from app.core.ids import BIGINT_MAX, JobId
 from app.db.tables import Job
 from app.jobs import service
 from app.jobs.schemas import JobCreate, JobEventList, JobList, JobOut
@@ -42,7 +42,7 @@ def list_events(
     job: JobDep,
     _: ReadKey,
     session: SessionDep,
-    after: Annotated[int, Query(ge=0, description="Only events with a larger id (for polling).")] = 0,
+    after: Annotated[int, Query(ge=0, le=BIGINT_MAX, description="Only events with a larger id (for polling).")] = 0,
     limit: Annotated[int, Query(ge=1, le=1000)] = 1000,
 ) -> dict:
     return {"data": service.list_events(session, job.id, after, limit)}

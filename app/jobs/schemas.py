@@ -3,16 +3,16 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from app.core.ids import NAME
+from app.core.ids import DATASET_ID, NAME
 from app.ml.spec import Hyperparameters, Strategy
 
 JobStatus = Literal["queued", "running", "succeeded", "failed", "cancelled"]
 
 
 class JobCreate(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)
 
-    dataset_id: str = Field(max_length=40)
+    dataset_id: str = Field(pattern=DATASET_ID)
     backbone: str = Field(max_length=200, examples=["mobilenetv2_100", "resnet50.a1_in1k"])
     strategy: Literal["auto"] | Strategy = Field(
         "auto", description="'auto' picks one from the dataset's size; the job records the choice and why."

@@ -20,8 +20,8 @@ import onnxruntime
 import torch
 from timm.data import resolve_model_data_config
 
-from app.ml.data import load_rgb
 from app.ml.backbone import CalibratedClassifier, load_artifact, pixel_transform, preprocessing_of
+from app.ml.data import load_rgb
 from app.ml.export import read_temperature
 
 INPUT_NAME = "pixels"

@@ -30,7 +30,7 @@ RECIPE_BATCH_SIZE = 32
 
 
 class EarlyStopping(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)
 
     metric: Metric = "val_loss"
     patience: int = Field(3, ge=1, le=100)
@@ -40,7 +40,7 @@ class EarlyStopping(BaseModel):
 class Hyperparameters(BaseModel):
     """Unset (null) fields are chosen automatically; the job records the values actually used."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)
 
     epochs: int | None = Field(None, ge=1, le=1000)
     batch_size: int = Field(32, ge=1, le=4096)

@@ -1,5 +1,5 @@
 import time
-from typing import Annotated
+from typing import Annotated, Any
 
 import torch
 from fastapi import APIRouter, Depends, Query, Request, Response, status
@@ -12,9 +12,9 @@ from starlette.datastructures import UploadFile
 
 from app.core.auth import AnyKey, PredictKey, ReadKey, TrainKey
 from app.core.config import get_settings
-from app.core.ids import AliasName, ModelName, ModelRef
 from app.core.db import SessionDep, new_session
 from app.core.errors import Invalid, NotFound
+from app.core.ids import AliasName, ModelName, ModelRef
 from app.core.storage import OWN_BODY_LIMIT, capped_body, parse_multipart, remove_quietly
 from app.db.tables import Model
 from app.models import service
@@ -79,12 +79,22 @@ def download_model(model: ModelDep, _: ReadKey) -> FileResponse:
     )
 
 
-@router.post("/{model_id}/exports", status_code=status.HTTP_201_CREATED, response_model=ExportOut)
-async def create_export(model: ModelDep, body: ExportCreate, _: TrainKey, session: SessionDep, request: Request) -> dict:
+@router.post(
+    "/{model_id}/exports",
+    status_code=status.HTTP_201_CREATED,
+    response_model=ExportOut,
+    responses={200: {"model": ExportOut, "description": "The model already had this export: returned as is"}},
+)
+async def create_export(
+    model: ModelDep, body: ExportCreate, _: TrainKey, session: SessionDep, request: Request, response: Response
+) -> dict:
     """ONNX with the normalisation and calibration inside; kept only if onnxruntime matches PyTorch
     on the validation images (top-1 agreement 100%, probabilities within 1e-4)."""
-    export = await run_in_threadpool(service.export_onnx, session, get_settings(), model)
-    request.app.state.model_cache.evict(model.id)  # the next prediction may run on the export
+    export, created = await run_in_threadpool(service.export_onnx, session, get_settings(), model)
+    if created:
+        request.app.state.model_cache.evict(model.id)  # the next prediction may run on the export
+    else:
+        response.status_code = status.HTTP_200_OK
     return export
 
 
@@ -103,6 +113,23 @@ def delete_model(model: ModelDep, _: TrainKey, session: SessionDep, request: Req
     request.app.state.model_cache.evict(model.id)
 
 
+def _inline_refs(schema: dict) -> dict:
+    """Pydantic's schema with its local `$defs` substituted in place: `openapi_extra` is copied into
+    the OpenAPI document as is, where `#/$defs/...` would not resolve."""
+    defs = schema.pop("$defs", {})
+
+    def walk(node: Any) -> Any:
+        if isinstance(node, dict):
+            if "$ref" in node:
+                return walk(defs[node["$ref"].rsplit("/", 1)[-1]])
+            return {key: walk(value) for key, value in node.items()}
+        if isinstance(node, list):
+            return [walk(value) for value in node]
+        return node
+
+    return walk(schema)
+
+
 IMAGES_BODY = {
     "requestBody": {
         "required": True,
@@ -114,7 +141,7 @@ IMAGES_BODY = {
                     "properties": {"files": {"type": "array", "items": {"type": "string", "format": "binary"}}},
                 }
             },
-            "application/json": {"schema": ImagesBody.model_json_schema()},
+            "application/json": {"schema": _inline_refs(ImagesBody.model_json_schema())},
         },
     }
 }

@@ -3,6 +3,8 @@ from typing import Any, Literal
 
 from pydantic import Base64Bytes, BaseModel, ConfigDict, Field
 
+from app.core.ids import BIGINT_MAX
+
 
 class ModelOut(BaseModel):
     model_config = ConfigDict(protected_namespaces=())
@@ -26,6 +28,8 @@ class ModelList(BaseModel):
 
 
 class Base64Image(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+
     filename: str = Field("image", max_length=255)
     data: Base64Bytes = Field(description="The image file's bytes, base64-encoded.")
 
@@ -33,7 +37,7 @@ class Base64Image(BaseModel):
 class ImagesBody(BaseModel):
     """The JSON alternative to a multipart upload of `files`."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)
 
     images: list[Base64Image] = Field(min_length=1)
 
@@ -69,7 +73,7 @@ class EmbeddingResponse(BaseModel):
 
 
 class ExportCreate(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)
 
     format: Literal["onnx"] = "onnx"
 
@@ -86,9 +90,9 @@ class ExportOut(BaseModel):
 
 
 class AliasUpdate(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)
 
-    version: int = Field(ge=1)
+    version: int = Field(ge=1, le=BIGINT_MAX)
 
 
 class AliasOut(BaseModel):

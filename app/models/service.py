@@ -94,8 +94,12 @@ def exports_dir(settings: Settings, model: Model) -> Path:
     return settings.data_dir / "exports" / model.id
 
 
-def export_onnx(session: Session, settings: Settings, model: Model) -> dict:
-    """Export to ONNX and check parity on the model's own validation images; refuse on mismatch."""
+def export_onnx(session: Session, settings: Settings, model: Model) -> tuple[dict, bool]:
+    """Export to ONNX and check parity on the model's own validation images; refuse on mismatch.
+    A model is immutable, so an export that exists is returned as is; the flag says if it is new."""
+    directory = exports_dir(settings, model)
+    if (directory / "parity.json").exists():
+        return _export_out(model, directory, json.loads((directory / "parity.json").read_text())), False
     job = session.get(Job, model.job_id)
     dataset = session.get(Dataset, model.dataset_id)
     if dataset is None:
@@ -103,7 +107,6 @@ def export_onnx(session: Session, settings: Settings, model: Model) -> dict:
                        code="dataset_missing")  # fmt: skip
     _, val = split_samples(settings.datasets_dir / dataset.id, model.classes, dataset.has_val_split,
                            job.hyperparameters["val_fraction"], job.seed)  # fmt: skip
-    directory = exports_dir(settings, model)
     directory.mkdir(parents=True, exist_ok=True)
     report = onnx_export.export_onnx(artifact_dir(settings, model), directory / "model.onnx", [p for p, _ in val])
     if not report.passed:
@@ -113,6 +116,10 @@ def export_onnx(session: Session, settings: Settings, model: Model) -> dict:
             code="parity_failed",
             details=[report.as_dict()],
         )
-    (directory / "parity.json").write_text(json.dumps(report.as_dict()))
+    (directory / "parity.json").write_text(json.dumps(report.as_dict()))  # written last: marks the export done
+    return _export_out(model, directory, report.as_dict()), True
+
+
+def _export_out(model: Model, directory: Path, parity: dict) -> dict:
     return {"model_id": model.id, "format": "onnx", "size_bytes": (directory / "model.onnx").stat().st_size,
-            "parity": report.as_dict()}  # fmt: skip
+            "parity": parity}  # fmt: skip

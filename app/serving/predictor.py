@@ -179,7 +179,9 @@ def decode_image(filename: str, data: bytes, max_pixels: int) -> Image.Image:
                     code="image_too_large",
                 )
             return upright_rgb(image)
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
+    except Image.DecompressionBombError as exc:  # Pillow's own guard, when the header alone is enormous
+        raise Invalid(f"'{filename}' is too large to decode: {exc}", code="image_too_large") from exc
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
         raise UnsupportedMedia(f"'{filename}' is not a readable image: {exc}", code="invalid_image") from exc
 
 

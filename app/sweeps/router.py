@@ -5,8 +5,8 @@ from fastapi.concurrency import run_in_threadpool
 
 from app.core.auth import AnyKey, ReadKey, TrainKey
 from app.core.config import get_settings
-from app.core.ids import SweepId
 from app.core.db import SessionDep
+from app.core.ids import SweepId
 from app.db.tables import Sweep
 from app.jobs import service as jobs
 from app.jobs.schemas import JobOut

@@ -3,13 +3,14 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from app.core.ids import DATASET_ID
 from app.ml.spec import Hyperparameters, Strategy
 
 
 class SweepCreate(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)
 
-    dataset_id: str = Field(max_length=40)
+    dataset_id: str = Field(pattern=DATASET_ID)
     backbones: list[str] = Field(min_length=1, max_length=20, examples=[["mobilenetv2_100", "tf_efficientnet_lite0"]])
     seed: int = Field(0, ge=0, le=2**31 - 1)
 
@@ -48,7 +49,7 @@ class SweepList(BaseModel):
 
 
 class Promote(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)
 
     backbone: str = Field(description="A backbone of the sweep's table.")
     strategy: Literal["auto"] | Strategy = "auto"

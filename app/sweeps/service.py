@@ -10,7 +10,7 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 from timm.models import split_model_name_tag
 
-from app.backbones.service import model_shape, split_backbone
+from app.backbones.service import model_shape
 from app.core.config import Settings
 from app.core.errors import Invalid, NotFound
 from app.db.tables import Job, Model, Sweep

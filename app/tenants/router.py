@@ -71,6 +71,7 @@ def list_keys(tenant_id: TenantId, _: AdminKey, session: SessionDep) -> KeyList:
 
 
 @router.delete("/v1/admin/keys/{key_id}", response_model=KeyOut)
-def revoke_key(key_id: KeyId, _: AdminKey, session: SessionDep) -> ApiKey:
-    """Revoke a key: it stops working at once. The row stays, for the audit trail."""
-    return service.revoke_key(session, key_id)
+def revoke_key(key_id: KeyId, principal: AdminKey, session: SessionDep) -> ApiKey:
+    """Revoke a key: it stops working at once. The row stays, for the audit trail. A key cannot
+    revoke itself (409), so an admin cannot lock themselves out by mistake."""
+    return service.revoke_key(session, key_id, revoked_by=principal)

@@ -3,17 +3,19 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from app.core.ids import BIGINT_MAX
+
 Scope = Literal["read", "train", "predict", "admin"]
 
 
 class Quotas(BaseModel):
     """Per-tenant limits; null = the server's default (VISIONTUNE_DEFAULT_MAX_*)."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)
 
-    max_stored_bytes: int | None = Field(None, ge=0)
-    max_concurrent_jobs: int | None = Field(None, ge=0)
-    max_models: int | None = Field(None, ge=0)
+    max_stored_bytes: int | None = Field(None, ge=0, le=BIGINT_MAX)
+    max_concurrent_jobs: int | None = Field(None, ge=0, le=BIGINT_MAX)
+    max_models: int | None = Field(None, ge=0, le=BIGINT_MAX)
 
 
 class TenantCreate(Quotas):
@@ -42,7 +44,7 @@ class TenantList(BaseModel):
 
 
 class KeyCreate(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)
 
     name: str = Field("", max_length=100)
     scopes: list[Scope] = Field(min_length=1, max_length=4)

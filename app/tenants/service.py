@@ -81,10 +81,12 @@ def list_keys(session: Session, tenant: Tenant) -> list[ApiKey]:
     return list(session.scalars(select(ApiKey).where(ApiKey.tenant_id == tenant.id).order_by(ApiKey.created_at)))
 
 
-def revoke_key(session: Session, key_id: str) -> ApiKey:
+def revoke_key(session: Session, key_id: str, revoked_by: Principal) -> ApiKey:
     row = session.get(ApiKey, key_id)
     if row is None:
         raise NotFound(f"API key '{key_id}' not found.", code="key_not_found")
+    if row.id == revoked_by.key_id:
+        raise Conflict("A key cannot revoke itself; revoke it with another admin key.", code="revoking_own_key")
     if row.revoked_at is None:
         row.revoked_at = utcnow()
         session.commit()

@@ -21,7 +21,6 @@ from app.datasets.ingest import IngestLimits, ingest_archive
 from tests.conftest import HYMENOPTERA
 
 
-
 def image_bytes(fmt: str = "JPEG", color: tuple = (200, 30, 30), size: tuple = (16, 16)) -> bytes:
     buffer = io.BytesIO()
     Image.new("RGB", size, color).save(buffer, fmt)

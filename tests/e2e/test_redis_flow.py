@@ -1,6 +1,7 @@
 """End to end on the production shape: a real redis-server, a real `celery worker` process and a
 real uvicorn process, with real pretrained weights and the real hymenoptera photos."""
 
+import base64
 import os
 import signal
 import zipfile
@@ -15,6 +16,12 @@ from timm.data import create_transform, resolve_model_data_config
 from app.core.broker import FINETUNE_TASK, make_celery
 from app.core.config import Settings
 from tests.conftest import HYMENOPTERA, start_stack, wait_until
+from tests.security.hostile_images import (
+    gif_header,
+    image_bytes,
+    png_header,
+    tiff_header,
+)
 
 pytestmark = pytest.mark.e2e
 
@@ -179,6 +186,40 @@ def test_bad_prediction_requests_are_refused_and_the_server_keeps_serving(stack,
     assert stack.http.post(url, files={"files": (image.name, image.read_bytes())}).status_code == 200
 
 
+HOSTILE_IMAGES = [  # (filename, bytes, expected status)
+    ("bomb.png", png_header(100_000, 100_000), 422),
+    ("negative.png", png_header(2**31, 10), 422),
+    ("bomb.gif", gif_header(65_535, 65_535), 422),
+    ("bomb.tif", tiff_header(200_000, 200_000), 422),
+    ("zero.png", png_header(0, 10), 415),
+    ("zero.gif", gif_header(0, 0), 415),
+    ("truncated.png", png_header(64, 64), 415),
+    ("truncated.jpg", sorted((HYMENOPTERA / "val" / "ants").iterdir())[0].read_bytes()[:2000], 415),
+    ("icon.jpg", image_bytes("ICO"), 415),
+    ("picture.jpg", image_bytes("PCX"), 415),
+    ("page.jpg", b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 9 9\n", 415),
+    ("drawing.svg", b'<svg xmlns="http://www.w3.org/2000/svg" width="9" height="9"/>', 415),
+    ("zeros.jpg", bytes(1024 * 1024), 415),
+    ("empty.jpg", b"", 415),
+]
+
+
+@pytest.mark.parametrize("route", ["predict", "embed"])
+def test_hostile_images_are_refused_naming_the_file(stack, probe, route):
+    """Pixel bombs, zero sizes, truncated files and formats outside the allow-list, each beside a
+    good image, as multipart and as JSON: a 4xx naming the file, and the server keeps serving."""
+    url = f"/v1/models/{probe['model_id']}/{route}"
+    good = val_images(1)[0][0]
+    for name, data, status in HOSTILE_IMAGES:
+        files = [("files", (good.name, good.read_bytes())), ("files", (name, data))]
+        as_json = {"images": [{"filename": name, "data": base64.b64encode(data).decode()}]}
+        for response in (stack.http.post(url, files=files), stack.http.post(url, json=as_json)):
+            assert response.status_code == status, (name, response.status_code, response.text)
+            assert name in response.json()["error"]["message"], (name, response.text)
+    assert stack.http.post(url, files={"files": (good.name, good.read_bytes())}).status_code == 200
+    print(f"{route}: {2 * len(HOSTILE_IMAGES)} hostile image requests refused")
+
+
 def test_backbone_sweep_ranks_backbones_and_promotes_a_row(stack, small_dataset):
     response = stack.http.post("/v1/sweeps", json={
         "dataset_id": small_dataset["id"], "backbones": ["mobilenetv2_100", "tf_efficientnet_lite0", "resnet18"],
@@ -207,7 +248,6 @@ def test_backbone_sweep_ranks_backbones_and_promotes_a_row(stack, small_dataset)
 
 def test_batched_results_equal_one_by_one_and_json_equals_multipart(stack, probe):
     import asyncio
-    import base64
 
     import httpx
 
@@ -270,6 +310,8 @@ def test_onnx_export_matches_pytorch_on_validation_images(stack, probe, tmp_path
     parity = response.json()["parity"]
     assert parity["passed"] and parity["images"] == 153 and parity["top1_agreement"] == 1.0
     assert parity["max_abs_prob_diff"] <= 1e-4
+    again = stack.http.post(url, json={"format": "onnx"})  # a model is immutable: its export is kept
+    assert again.status_code == 200 and again.json() == response.json()
     # The next prediction loads the model again and may run on the export (the faster runtime,
     # timed at load): either way the answers stay the same.
     after = stack.http.post(f"/v1/models/{probe['model_id']}/predict", files=files)

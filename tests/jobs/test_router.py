@@ -56,6 +56,8 @@ def test_unknown_pretrained_tag_is_refused(client, dataset_id):
         ({"mixup": 0.2, "class_weighting": "auto"}, "class_weighting"),
         ({"early_stopping": {"metric": "top1"}}, "hyperparameters.early_stopping.metric"),
         ({"batch_size": 0}, "hyperparameters.batch_size"),
+        ({"epochs": True}, "hyperparameters.epochs"),  # strict: a boolean is not a number
+        ({"lr": "0.1"}, "hyperparameters.lr"),  # nor is a string
     ],
 )
 def test_invalid_hyperparameters_name_the_field(client, dataset_id, hyperparameters, field):
@@ -66,8 +68,14 @@ def test_invalid_hyperparameters_name_the_field(client, dataset_id, hyperparamet
     assert field in response.json()["error"]["message"]
 
 
+def test_events_after_beyond_any_sql_integer_is_422(client, dataset_id):
+    job = client.post("/v1/jobs", json={"dataset_id": dataset_id, "backbone": "mobilenetv2_100"}).json()
+    assert client.get(f"/v1/jobs/{job['id']}/events", params={"after": 2**70}).status_code == 422  # was a 500
+    assert client.get(f"/v1/jobs/{job['id']}/events", params={"after": 0}).status_code == 200
+
+
 def test_missing_dataset_is_404(client):
-    response = client.post("/v1/jobs", json={"dataset_id": "ds_nope", "backbone": "mobilenetv2_100"})
+    response = client.post("/v1/jobs", json={"dataset_id": "ds_" + "0" * 24, "backbone": "mobilenetv2_100"})
     assert response.status_code == 404 and response.json()["error"]["code"] == "dataset_not_found"
 
 

@@ -18,6 +18,21 @@ def test_json_bodies_over_the_limit_get_413_and_malformed_ids_422(client):
     assert client.get("/healthz").status_code == 200
 
 
+def test_what_schemathesis_found_stays_fixed(client):
+    """Each of these once gave a 5xx or an undocumented status (found by tests/security/test_schemathesis.py)."""
+    huge = 2**70  # beyond any SQL integer column (job events' `after`: tests/jobs/test_router.py)
+    tenant = client.get("/v1/me").json()["tenant"]["id"]
+    assert client.patch(f"/v1/admin/tenants/{tenant}", json={"max_models": huge}).status_code == 422
+    assert client.patch(f"/v1/admin/tenants/{tenant}", json={"max_models": False}).status_code == 422  # not 0
+    not_utf8 = client.post("/v1/admin/tenants", content=b"\xff\xfe{", headers={"Content-Type": "application/json"})
+    assert not_utf8.status_code in (400, 422) and not_utf8.json()["error"]["code"] in ("malformed_body", "validation_error")
+    wrong_method = client.request("OPTIONS", "/v1/admin/tenants")
+    assert wrong_method.status_code == 405 and wrong_method.headers["allow"] == "GET, POST"
+    own_key = client.get("/v1/me").json()["key"]["id"]
+    refused = client.delete(f"/v1/admin/keys/{own_key}")
+    assert refused.status_code == 409 and client.get("/v1/me").status_code == 200
+
+
 @pytest.mark.parametrize("idle", [True, False], ids=["idle-body", "too-slow-overall"])
 def test_a_slow_body_gets_408_and_the_server_keeps_serving(client, monkeypatch, idle):
     from app.core.config import get_settings
