@@ -23,7 +23,7 @@ from app.datasets.router import router as datasets_router
 from app.db.migrate import upgrade_to_head
 from app.jobs.router import router as jobs_router
 from app.models.router import router as models_router
-from app.serving.predictor import ModelCache
+from app.serving.predictor import ModelCache, serving_device
 from app.sweeps.router import router as sweeps_router
 from app.tenants.router import router as tenants_router
 
@@ -80,7 +80,11 @@ async def lifespan(app: FastAPI):
         directory.mkdir(exist_ok=True)
     await run_in_threadpool(upgrade_to_head, settings.database_url)
     app.state.model_cache = ModelCache(
-        settings.model_cache_bytes, settings.max_batch_size, settings.max_wait_ms, settings.serving_runtime
+        settings.model_cache_bytes,
+        settings.max_batch_size,
+        settings.max_wait_ms,
+        settings.serving_runtime,
+        serving_device(settings.serving_device),
     )
     yield
     get_engine().dispose()

@@ -1,12 +1,13 @@
 """Prediction under load: 16 concurrent clients sending real hymenoptera JPEGs to a running API.
 
-    python bench/serve_load.py [--requests 2000] [--clients 16]
+    python bench/serve_load.py [--requests 2000] [--clients 16] [--batch-sizes default,1] [--data-dir DIR]
 
 One run prints, for a mobilenetv2_100 model trained here through the service:
 - requests/s and p50/p95/p99 latency with micro-batching on (the defaults) and off;
 - beside them, the raw model forward throughput at its best batch size and the batch-1 forward
-  time, measured in a plain script (the same artifact loaded with timm, and its ONNX export in
-  onnxruntime; random input tensors);
+  time, measured in a plain script (the same artifact loaded with timm, on the GPU when there is
+  one, and its ONNX export in onnxruntime; random input tensors), and the preprocessing time;
+- the CPU time the API and the load generator spend per request;
 - the same load on the PyTorch runtime, for models with an ONNX export (which the defaults serve
   through onnxruntime when it is faster);
 - the API's resident memory while 5 models cycle through a cache sized for 2.
@@ -15,6 +16,8 @@ One run prints, for a mobilenetv2_100 model trained here through the service:
 import argparse
 import asyncio
 import itertools
+import json
+import os
 import statistics
 import sys
 import tempfile
@@ -28,14 +31,23 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from app.ml.backbone import load_artifact  # noqa: E402
+from app.ml.backbone import load_artifact, pixel_transform  # noqa: E402
 from bench.handwritten import HYMENOPTERA  # noqa: E402
+from app.serving.predictor import decode_image  # noqa: E402
 from bench.running import running, wait_for_job, zip_hymenoptera  # noqa: E402
 
+CORES = len(os.sched_getaffinity(0))
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 IMAGES = [p.read_bytes() for label in ("ants", "bees") for p in sorted((HYMENOPTERA / "val" / label).iterdir())]
 
 
-async def load(url: str, headers: httpx.Headers, model_id: str, requests: int, clients: int) -> dict:
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a process, all its threads."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+async def load(url: str, headers: httpx.Headers, model_id: str, requests: int, clients: int, server_pid: int) -> dict:
     counter = itertools.count()
     latencies: list[float] = []
     failures = 0
@@ -49,11 +61,13 @@ async def load(url: str, headers: httpx.Headers, model_id: str, requests: int, c
             failures += response.status_code != 200
 
     async with httpx.AsyncClient(base_url=url, headers=headers, timeout=120) as http:
-        started = time.perf_counter()
+        started, server_cpu, own_cpu = time.perf_counter(), cpu_seconds(server_pid), time.process_time()
         await asyncio.gather(*(client(http) for _ in range(clients)))
         elapsed = time.perf_counter() - started
+        server_cpu, own_cpu = cpu_seconds(server_pid) - server_cpu, time.process_time() - own_cpu
     cuts = statistics.quantiles(latencies, n=100)
-    return {"rps": requests / elapsed, "p50": cuts[49], "p95": cuts[94], "p99": cuts[98], "failures": failures}
+    return {"rps": requests / elapsed, "p50": cuts[49], "p95": cuts[94], "p99": cuts[98], "failures": failures,
+            "server_ms": 1000 * server_cpu / requests, "client_ms": 1000 * own_cpu / requests}  # fmt: skip
 
 
 def raw_forward(forward: Callable[[torch.Tensor], object]) -> dict[int, float]:
@@ -71,9 +85,21 @@ def raw_forward(forward: Callable[[torch.Tensor], object]) -> dict[int, float]:
     return rates
 
 
+def preprocess_ms(artifact: Path) -> float:
+    """Milliseconds per image of what the API does before the forward pass (decode, EXIF, resize,
+    crop, to tensor), in a plain script on one thread, over the same JPEGs the clients send."""
+    transform = pixel_transform(load_artifact(artifact))
+    started = time.perf_counter()
+    for data in IMAGES:
+        transform(decode_image("x.jpg", data, 10**9))
+    return 1000 * (time.perf_counter() - started) / len(IMAGES)
+
+
 def torch_forward(artifact: Path, memory_format: torch.memory_format) -> Callable[[torch.Tensor], object]:
-    model = load_artifact(artifact).eval().to(memory_format=memory_format)
-    return lambda x: model(x.contiguous(memory_format=memory_format))
+    """On the device the API serves PyTorch on (the GPU when there is one), with the same copies
+    in and out as the API makes."""
+    model = load_artifact(artifact).eval().to(DEVICE, memory_format=memory_format)
+    return lambda x: model(x.to(DEVICE).contiguous(memory_format=memory_format)).cpu()
 
 
 def onnxruntime_forward(onnx_file: Path) -> Callable[[torch.Tensor], object]:
@@ -90,39 +116,74 @@ def rss_bytes(pid: int) -> int:
     return 0
 
 
+def progress(message: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
+
+
+def five_models(data_dir: Path) -> list[str]:
+    """Five small models trained through the service (to cycle through the cache), the first with
+    an ONNX export; listed in `bench-models.json`, so that a kept data directory is reused."""
+    listing = data_dir / "bench-models.json"
+    if listing.exists():
+        return json.loads(listing.read_text())
+    progress("training five models through the service")
+    data_dir.parent.mkdir(parents=True, exist_ok=True)
+    archive = zip_hymenoptera(data_dir.parent / "small.zip", per_class=10)
+    with running("up", data_dir) as (_, http):
+        with archive.open("rb") as file:
+            dataset = http.post("/v1/datasets", files={"file": (archive.name, file)}).raise_for_status().json()
+        jobs = [http.post("/v1/jobs", json={"dataset_id": dataset["id"], "backbone": "mobilenetv2_100", "seed": seed})
+                .raise_for_status().json() for seed in range(5)]  # fmt: skip
+        models = [wait_for_job(http, job)["model_id"] for job in jobs]
+        http.post(f"/v1/models/{models[0]}/exports", json={"format": "onnx"}, timeout=600).raise_for_status()
+    listing.write_text(json.dumps(models))
+    return models
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--requests", type=int, default=2000)
     parser.add_argument("--clients", type=int, default=16)
     parser.add_argument("--batch-sizes", default="default,1", help="max_batch_size values to load-test; 1 = off")
+    parser.add_argument("--data-dir", type=Path, help="the service's data directory, kept; reused when it holds the models")
     args = parser.parse_args()
 
     with tempfile.TemporaryDirectory() as tmp:
-        root, data_dir = Path(tmp), Path(tmp) / "var"
-        archive = zip_hymenoptera(root / "small.zip", per_class=10)
-        with running("up", data_dir) as (_, http):  # five small models to cycle through the cache
-            with archive.open("rb") as file:
-                dataset = http.post("/v1/datasets", files={"file": (archive.name, file)}).raise_for_status().json()
-            jobs = [http.post("/v1/jobs", json={"dataset_id": dataset["id"], "backbone": "mobilenetv2_100", "seed": seed})
-                    .raise_for_status().json() for seed in range(5)]  # fmt: skip
-            models = [wait_for_job(http, job)["model_id"] for job in jobs]
-            http.post(f"/v1/models/{models[0]}/exports", json={"format": "onnx"}, timeout=600).raise_for_status()
+        data_dir = args.data_dir or Path(tmp) / "var"
+        models = five_models(data_dir)
 
+        progress("raw forward passes")
         artifact = data_dir / "models" / models[0]
         raw = {
             "PyTorch, default layout": raw_forward(torch_forward(artifact, torch.contiguous_format)),
             "PyTorch, channels_last": raw_forward(torch_forward(artifact, torch.channels_last)),  # as the API runs it
             "onnxruntime": raw_forward(onnxruntime_forward(data_dir / "exports" / models[0] / "model.onnx")),
         }
-        results = {}
+        for name, table in raw.items():
+            best = max(table, key=table.get)
+            where = torch.cuda.get_device_name() if DEVICE == "cuda" and name.startswith("PyTorch") else f"CPU, {torch.get_num_threads()} threads"
+            print(f"raw forward, {name} (plain script, mobilenetv2_100, {where}): "
+                  + ", ".join(f"batch {b}: {r:.1f}" for b, r in table.items())
+                  + f" img/s; best {table[best]:.1f} img/s at batch {best}; batch-1 forward {1000 / table[1]:.1f} ms")  # fmt: skip
+        print(f"preprocessing in a plain script (decode, EXIF, resize, crop, to tensor; one thread): "
+              f"{preprocess_ms(artifact):.1f} ms/img")  # fmt: skip
+        print(f"{args.requests} requests, {args.clients} concurrent clients, one JPEG each; ratios against the raw "
+              f"figures of the runtime that served", flush=True)  # fmt: skip
         for value in args.batch_sizes.split(","):
             for runtime in ("auto", "torch"):
                 name = "defaults (batching on)" if value == "default" else ("batching off" if value == "1" else f"max_batch_size {value}")
                 settings = ({} if value == "default" else {"max_batch_size": value}) | ({} if runtime == "auto" else {"serving_runtime": runtime})
-                with running("serve", data_dir, **settings) as (_, http):
+                progress(f"load: {name}, runtime {runtime}")
+                with running("serve", data_dir, **settings) as (service, http):
                     served_by = http.post(f"/v1/models/{models[0]}/predict", files={"files": ("x.jpg", IMAGES[0])}).headers["X-Runtime"]
-                    key = "PyTorch, channels_last" if served_by == "torch" else "onnxruntime"
-                    results[f"{name}, {served_by}"] = key, asyncio.run(load(str(http.base_url), http.headers, models[0], args.requests, args.clients))
+                    r = asyncio.run(load(str(http.base_url), http.headers, models[0], args.requests, args.clients, service.pid))
+                table = raw["PyTorch, channels_last" if served_by == "torch" else "onnxruntime"]
+                best, batch1 = max(table.values()), 1 / table[1]
+                print(f"  {name + ', ' + served_by:36s} {r['rps']:6.1f} req/s ({r['rps'] / best:.2f}x raw)  "
+                      f"p50 {r['p50'] * 1000:6.1f} ms  p95 {r['p95'] * 1000:6.1f} ms  p99 {r['p99'] * 1000:6.1f} ms "
+                      f"({r['p99'] / batch1:.1f}x batch-1 forward)  failed {r['failures']}")  # fmt: skip
+                print(f"  {'':36s} CPU per request: API {r['server_ms']:.1f} ms, load generator {r['client_ms']:.1f} ms "
+                      f"(on {CORES} cores: at most {1000 * CORES / (r['server_ms'] + r['client_ms']):.0f} req/s)", flush=True)  # fmt: skip
 
         model_bytes = sum(t.numel() * t.element_size() for t in load_artifact(data_dir / "models" / models[0]).state_dict().values())
         with running("serve", data_dir, model_cache_bytes=str(int(2.5 * model_bytes))) as (service, http):
@@ -134,18 +195,6 @@ def main() -> None:
                 http.post(f"/v1/models/{model_id}/predict", files={"files": ("x.jpg", IMAGES[0])}).raise_for_status()
                 samples.append(rss_bytes(service.pid))
 
-    for name, table in raw.items():
-        best = max(table, key=table.get)
-        print(f"raw forward, {name} (plain script, mobilenetv2_100, {torch.get_num_threads()} threads): "
-              + ", ".join(f"batch {b}: {r:.1f}" for b, r in table.items())
-              + f" img/s; best {table[best]:.1f} img/s at batch {best}; batch-1 forward {1000 / table[1]:.1f} ms")  # fmt: skip
-    print(f"{args.requests} requests, {args.clients} concurrent clients, one JPEG each; ratios against the raw "
-          f"figures of the runtime that served")  # fmt: skip
-    for name, (key, r) in results.items():
-        best, batch1 = max(raw[key].values()), 1 / raw[key][1]
-        print(f"  {name:36s} {r['rps']:6.1f} req/s ({r['rps'] / best:.2f}x raw)  p50 {r['p50'] * 1000:6.1f} ms  "
-              f"p95 {r['p95'] * 1000:6.1f} ms  p99 {r['p99'] * 1000:6.1f} ms ({r['p99'] / batch1:.1f}x batch-1 forward)  "
-              f"failed {r['failures']}")  # fmt: skip
     print(f"model cache sized for 2 models ({2.5 * model_bytes / 2**20:.0f} MiB), 5 models cycled 10 times: "
           f"API RSS with 2 models {two_models / 2**20:.0f} MiB, peak while cycling {max(samples) / 2**20:.0f} MiB, "
           f"last {samples[-1] / 2**20:.0f} MiB (one model is {model_bytes / 2**20:.0f} MiB)")

@@ -54,6 +54,9 @@ class Settings(BaseSettings):
         description="For models with an ONNX export: auto times both runtimes at load and keeps the faster; "
         "onnxruntime always uses the export; torch never does. Models without an export run in PyTorch.",
     )
+    serving_device: Literal["auto", "cpu", "cuda"] = Field(
+        "auto", description="Where PyTorch serves models: auto = the GPU when there is one (onnxruntime runs on the CPU)."
+    )
 
     # A running job whose worker has not reported for this long is taken over when its
     # message is delivered again (the worker died).

@@ -70,7 +70,9 @@ IMAGE_FORMATS = ["JPEG", "PNG", "BMP", "GIF", "WEBP", "TIFF"]  # the only decode
 def upright_rgb(image: Image.Image) -> Image.Image:
     """RGB pixels the right way up: a camera's EXIF orientation applied, as a photo viewer shows it.
     Training, serving and the ONNX parity check all decode through here, so they agree."""
-    return ImageOps.exif_transpose(image).convert("RGB")
+    image.load()
+    ImageOps.exif_transpose(image, in_place=True)  # in place: no copy of an already upright photo
+    return image if image.mode == "RGB" else image.convert("RGB")
 
 
 def load_rgb(path: Path) -> Image.Image:

@@ -1,6 +1,7 @@
 import time
 from typing import Annotated, Any
 
+import anyio
 import torch
 from fastapi import APIRouter, Depends, Query, Request, Response, status
 from fastapi.concurrency import run_in_threadpool
@@ -181,7 +182,9 @@ async def _prepare(request: Request, model: Model) -> tuple[list[tuple[str, byte
         service.artifact_dir(settings, model),
         service.exports_dir(settings, model) / "model.onnx",
     )
-    batch = await run_in_threadpool(predictor.preprocess, loaded, images, settings.max_image_pixels)
+    batch = await anyio.to_thread.run_sync(
+        predictor.preprocess, loaded, images, settings.max_image_pixels, limiter=predictor.preprocess_limiter()
+    )
     return images, loaded, batch
 
 

@@ -10,9 +10,11 @@ never on the event loop.
 import asyncio
 import contextlib
 import ctypes
+import functools
 import gc
 import io
 import logging
+import os
 import threading
 import time
 from collections import OrderedDict
@@ -20,6 +22,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+import anyio
 import onnxruntime
 import torch
 from PIL import Image, UnidentifiedImageError
@@ -44,6 +47,7 @@ class LoadedModel:
     labels: list[str]
     nbytes: int
     batcher: MicroBatcher
+    device: torch.device  # where the PyTorch classifier runs; pixels arrive and results leave on the CPU
     timings: dict[str, float] | None = None  # seconds per runtime, when `auto` timed them at load
 
     @property
@@ -55,11 +59,14 @@ class LoadedModel:
             (probabilities,) = self.onnx.run([onnx_export.OUTPUT_NAME], {onnx_export.INPUT_NAME: pixels.numpy()})
             return torch.from_numpy(probabilities)
         with torch.inference_mode():
-            return self.classifier(pixels.contiguous(memory_format=torch.channels_last))
+            return self.classifier(self._on_device(pixels)).cpu()
 
     def embeddings(self, pixels: torch.Tensor) -> torch.Tensor:
         with torch.inference_mode():
-            return self.classifier.embeddings(pixels.contiguous(memory_format=torch.channels_last))
+            return self.classifier.embeddings(self._on_device(pixels)).cpu()
+
+    def _on_device(self, pixels: torch.Tensor) -> torch.Tensor:
+        return pixels.to(self.device, non_blocking=True).contiguous(memory_format=torch.channels_last)
 
 
 class ModelCache:
@@ -69,9 +76,11 @@ class ModelCache:
     own load, so a single model larger than the budget still serves.
     """
 
-    def __init__(self, max_bytes: int, max_batch_size: int, max_wait_ms: float, runtime: str = "auto"):
+    def __init__(
+        self, max_bytes: int, max_batch_size: int, max_wait_ms: float, runtime: str = "auto", device: str = "cpu"
+    ):
         self.max_bytes, self.max_batch_size, self.max_wait_ms = max_bytes, max_batch_size, max_wait_ms
-        self.runtime = runtime
+        self.runtime, self.device = runtime, torch.device(device)
         self._models: OrderedDict[str, LoadedModel] = OrderedDict()
         self._lock = threading.Lock()
         self._loading: dict[str, threading.Lock] = {}
@@ -118,7 +127,8 @@ class ModelCache:
             parameter.requires_grad_(False)
         # channels_last: about twice the CPU forward throughput of the default layout for the
         # convolutional backbones measured here (bench/serve_load.py prints both).
-        classifier = CalibratedClassifier(model, read_temperature(directory)).eval().to(memory_format=torch.channels_last)
+        classifier = CalibratedClassifier(model, read_temperature(directory)).eval()
+        classifier = classifier.to(self.device, memory_format=torch.channels_last)
         loaded = LoadedModel(
             classifier=classifier,
             onnx=None,
@@ -126,6 +136,7 @@ class ModelCache:
             labels=list(model.pretrained_cfg["label_names"]),
             nbytes=sum(t.numel() * t.element_size() for t in (*model.parameters(), *model.buffers())),
             batcher=None,  # set below: it needs the bound method
+            device=self.device,
         )
         if self.runtime != "torch" and onnx_file.exists():
             options = onnxruntime.SessionOptions()
@@ -162,12 +173,22 @@ class ModelCache:
         return seconds
 
 
+def serving_device(setting: str) -> str:
+    if setting == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if setting == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("VISIONTUNE_SERVING_DEVICE=cuda, but PyTorch sees no GPU")
+    return setting
+
+
 def release_memory() -> None:
     """Hand an evicted model's memory back to the system: glibc keeps freed blocks in its arenas,
     so without a trim the process would stay at its high-water mark instead of the cache budget."""
     gc.collect()
     with contextlib.suppress(OSError, AttributeError):
         ctypes.CDLL("libc.so.6").malloc_trim(0)
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
 
 
 def decode_image(filename: str, data: bytes, max_pixels: int) -> Image.Image:
@@ -183,6 +204,15 @@ def decode_image(filename: str, data: bytes, max_pixels: int) -> Image.Image:
         raise Invalid(f"'{filename}' is too large to decode: {exc}", code="image_too_large") from exc
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
         raise UnsupportedMedia(f"'{filename}' is not a readable image: {exc}", code="invalid_image") from exc
+
+
+@functools.cache
+def preprocess_limiter() -> anyio.CapacityLimiter:
+    """Decoding runs on at most one thread per core, not on all 40 of FastAPI's shared pool: each
+    holds the GIL between its Pillow calls, and the event loop and the forward-pass thread queue
+    behind every one of them. (On a 16-core GPU machine the API used 26-155 ms of CPU per request
+    and its p95 reached 2 s without this limit; that machine has not measured it with the limit yet.)"""
+    return anyio.CapacityLimiter(len(os.sched_getaffinity(0)))
 
 
 def preprocess(loaded: LoadedModel, files: list[tuple[str, bytes]], max_pixels: int) -> torch.Tensor:

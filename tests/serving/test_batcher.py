@@ -2,13 +2,14 @@
 
 import asyncio
 
+import pytest
 import torch
 
 from app.ml.backbone import build_model
 from app.ml.export import save_artifact
 from app.ml.onnx_export import export_onnx
 from app.serving.batcher import MicroBatcher
-from app.serving.predictor import ModelCache, preprocess
+from app.serving.predictor import ModelCache, preprocess, serving_device
 from tests.conftest import HYMENOPTERA, MOBILENET_WEIGHTS
 
 
@@ -100,3 +101,40 @@ def test_onnxruntime_serves_the_same_probabilities_as_pytorch(tmp_path):
     auto = ModelCache(10**12, 8, 0, "auto").get("m", directory, onnx_file)
     assert set(auto.timings) == {"torch", "onnxruntime"} and auto.runtime == min(auto.timings, key=auto.timings.get)
     assert ModelCache(10**12, 8, 0, "onnxruntime").get("m", directory, tmp_path / "none.onnx").runtime == "torch"
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU (CI has none; run on a GPU machine)")
+def test_the_gpu_serves_the_same_probabilities_as_the_cpu(tmp_path):
+    directory = tmp_path / "model"
+    save_artifact(build_model("mobilenetv2_100", 2, weights_file=MOBILENET_WEIGHTS), directory, ["ants", "bees"], {},
+                  temperature=1.3)  # fmt: skip
+    files = [(p.name, p.read_bytes()) for p in sorted((HYMENOPTERA / "val" / "bees").iterdir())[:8]]
+    served = {}
+    for device in ("cpu", "cuda"):
+        loaded = ModelCache(10**12, 8, 0, "torch", device).get("m", directory, tmp_path / "none.onnx")
+        assert next(loaded.classifier.parameters()).device.type == device
+        pixels = preprocess(loaded, files, max_pixels=10**8)
+        together = loaded.probabilities(pixels)
+        one_by_one = torch.cat([loaded.probabilities(pixels[i : i + 1]) for i in range(len(pixels))])
+        assert together.device.type == "cpu" and torch.allclose(together, one_by_one, atol=1e-5)
+        served[device] = together
+    assert (served["cpu"] - served["cuda"]).abs().max() <= 1e-4
+    assert torch.equal(served["cpu"].argmax(1), served["cuda"].argmax(1))
+    assert serving_device("auto") == "cuda"
+
+
+def test_pixels_equal_timm_eval_transform_with_torchvision_to_tensor():
+    """`pixel_transform` converts to a tensor in NumPy (no thread pool), to exactly the values of
+    timm's own eval transform (without its Normalize, which CalibratedClassifier holds)."""
+    from timm.data import create_transform, resolve_model_data_config
+    from torchvision import transforms
+
+    from app.ml.backbone import pixel_transform
+    from app.ml.data import load_rgb
+
+    model = build_model("mobilenetv2_100", 2, weights_file=None)
+    timm_steps = create_transform(**resolve_model_data_config(model), is_training=False).transforms
+    reference = transforms.Compose([t for t in timm_steps if not isinstance(t, transforms.Normalize)])
+    for path in sorted((HYMENOPTERA / "val" / "ants").iterdir())[:10]:
+        ours, theirs = pixel_transform(model)(load_rgb(path)), reference(load_rgb(path))
+        assert ours.dtype == torch.float32 and ours.is_contiguous() and torch.equal(ours, theirs)
