@@ -59,8 +59,14 @@ def first_key_if_none() -> str | None:
     return create_key("default", ["admin"], "first key, created by visiontune up")
 
 
-def serve(host: str, port: int) -> None:
-    uvicorn.run("app.main:app", host=host, port=port, log_level="info")
+def serve(host: str, port: int, workers: int | None = None) -> None:
+    """The API in `workers` processes (default VISIONTUNE_API_WORKERS): one Python process runs its
+    request handling on one core at a time (the GIL), so a machine with cores to spare serves more
+    with more processes. Each has its own model cache and micro-batcher."""
+    workers = workers or get_settings().api_workers
+    if workers > 1:
+        migrate()  # once, before the processes race to do it
+    uvicorn.run("app.main:app", host=host, port=port, workers=workers, log_level="info")
 
 
 def up(host: str, port: int) -> int:
@@ -106,6 +112,8 @@ def main(argv: list[str] | None = None) -> None:
         command = commands.add_parser(name, help=help_text)
         command.add_argument("--host", default="127.0.0.1")
         command.add_argument("--port", type=int, default=8000)
+    serve_command = commands.choices["serve"]
+    serve_command.add_argument("--workers", type=int, help="API processes (default: VISIONTUNE_API_WORKERS, 1)")
     worker = commands.add_parser("worker", help="run a Celery training worker")
     worker.add_argument("celery_args", nargs=argparse.REMAINDER, help="extra arguments for `celery worker`")
     commands.add_parser("migrate", help="apply database migrations")
@@ -118,7 +126,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
 
     if args.command == "serve":
-        serve(args.host, args.port)
+        serve(args.host, args.port, args.workers)
     elif args.command == "up":
         sys.exit(up(args.host, args.port))
     elif args.command == "worker":

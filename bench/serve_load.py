@@ -7,7 +7,8 @@ One run prints, for a mobilenetv2_100 model trained here through the service:
 - beside them, the raw model forward throughput at its best batch size and the batch-1 forward
   time, measured in a plain script (the same artifact loaded with timm, on the GPU when there is
   one, and its ONNX export in onnxruntime; random input tensors), and the preprocessing time;
-- the CPU time the API and the load generator spend per request;
+- the CPU time the API and the load generator spend per request (VISIONTUNE_API_WORKERS=N in the
+  environment runs the API in N processes);
 - the same load on the PyTorch runtime, for models with an ONNX export (which the defaults serve
   through onnxruntime when it is faster);
 - the API's resident memory while 5 models cycle through a cache sized for 2.
@@ -32,8 +33,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from app.ml.backbone import load_artifact, pixel_transform  # noqa: E402
-from bench.handwritten import HYMENOPTERA  # noqa: E402
 from app.serving.predictor import decode_image  # noqa: E402
+from bench.handwritten import HYMENOPTERA  # noqa: E402
 from bench.running import running, wait_for_job, zip_hymenoptera  # noqa: E402
 
 CORES = len(os.sched_getaffinity(0))
@@ -42,9 +43,11 @@ IMAGES = [p.read_bytes() for label in ("ants", "bees") for p in sorted((HYMENOPT
 
 
 def cpu_seconds(pid: int) -> float:
-    """User + system CPU time of a process, all its threads."""
+    """User + system CPU time of a process, all its threads, and of its running children (the API
+    processes of `VISIONTUNE_API_WORKERS` > 1)."""
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK") + sum(cpu_seconds(int(c)) for c in children)
 
 
 async def load(url: str, headers: httpx.Headers, model_id: str, requests: int, clients: int, server_pid: int) -> dict:

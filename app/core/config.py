@@ -54,6 +54,7 @@ class Settings(BaseSettings):
         description="For models with an ONNX export: auto times both runtimes at load and keeps the faster; "
         "onnxruntime always uses the export; torch never does. Models without an export run in PyTorch.",
     )
+    api_workers: int = Field(1, ge=1, description="API processes of `visiontune serve`, each with its own model cache.")
     serving_device: Literal["auto", "cpu", "cuda"] = Field(
         "auto", description="Where PyTorch serves models: auto = the GPU when there is one (onnxruntime runs on the CPU)."
     )

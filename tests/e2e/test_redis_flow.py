@@ -282,6 +282,53 @@ def test_batched_results_equal_one_by_one_and_json_equals_multipart(stack, probe
     assert no_images.status_code == 422 and "images" in no_images.json()["error"]["message"]
 
 
+def test_several_api_processes_serve_the_same_predictions(stack, probe, tmp_path):
+    """`visiontune serve --workers 2` on the same data: two processes, each with its own model
+    cache, answering concurrent requests exactly as the single-process API does."""
+    import asyncio
+    import subprocess
+    import sys
+
+    import httpx
+
+    from tests.conftest import Process, free_port
+
+    port = free_port()
+    api = Process("api2", [sys.executable, "-m", "app.cli", "serve", "--port", str(port), "--workers", "2"], stack.env, tmp_path)
+    try:
+        http = httpx.Client(base_url=f"http://127.0.0.1:{port}", headers=stack.http.headers, timeout=120)
+        wait_until(lambda: _answers(http), 90, "the 2-process API", processes=[api])
+        children = subprocess.run(["pgrep", "-P", str(api.popen.pid)], capture_output=True, text=True).stdout.split()
+        commands = [Path(f"/proc/{pid}/cmdline").read_bytes() for pid in children]
+        assert sum(b"spawn_main" in c for c in commands) == 2, commands  # (beside multiprocessing's resource tracker)
+        url = f"/v1/models/{probe['model_id']}/predict"
+        images = val_images(4)
+        expected = [stack.http.post(url, files={"files": (p.name, p.read_bytes())}).json()["predictions"] for p, _ in images]
+
+        async def concurrently():
+            async with httpx.AsyncClient(base_url=str(http.base_url), headers=http.headers, timeout=120) as client:
+                return await asyncio.gather(*(client.post(url, files={"files": (p.name, p.read_bytes())}) for p, _ in images * 4))
+
+        responses = asyncio.run(concurrently())
+        assert [r.status_code for r in responses] == [200] * len(responses)
+        for response, want in zip(responses, expected * 4):
+            got = response.json()["predictions"][0]["labels"]
+            assert [l["label"] for l in got] == [l["label"] for l in want[0]["labels"]]
+            assert [l["score"] for l in got] == pytest.approx([l["score"] for l in want[0]["labels"]], abs=1e-5)
+        http.close()
+    finally:
+        api.stop()
+
+
+def _answers(http) -> bool:
+    import httpx
+
+    try:
+        return http.get("/readyz").status_code == 200
+    except httpx.TransportError:
+        return False
+
+
 def test_threshold_abstains_and_embed_returns_pooled_features(stack, probe):
     url = f"/v1/models/{probe['model_id']}"
     files = [("files", (p.name, p.read_bytes())) for p, _ in val_images(5)]
