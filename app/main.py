@@ -23,7 +23,7 @@ from app.datasets.router import router as datasets_router
 from app.db.migrate import upgrade_to_head
 from app.jobs.router import router as jobs_router
 from app.models.router import router as models_router
-from app.serving.predictor import ModelCache, serving_device
+from app.serving.predictor import ModelCache, preprocess_limiter, serving_device
 from app.sweeps.router import router as sweeps_router
 from app.tenants.router import router as tenants_router
 
@@ -86,6 +86,7 @@ async def lifespan(app: FastAPI):
         settings.serving_runtime,
         serving_device(settings.serving_device),
     )
+    app.state.preprocess_limiter = preprocess_limiter()
     yield
     get_engine().dispose()
 

@@ -115,6 +115,14 @@ class Process:
         return "\n".join(self.log.read_text(errors="replace").splitlines()[-lines:])
 
 
+def is_ready(http: httpx.Client) -> bool:
+    """The API answers /readyz with 200 (database and broker reachable)."""
+    try:
+        return http.get("/readyz").status_code == 200
+    except httpx.TransportError:
+        return False
+
+
 def wait_until(predicate, timeout: float, what: str, interval: float = 0.5, processes=()):
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -192,10 +200,7 @@ class Stack:
         self.processes.append(Process("worker", [*cli, "worker"], self.env, self.log_dir))
 
     def _healthy(self) -> bool:
-        try:
-            return self.http.get("/readyz").status_code == 200
-        except httpx.TransportError:
-            return False
+        return is_ready(self.http)
 
     def wait_job(self, job_id: str, timeout: float = 600) -> dict:
         def finished():

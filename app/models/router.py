@@ -183,7 +183,7 @@ async def _prepare(request: Request, model: Model) -> tuple[list[tuple[str, byte
         service.exports_dir(settings, model) / "model.onnx",
     )
     batch = await anyio.to_thread.run_sync(
-        predictor.preprocess, loaded, images, settings.max_image_pixels, limiter=predictor.preprocess_limiter()
+        predictor.preprocess, loaded, images, settings.max_image_pixels, limiter=request.app.state.preprocess_limiter
     )
     return images, loaded, batch
 

@@ -10,7 +10,6 @@ never on the event loop.
 import asyncio
 import contextlib
 import ctypes
-import functools
 import gc
 import io
 import logging
@@ -206,12 +205,12 @@ def decode_image(filename: str, data: bytes, max_pixels: int) -> Image.Image:
         raise UnsupportedMedia(f"'{filename}' is not a readable image: {exc}", code="invalid_image") from exc
 
 
-@functools.cache
 def preprocess_limiter() -> anyio.CapacityLimiter:
     """Decoding runs on at most one thread per core, not on all 40 of FastAPI's shared pool: each
     holds the GIL between its Pillow calls, and the event loop and the forward-pass thread queue
     behind every one of them. (On a 16-core GPU machine the API used 26-155 ms of CPU per request
-    and its p95 reached 2 s without this limit; that machine has not measured it with the limit yet.)"""
+    and its p95 reached 2 s without this limit; that machine has not measured it with the limit yet.)
+    One per app (made in its lifespan): a limiter belongs to the event loop that first waits on it."""
     return anyio.CapacityLimiter(len(os.sched_getaffinity(0)))
 
 

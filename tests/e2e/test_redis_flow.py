@@ -15,7 +15,7 @@ from timm.data import create_transform, resolve_model_data_config
 
 from app.core.broker import FINETUNE_TASK, make_celery
 from app.core.config import Settings
-from tests.conftest import HYMENOPTERA, start_stack, wait_until
+from tests.conftest import HYMENOPTERA, Process, free_port, is_ready, start_stack, wait_until
 from tests.security.hostile_images import (
     gif_header,
     image_bytes,
@@ -291,13 +291,11 @@ def test_several_api_processes_serve_the_same_predictions(stack, probe, tmp_path
 
     import httpx
 
-    from tests.conftest import Process, free_port
-
     port = free_port()
     api = Process("api2", [sys.executable, "-m", "app.cli", "serve", "--port", str(port), "--workers", "2"], stack.env, tmp_path)
     try:
         http = httpx.Client(base_url=f"http://127.0.0.1:{port}", headers=stack.http.headers, timeout=120)
-        wait_until(lambda: _answers(http), 90, "the 2-process API", processes=[api])
+        wait_until(lambda: is_ready(http), 90, "the 2-process API", processes=[api])
         children = subprocess.run(["pgrep", "-P", str(api.popen.pid)], capture_output=True, text=True).stdout.split()
         commands = [Path(f"/proc/{pid}/cmdline").read_bytes() for pid in children]
         assert sum(b"spawn_main" in c for c in commands) == 2, commands  # (beside multiprocessing's resource tracker)
@@ -318,15 +316,6 @@ def test_several_api_processes_serve_the_same_predictions(stack, probe, tmp_path
         http.close()
     finally:
         api.stop()
-
-
-def _answers(http) -> bool:
-    import httpx
-
-    try:
-        return http.get("/readyz").status_code == 200
-    except httpx.TransportError:
-        return False
 
 
 def test_threshold_abstains_and_embed_returns_pooled_features(stack, probe):

@@ -17,10 +17,9 @@ from collections import Counter
 from pathlib import Path
 
 import httpx
-import pytest
 
 from app.jobs.runner import run_job
-from tests.conftest import HYMENOPTERA, WEIGHTS_DIR, Process, free_port, wait_until, zip_tree
+from tests.conftest import WEIGHTS_DIR, Process, free_port, is_ready, wait_until
 from tests.tenants.test_tenancy import new_tenant, upload
 
 SCHEMATHESIS = Path(sys.executable).with_name("schemathesis")
@@ -95,19 +94,15 @@ def _key(operation: str, name: str) -> str:
     return re.sub(r"\W+", "_", f"{operation}_{name}").strip("_").lower()
 
 
-@pytest.fixture
-def archive(tmp_path):
-    return zip_tree(HYMENOPTERA, tmp_path / "small.zip", per_class={"train": 6, "val": 5})
-
-
-def test_schemathesis_finds_no_server_error_and_no_schema_violation(client, settings_env, archive, tmp_path):
-    ids, deletable = seed_objects(client, archive)
+def test_schemathesis_finds_no_server_error_and_no_schema_violation(client, settings_env, small_hymenoptera_zip, tmp_path):
+    ids, deletable = seed_objects(client, small_hymenoptera_zip)
     env = {**os.environ, "VISIONTUNE_DATA_DIR": str(settings_env), "VISIONTUNE_WEIGHTS_DIR": str(WEIGHTS_DIR),
            "PYTHONUNBUFFERED": "1"}  # fmt: skip
     port = free_port()
     api = Process("api", [sys.executable, "-m", "app.cli", "serve", "--port", str(port)], env, tmp_path)
     try:
-        wait_until(lambda: _ready(port), 60, "the API", processes=[api])
+        with httpx.Client(base_url=f"http://127.0.0.1:{port}") as http:
+            wait_until(lambda: is_ready(http), 60, "the API", processes=[api])
         (tmp_path / "schemathesis.toml").write_text(config(ids, deletable))
         report = tmp_path / "report.json"
         argv = [
@@ -134,10 +129,3 @@ def test_schemathesis_finds_no_server_error_and_no_schema_violation(client, sett
         assert {"200", "415"} & set(reached), (operation, Counter(reached))
     assert all(op.startswith("DELETE") for op in summary["warnings"]["missing_test_data"]), summary["warnings"]
     print(f"schemathesis: {cases} cases, {sum(statuses.values())} requests, 0 failures; statuses {dict(statuses)}")
-
-
-def _ready(port: int) -> bool:
-    try:
-        return httpx.get(f"http://127.0.0.1:{port}/readyz").status_code == 200
-    except httpx.TransportError:
-        return False
