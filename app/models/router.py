@@ -176,11 +176,9 @@ async def read_images(request: Request) -> list[tuple[str, bytes]]:
 async def _prepare(request: Request, model: Model) -> tuple[list[tuple[str, bytes]], LoadedModel, torch.Tensor]:
     settings = get_settings()
     images = await read_images(request)
-    loaded = await run_in_threadpool(
-        request.app.state.model_cache.get,
-        model.id,
-        service.artifact_dir(settings, model),
-        service.exports_dir(settings, model) / "model.onnx",
+    cache = request.app.state.model_cache
+    loaded = cache.cached(model.id) or await run_in_threadpool(
+        cache.get, model.id, service.artifact_dir(settings, model), service.exports_dir(settings, model) / "model.onnx"
     )
     batch = await anyio.to_thread.run_sync(
         predictor.preprocess, loaded, images, settings.max_image_pixels, limiter=request.app.state.preprocess_limiter

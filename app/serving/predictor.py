@@ -88,11 +88,19 @@ class ModelCache:
     def nbytes(self) -> int:
         return sum(m.nbytes for m in self._models.values())
 
-    def get(self, model_id: str, directory: Path, onnx_file: Path) -> LoadedModel:
+    def cached(self, model_id: str) -> LoadedModel | None:
+        """The model if it is loaded (marked as just used); never waits for a load, so the event
+        loop may call it."""
         with self._lock:
             if model_id in self._models:
                 self._models.move_to_end(model_id)
                 return self._models[model_id]
+        return None
+
+    def get(self, model_id: str, directory: Path, onnx_file: Path) -> LoadedModel:
+        if (loaded := self.cached(model_id)) is not None:
+            return loaded
+        with self._lock:
             load_lock = self._loading.setdefault(model_id, threading.Lock())
         with load_lock:
             with self._lock:
