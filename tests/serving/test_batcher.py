@@ -1,6 +1,10 @@
 """The micro-batcher and the model cache, in-process."""
 
 import asyncio
+import gc
+import time
+import weakref
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import torch
@@ -60,13 +64,19 @@ def test_a_failing_batch_fails_its_requests_and_the_batcher_goes_on():
     assert isinstance(bad[0], ValueError) and torch.equal(rows, torch.ones(1, 1))
 
 
-def test_cache_evicts_least_recently_used_models_past_its_byte_budget(tmp_path):
+def _artifacts(tmp_path, count: int) -> list:
+    """Real mobilenetv2 artifacts with untrained heads: the point here is their size and identity."""
     directories = []
-    for i in range(3):  # real mobilenetv2 artifacts; their heads differ but the point is their size
+    for i in range(count):
         model = build_model("mobilenetv2_100", 2, weights_file=MOBILENET_WEIGHTS)
         directory = tmp_path / f"m{i}"
         save_artifact(model, directory, ["a", "b"], {}, temperature=1.0)
         directories.append(directory)
+    return directories
+
+
+def test_cache_evicts_least_recently_used_models_past_its_byte_budget(tmp_path):
+    directories = _artifacts(tmp_path, 3)
     no_export = tmp_path / "none.onnx"
     one = ModelCache(max_bytes=10**12, max_batch_size=1, max_wait_ms=0).get("m0", directories[0], no_export).nbytes
     cache = ModelCache(max_bytes=int(2.5 * one), max_batch_size=1, max_wait_ms=0)
@@ -75,6 +85,44 @@ def test_cache_evicts_least_recently_used_models_past_its_byte_budget(tmp_path):
     assert cache.get("m0", directories[0], no_export) is first  # still cached, and now most recently used
     cache.get("m2", directories[2], no_export)  # over budget: the least recently used (m1) goes
     assert list(cache._models) == ["m0", "m2"] and cache.nbytes <= 2.5 * one
+
+
+def test_concurrent_first_requests_load_a_model_once(tmp_path):
+    (directory,) = _artifacts(tmp_path, 1)
+    cache = ModelCache(max_bytes=10**12, max_batch_size=1, max_wait_ms=0)
+    loads, real_load = [], cache._load
+
+    def counted_load(*args):
+        loads.append(args)
+        time.sleep(0.3)  # the first load is still under way while the other requests arrive
+        return real_load(*args)
+
+    cache._load = counted_load
+    assert cache.cached("m0") is None
+    with ThreadPoolExecutor(8) as pool:
+        served = list(pool.map(lambda _: cache.get("m0", directory, tmp_path / "none.onnx"), range(8)))
+    assert len(loads) == 1
+    assert all(model is served[0] for model in served) and cache.cached("m0") is served[0]
+
+
+def test_an_evicted_model_is_freed(tmp_path):
+    directories = _artifacts(tmp_path, 2)
+    no_export = tmp_path / "none.onnx"
+
+    async def scenario() -> tuple[bool, list[str]]:
+        cache = ModelCache(max_bytes=1, max_batch_size=4, max_wait_ms=1)  # room for one model at a time
+        first = cache.get("m0", directories[0], no_export)
+        await first.batcher.submit(torch.rand(1, 3, 224, 224))  # its batching task is now running
+        weights = weakref.ref(first.classifier)
+        del first
+        cache.get("m1", directories[1], no_export)  # evicts m0
+        await asyncio.sleep(0)  # the cancelled batching task ends on the loop's next turn
+        gc.collect()
+        return weights() is None, list(cache._models)
+
+    freed, kept = asyncio.run(scenario())
+    assert kept == ["m1"]
+    assert freed, "something still holds the evicted model's weights"
 
 
 def test_onnxruntime_serves_the_same_probabilities_as_pytorch(tmp_path):
