@@ -7,6 +7,7 @@ One run prints, for a mobilenetv2_100 model trained here through the service:
 - beside them, the raw model forward throughput at its best batch size and the batch-1 forward
   time, measured in a plain script (the same artifact loaded with timm, on the GPU when there is
   one, and its ONNX export in onnxruntime; random input tensors), and the preprocessing time;
+- the most images/s that preprocessing plus forward CPU alone allow on this machine, with no HTTP;
 - the CPU time the API and the load generator spend per request (VISIONTUNE_API_WORKERS=N in the
   environment runs the API in N processes);
 - the same load on the PyTorch runtime, for models with an ONNX export (which the defaults serve
@@ -73,19 +74,21 @@ async def load(url: str, headers: httpx.Headers, model_id: str, requests: int, c
             "server_ms": 1000 * server_cpu / requests, "client_ms": 1000 * own_cpu / requests}  # fmt: skip
 
 
-def raw_forward(forward: Callable[[torch.Tensor], object]) -> dict[int, float]:
-    """Images/s of a plain forward pass per batch size."""
-    rates = {}
+def raw_forward(forward: Callable[[torch.Tensor], object]) -> tuple[dict[int, float], dict[int, float]]:
+    """Images/s of a plain forward pass per batch size, and the CPU milliseconds per image it took
+    (all threads)."""
+    rates, cpu_ms = {}, {}
     with torch.inference_mode():
         for batch_size in (1, 4, 8, 16, 32):
             x = torch.rand(batch_size, 3, 224, 224)
             forward(x)
             repeats = max(3, 64 // batch_size)
-            started = time.perf_counter()
+            started, cpu_started = time.perf_counter(), time.process_time()
             for _ in range(repeats):
                 forward(x)
             rates[batch_size] = batch_size * repeats / (time.perf_counter() - started)
-    return rates
+            cpu_ms[batch_size] = 1000 * (time.process_time() - cpu_started) / (batch_size * repeats)
+    return rates, cpu_ms
 
 
 def preprocess_ms(artifact: Path) -> float:
@@ -162,14 +165,21 @@ def main() -> None:
             "PyTorch, channels_last": raw_forward(torch_forward(artifact, torch.channels_last)),  # as the API runs it
             "onnxruntime": raw_forward(onnxruntime_forward(data_dir / "exports" / models[0] / "model.onnx")),
         }
-        for name, table in raw.items():
+        preprocessing = preprocess_ms(artifact)
+        print(f"preprocessing in a plain script (decode, EXIF, resize, crop, to tensor; one thread): "
+              f"{preprocessing:.1f} ms/img")  # fmt: skip
+        for name, (table, cpu_ms) in raw.items():
             best = max(table, key=table.get)
             where = torch.cuda.get_device_name() if DEVICE == "cuda" and name.startswith("PyTorch") else f"CPU, {torch.get_num_threads()} threads"
             print(f"raw forward, {name} (plain script, mobilenetv2_100, {where}): "
                   + ", ".join(f"batch {b}: {r:.1f}" for b, r in table.items())
                   + f" img/s; best {table[best]:.1f} img/s at batch {best}; batch-1 forward {1000 / table[1]:.1f} ms")  # fmt: skip
-        print(f"preprocessing in a plain script (decode, EXIF, resize, crop, to tensor; one thread): "
-              f"{preprocess_ms(artifact):.1f} ms/img")  # fmt: skip
+            # What no HTTP server can beat on this machine: each request needs its image preprocessed
+            # and its forward pass, and these CPU costs alone share the cores.
+            floor_ms = preprocessing + cpu_ms[best]
+            print(f"  CPU per image, preprocessing {preprocessing:.1f} ms + forward {cpu_ms[best]:.1f} ms at batch {best}: "
+                  f"with no HTTP at all, at most {1000 * CORES / floor_ms:.0f} img/s on {CORES} cores "
+                  f"({1000 * CORES / floor_ms / table[best]:.2f}x raw)")  # fmt: skip
         print(f"{args.requests} requests, {args.clients} concurrent clients, one JPEG each; ratios against the raw "
               f"figures of the runtime that served", flush=True)  # fmt: skip
         for value in args.batch_sizes.split(","):
@@ -180,7 +190,7 @@ def main() -> None:
                 with running("serve", data_dir, **settings) as (service, http):
                     served_by = http.post(f"/v1/models/{models[0]}/predict", files={"files": ("x.jpg", IMAGES[0])}).headers["X-Runtime"]
                     r = asyncio.run(load(str(http.base_url), http.headers, models[0], args.requests, args.clients, service.pid))
-                table = raw["PyTorch, channels_last" if served_by == "torch" else "onnxruntime"]
+                table, _ = raw["PyTorch, channels_last" if served_by == "torch" else "onnxruntime"]
                 best, batch1 = max(table.values()), 1 / table[1]
                 print(f"  {name + ', ' + served_by:36s} {r['rps']:6.1f} req/s ({r['rps'] / best:.2f}x raw)  "
                       f"p50 {r['p50'] * 1000:6.1f} ms  p95 {r['p95'] * 1000:6.1f} ms  p99 {r['p99'] * 1000:6.1f} ms "
