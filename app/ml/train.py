@@ -34,7 +34,7 @@ from timm.scheduler import create_scheduler_v2
 from timm.utils import ModelEmaV3
 
 from app.ml.calibration import expected_calibration_error, fit_temperature
-from app.ml.data import DecodedImages, ImageDataset, Sample, cache_short_side, class_weights
+from app.ml.data import DecodedImages, ImageDataset, Sample, eval_short_side, class_weights
 from app.ml.metrics import classification_metrics
 from app.ml.spec import RECIPES, Hyperparameters, total_epochs
 
@@ -151,7 +151,7 @@ class _Run:
     def _decoded(self, samples: list[Sample]) -> DecodedImages | None:
         if not self.hp.image_cache:
             return None
-        short_side = cache_short_side(self.data_config["input_size"], self.data_config["crop_pct"])
+        short_side = eval_short_side(self.data_config["input_size"], self.data_config["crop_pct"])
         return DecodedImages([path for path, _ in samples], short_side, self.data_config["interpolation"],
                              IMAGE_CACHE_BYTES, threads=os.cpu_count() or 1)  # fmt: skip
 

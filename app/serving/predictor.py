@@ -30,12 +30,11 @@ from timm.data import resolve_model_data_config
 from app.core.errors import Invalid, UnsupportedMedia
 from app.ml import onnx_export
 from app.ml.backbone import CalibratedClassifier, load_artifact, pixel_transform
-from app.ml.data import IMAGE_FORMATS, upright_rgb
+from app.ml.data import IMAGE_FORMATS, eval_short_side, upright_rgb
 from app.ml.export import read_temperature
 from app.serving.batcher import MicroBatcher
 
 logger = logging.getLogger(__name__)
-
 
 
 @dataclass
@@ -43,6 +42,7 @@ class LoadedModel:
     classifier: CalibratedClassifier  # [0, 1] pixels -> calibrated probabilities, in PyTorch
     onnx: onnxruntime.InferenceSession | None  # the same function from the parity-checked export, if chosen
     transform: Callable  # PIL image -> [0, 1] pixels
+    short_side: int  # what `transform` resizes the shorter side to; JPEGs are decoded no larger than needed
     labels: list[str]
     nbytes: int
     batcher: MicroBatcher
@@ -130,6 +130,7 @@ class ModelCache:
 
     def _load(self, directory: Path, onnx_file: Path) -> LoadedModel:
         model = load_artifact(directory).eval()
+        data_config = resolve_model_data_config(model)
         for parameter in model.parameters():
             parameter.requires_grad_(False)
         # channels_last: about twice the CPU forward throughput of the default layout for the
@@ -140,6 +141,7 @@ class ModelCache:
             classifier=classifier,
             onnx=None,
             transform=pixel_transform(model),
+            short_side=eval_short_side(data_config["input_size"], data_config["crop_pct"]),
             labels=list(model.pretrained_cfg["label_names"]),
             nbytes=sum(t.numel() * t.element_size() for t in (*model.parameters(), *model.buffers())),
             batcher=None,  # set below: it needs the bound method
@@ -198,7 +200,7 @@ def release_memory() -> None:
         torch.cuda.empty_cache()
 
 
-def decode_image(filename: str, data: bytes, max_pixels: int) -> Image.Image:
+def decode_image(filename: str, data: bytes, max_pixels: int, short_side: int | None = None) -> Image.Image:
     try:
         with Image.open(io.BytesIO(data), formats=IMAGE_FORMATS) as image:
             if image.width * image.height > max_pixels:
@@ -206,7 +208,7 @@ def decode_image(filename: str, data: bytes, max_pixels: int) -> Image.Image:
                     f"'{filename}' is {image.width}x{image.height} pixels; the limit is {max_pixels}.",
                     code="image_too_large",
                 )
-            return upright_rgb(image)
+            return upright_rgb(image, short_side)
     except Image.DecompressionBombError as exc:  # Pillow's own guard, when the header alone is enormous
         raise Invalid(f"'{filename}' is too large to decode: {exc}", code="image_too_large") from exc
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
@@ -223,7 +225,9 @@ def preprocess_limiter() -> anyio.CapacityLimiter:
 
 
 def preprocess(loaded: LoadedModel, files: list[tuple[str, bytes]], max_pixels: int) -> torch.Tensor:
-    return torch.stack([loaded.transform(decode_image(name, data, max_pixels)) for name, data in files])
+    return torch.stack(
+        [loaded.transform(decode_image(name, data, max_pixels, loaded.short_side)) for name, data in files]
+    )
 
 
 async def predict(
