@@ -34,7 +34,7 @@ from timm.scheduler import create_scheduler_v2
 from timm.utils import ModelEmaV3
 
 from app.ml.calibration import expected_calibration_error, fit_temperature
-from app.ml.data import DecodedImages, ImageDataset, Sample, eval_short_side, class_weights
+from app.ml.data import DecodedImages, ImageDataset, Sample, class_weights, eval_short_side
 from app.ml.metrics import classification_metrics
 from app.ml.spec import RECIPES, Hyperparameters, total_epochs
 
