@@ -3,7 +3,7 @@
     python bench/serve_load.py [--requests 2000] [--clients 16] [--batch-sizes default,1] [--data-dir DIR]
 
 One run prints, for a mobilenetv2_100 model trained here through the service:
-- requests/s and p50/p95/p99 latency with the defaults and with micro-batching off;
+- requests/s and p50/p95/p99 latency with micro-batching on (the defaults) and off;
 - beside them, the raw model forward throughput at its best batch size and the batch-1 forward
   time, measured in a plain script (the same artifact loaded with timm, on the GPU when there is
   one, and its ONNX export in onnxruntime; random input tensors), and the preprocessing time;
@@ -188,7 +188,7 @@ def main() -> None:
               f"figures of the runtime that served", flush=True)  # fmt: skip
         for value in args.batch_sizes.split(","):
             for runtime in ("auto", "torch"):
-                name = "defaults" if value == "default" else ("batching off" if value == "1" else f"max_batch_size {value}")
+                name = "defaults (batching on)" if value == "default" else ("batching off" if value == "1" else f"max_batch_size {value}")
                 settings = ({} if value == "default" else {"max_batch_size": value}) | ({} if runtime == "auto" else {"serving_runtime": runtime})
                 progress(f"load: {name}, runtime {runtime}")
                 with running("serve", data_dir, **settings) as (service, http):

@@ -36,14 +36,6 @@ from app.serving.batcher import MicroBatcher
 
 logger = logging.getLogger(__name__)
 
-# Micro-batching when VISIONTUNE_MAX_BATCH_SIZE is unset, as bench/serve_load.py measured it (16
-# clients, 2000 requests). PyTorch: batches of up to 8 gave about 30% more requests/s than batching
-# off on a 2-core CPU (48-53 against 38) with no worse p99, and about 1.5x on an H100; 4, 8 and 16
-# did equally well. onnxruntime on the CPU: over 8 paired runs, batching gave 4% more requests/s
-# (105 against 101, within the noise) for half again the p99 (320 against 215 ms), so there each
-# request runs alone.
-TORCH_MAX_BATCH_SIZE = 8
-
 
 @dataclass
 class LoadedModel:
@@ -84,12 +76,7 @@ class ModelCache:
     """
 
     def __init__(
-        self,
-        max_bytes: int,
-        max_batch_size: int | None,
-        max_wait_ms: float,
-        runtime: str = "auto",
-        device: str = "cpu",
+        self, max_bytes: int, max_batch_size: int, max_wait_ms: float, runtime: str = "auto", device: str = "cpu"
     ):
         self.max_bytes, self.max_batch_size, self.max_wait_ms = max_bytes, max_batch_size, max_wait_ms
         self.runtime, self.device = runtime, torch.device(device)
@@ -173,8 +160,7 @@ class ModelCache:
             if self.runtime == "onnxruntime" or min(loaded.timings, key=loaded.timings.get) == "onnxruntime":
                 loaded.onnx = session
                 loaded.nbytes += onnx_file.stat().st_size
-        max_batch_size = self.max_batch_size or (TORCH_MAX_BATCH_SIZE if loaded.onnx is None else 1)
-        loaded.batcher = MicroBatcher(loaded.probabilities, max_batch_size, self.max_wait_ms)
+        loaded.batcher = MicroBatcher(loaded.probabilities, self.max_batch_size, self.max_wait_ms)
         return loaded
 
     def _time_runtimes(self, loaded: LoadedModel, session: onnxruntime.InferenceSession) -> dict[str, float]:
@@ -182,7 +168,7 @@ class ModelCache:
         2-core CPU here onnxruntime ran mobilenetv2 about 3x faster than PyTorch, but that depends
         on the architecture and the hardware."""
         input_size = resolve_model_data_config(loaded.classifier.model)["input_size"]
-        pixels = torch.rand(self.max_batch_size or TORCH_MAX_BATCH_SIZE, *input_size)
+        pixels = torch.rand(self.max_batch_size, *input_size)
         seconds = {}
         for onnx in (None, session):
             loaded.onnx = onnx

@@ -13,7 +13,7 @@ from app.ml.backbone import build_model
 from app.ml.export import save_artifact
 from app.ml.onnx_export import export_onnx
 from app.serving.batcher import MicroBatcher
-from app.serving.predictor import TORCH_MAX_BATCH_SIZE, ModelCache, preprocess, serving_device
+from app.serving.predictor import ModelCache, preprocess, serving_device
 from tests.conftest import HYMENOPTERA, MOBILENET_WEIGHTS
 
 
@@ -149,11 +149,6 @@ def test_onnxruntime_serves_the_same_probabilities_as_pytorch(tmp_path):
     auto = ModelCache(10**12, 8, 0, "auto").get("m", directory, onnx_file)
     assert set(auto.timings) == {"torch", "onnxruntime"} and auto.runtime == min(auto.timings, key=auto.timings.get)
     assert ModelCache(10**12, 8, 0, "onnxruntime").get("m", directory, tmp_path / "none.onnx").runtime == "torch"
-
-    # Unset, micro-batching follows bench/serve_load.py: on in PyTorch, off in onnxruntime. A set value holds for both.
-    for runtime, unset in (("torch", TORCH_MAX_BATCH_SIZE), ("onnxruntime", 1)):
-        assert ModelCache(10**12, None, 0, runtime).get("m", directory, onnx_file).batcher.max_batch_size == unset
-        assert ModelCache(10**12, 4, 0, runtime).get("m", directory, onnx_file).batcher.max_batch_size == 4
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU (CI has none; run on a GPU machine)")
