@@ -1,5 +1,6 @@
 """create_app(): routers, the one error envelope, and the lifespan (database, model cache)."""
 
+import gc
 import logging
 from contextlib import asynccontextmanager
 from typing import Any
@@ -87,7 +88,13 @@ async def lifespan(app: FastAPI):
         serving_device(settings.serving_device),
     )
     app.state.preprocess_limiter = preprocess_limiter()
+    # What is imported and built by now (PyTorch, timm, onnxruntime, FastAPI: half a million objects)
+    # lives as long as the process: set it aside from the garbage collector. Otherwise every few
+    # hundred predictions a full collection walked all of it (195 ms here) holding the GIL, and every
+    # request in flight waited: p99 under load fell from 306-350 ms to 213-220 ms with this.
+    gc.freeze()
     yield
+    gc.unfreeze()
     get_engine().dispose()
 
 

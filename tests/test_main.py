@@ -40,3 +40,15 @@ def test_unknown_route_and_method_use_the_envelope(client):
     assert client.get("/v1/nothing").json()["error"]["code"] == "not_found"
     response = client.put("/v1/jobs")
     assert response.status_code == 405 and response.json()["error"]["code"] == "method_not_allowed"
+
+
+def test_the_app_sets_its_long_lived_objects_aside_from_the_garbage_collector_while_it_runs(settings_env):
+    import gc
+
+    from fastapi.testclient import TestClient
+
+    from app.main import create_app
+
+    with TestClient(create_app()):
+        assert gc.get_freeze_count() > 100_000  # PyTorch, timm, onnxruntime and FastAPI themselves
+    assert gc.get_freeze_count() == 0
