@@ -5,6 +5,7 @@ import io
 
 import torch
 from PIL import Image
+from timm.data import resolve_model_data_config
 
 from app.ml.backbone import build_model, pixel_transform
 from app.ml.data import DecodedImages, eval_short_side
@@ -23,7 +24,7 @@ SMALL = HYMENOPTERA / "val" / "ants" / "10308379_1b6c72e180.jpg"
 
 def _transform_and_short_side():
     model = build_model("mobilenetv2_100", 2, weights_file=MOBILENET_WEIGHTS)
-    config = model.pretrained_cfg
+    config = resolve_model_data_config(model)  # as serving resolves it
     return pixel_transform(model), eval_short_side(config["input_size"], config["crop_pct"])
 
 
