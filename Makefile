@@ -1,6 +1,8 @@
 # Two commands do all set-up on a fresh machine:
 #   make run    install, then run the API and one worker on embedded defaults (no external server)
 #   make test   install (redis-server too), then run the whole test suite
+#   make test-fast   install, then only the in-process tests (`pytest -m "not e2e"`: no redis-server,
+#               uvicorn or celery processes)
 VENV ?= .venv
 PYTHON ?= python3
 HOST ?= 127.0.0.1
@@ -12,7 +14,7 @@ ifneq ($(wildcard $(SHARED)/weights),)
 export VISIONTUNE_WEIGHTS_DIR ?= $(abspath $(SHARED)/weights)
 endif
 
-.PHONY: install run test redis-server bench
+.PHONY: install run test test-fast redis-server bench
 
 $(VENV)/.installed: pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -28,7 +30,11 @@ redis-server:
 	@command -v redis-server >/dev/null || (apt-get update && apt-get install -y redis-server)
 
 test: install redis-server
+	$(VENV)/bin/lint-imports
 	$(VENV)/bin/pytest
+
+test-fast: install
+	$(VENV)/bin/pytest -m "not e2e"
 
 bench: install
 	$(VENV)/bin/python bench/e2e_linear_probe.py

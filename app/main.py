@@ -24,9 +24,11 @@ from app.datasets.router import router as datasets_router
 from app.db.migrate import upgrade_to_head
 from app.jobs.router import router as jobs_router
 from app.models.router import router as models_router
-from app.serving.predictor import ModelCache, preprocess_limiter, serving_device
+from app.serving.router import router as serving_router
+from app.serving.service import Serving
 from app.sweeps.router import router as sweeps_router
 from app.tenants.router import router as tenants_router
+from app.tenants.service import lookup_key
 
 logger = logging.getLogger(__name__)
 
@@ -80,18 +82,11 @@ async def lifespan(app: FastAPI):
     for directory in (settings.staging_dir, settings.datasets_dir, settings.models_dir):
         directory.mkdir(exist_ok=True)
     await run_in_threadpool(upgrade_to_head, settings.database_url)
-    app.state.model_cache = ModelCache(
-        settings.model_cache_bytes,
-        settings.max_batch_size,
-        settings.max_wait_ms,
-        settings.serving_runtime,
-        serving_device(settings.serving_device),
-    )
-    app.state.preprocess_limiter = preprocess_limiter()
-    # What is imported and built by now (PyTorch, timm, onnxruntime, FastAPI: half a million objects)
-    # lives as long as the process: set it aside from the garbage collector. Otherwise every few
-    # hundred predictions a full collection walked all of it (195 ms here) holding the GIL, and every
-    # request in flight waited: p99 under load fell from 306-350 ms to 213-220 ms with this.
+    app.state.serving = Serving(settings)
+    # What is imported and built by now (PyTorch, timm, onnxruntime, FastAPI: hundreds of thousands
+    # of objects) lives as long as the process: set it aside from the garbage collector. Otherwise
+    # every few hundred predictions a full collection walks all of it holding the GIL, and every
+    # request in flight waits for it (bench/serve_load.py's p99 shows it).
     gc.freeze()
     yield
     gc.unfreeze()
@@ -111,7 +106,9 @@ def create_app() -> FastAPI:
     )
     app.add_middleware(BodyTimeoutMiddleware, idle_timeout=settings.body_idle_timeout_s,
                        total_timeout=settings.body_timeout_s)  # fmt: skip
-    for router in (datasets_router, backbones_router, jobs_router, models_router, sweeps_router, tenants_router):
+    app.state.key_lookup = lookup_key  # app.core.auth asks the tenants domain who a key is
+    routers = (datasets_router, backbones_router, jobs_router, models_router, serving_router, sweeps_router, tenants_router)
+    for router in routers:
         app.include_router(router)
 
     @app.exception_handler(AppError)

@@ -7,12 +7,13 @@ import socket
 import subprocess
 import sys
 import time
-import zipfile
 from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
 import pytest
+
+from tests.archives import zip_tree
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared"
@@ -34,19 +35,6 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def zip_tree(source: Path, archive: Path, *, per_class: dict[str, int] | None = None) -> Path:
-    """Zip an ImageFolder tree (read in place), optionally only the first N files of each class dir."""
-    with zipfile.ZipFile(archive, "w", compression=zipfile.ZIP_STORED) as out:
-        for class_dir in sorted(p for p in source.rglob("*") if p.is_dir()):
-            files = sorted(f for f in class_dir.iterdir() if f.is_file())
-            if per_class is not None:
-                split = class_dir.parent.name
-                files = files[: per_class.get(split, len(files))]
-            for file in files:
-                out.write(file, arcname=f"{source.name}/{file.relative_to(source)}")
-    return archive
-
-
 @pytest.fixture(scope="session")
 def hymenoptera_zip(tmp_path_factory) -> Path:
     return zip_tree(HYMENOPTERA, tmp_path_factory.mktemp("archives") / "hymenoptera.zip")
@@ -58,6 +46,39 @@ def small_hymenoptera_zip(tmp_path_factory) -> Path:
     return zip_tree(
         HYMENOPTERA, tmp_path_factory.mktemp("archives") / "small.zip", per_class={"train": 12, "val": 8}
     )
+
+
+def empty_hub_env(root: Path) -> dict[str, str]:
+    """Environment variables for an empty, offline Hugging Face cache under `root`.
+
+    Weight lookups fall back to the Hub cache (app/backbones/service.py), so a test that expects a
+    backbone to have no weights (resnet18) would pass or fail with whatever the user's own
+    ~/.cache/huggingface holds. Every test, and every server process a test starts, gets this instead.
+    """
+    home = root / "huggingface"
+    (home / "hub").mkdir(parents=True, exist_ok=True)
+    hub = str(home / "hub")
+    return {"HF_HOME": str(home), "HF_HUB_CACHE": hub, "HUGGINGFACE_HUB_CACHE": hub, "HF_HUB_OFFLINE": "1"}
+
+
+def _isolate_hub(monkeypatch: pytest.MonkeyPatch, root: Path) -> None:
+    """Point this process at an empty Hub cache: the environment (inherited by subprocesses) and
+    huggingface_hub's constants, which it reads from the environment once, at import."""
+    import huggingface_hub.constants
+
+    env = empty_hub_env(root)
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HOME", env["HF_HOME"])
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", env["HF_HUB_CACHE"])
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def empty_hub_cache(tmp_path_factory) -> Iterator[None]:
+    with pytest.MonkeyPatch.context() as monkeypatch:
+        _isolate_hub(monkeypatch, tmp_path_factory.mktemp("hf"))
+        yield
 
 
 def _clear_caches() -> None:
@@ -75,6 +96,7 @@ def settings_env(tmp_path, monkeypatch) -> Path:
     monkeypatch.setenv("VISIONTUNE_WEIGHTS_DIR", str(WEIGHTS_DIR))
     for name in ("VISIONTUNE_DATABASE_URL", "VISIONTUNE_BROKER_URL"):
         monkeypatch.delenv(name, raising=False)
+    _isolate_hub(monkeypatch, tmp_path)  # a fresh, empty Hub cache for each test
     _clear_caches()
     yield data_dir
     _clear_caches()
@@ -92,10 +114,23 @@ def client(settings_env):
         yield test_client
 
 
+# Whether the test being set up or run is marked e2e: `pytest -m "not e2e"` (make test-fast) must
+# start no server process, so Process refuses to start one for an unmarked test.
+_e2e_test_running = False
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_runtest_setup(item):
+    global _e2e_test_running
+    _e2e_test_running = item.get_closest_marker("e2e") is not None
+
+
 class Process:
     """A real server process whose output goes to a log file shown when a test fails."""
 
     def __init__(self, name: str, argv: list[str], env: dict[str, str], log_dir: Path):
+        if not _e2e_test_running:
+            raise RuntimeError(f"{name}: a test that starts server processes must be marked @pytest.mark.e2e")
         self.name = name
         self.log = log_dir / f"{name}.log"
         self._log_file = self.log.open("wb")
@@ -176,6 +211,7 @@ class Stack:
             "VISIONTUNE_DATA_DIR": str(data_dir),
             "VISIONTUNE_WEIGHTS_DIR": str(WEIGHTS_DIR),
             "PYTHONUNBUFFERED": "1",
+            **empty_hub_env(log_dir),  # weights come from WEIGHTS_DIR only, never the user's Hub cache
             **(env_extra or {}),
         }
         if broker_url:

@@ -1,25 +1,48 @@
 """Who is calling: `Authorization: Bearer <key>` on every /v1 request, and the scope each endpoint
-needs. Routers take a `*Key` dependency; every object lookup then filters by `principal.tenant_id`,
-so another tenant's ids answer 404 exactly like ids that do not exist."""
+needs. Routers take a `*Key` dependency and pass `principal.tenant_id` to the services, whose
+reads all go through `app.core.tenancy`, so another tenant's ids answer 404 exactly like ids that
+do not exist.
 
-from typing import Annotated
+Core knows nothing of where keys are stored: the app installs a `KeyLookup` (the tenants domain's)
+as `app.state.key_lookup` when it is created.
+"""
 
-from fastapi import Depends
+from dataclasses import dataclass
+from typing import Annotated, Protocol
+
+from fastapi import Depends, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
-from app.core.db import new_session
 from app.core.errors import Forbidden, Unauthorized
-from app.tenants.service import Principal, authenticate
+
+
+@dataclass(frozen=True)
+class Principal:
+    """Who is calling: the key's tenant and scopes."""
+
+    tenant_id: str
+    key_id: str
+    scopes: frozenset[str]
+
+    def allows(self, scope: str) -> bool:
+        return scope in self.scopes or "admin" in self.scopes
+
+
+class KeyLookup(Protocol):
+    def __call__(self, key: str) -> Principal:
+        """The principal of a key; raises Unauthorized for an unknown or revoked one."""
+
 
 bearer = HTTPBearer(auto_error=False, description="An API key: `Authorization: Bearer vt_...`.")
 
 
-def authenticated(credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)]) -> Principal:
+def authenticated(
+    request: Request, credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)]
+) -> Principal:
     if credentials is None:
         raise Unauthorized("Send an API key: `Authorization: Bearer <key>`.", code="missing_api_key")
-    # A session of its own, closed at once (see app.models.router._model).
-    with new_session() as session:
-        return authenticate(session, credentials.credentials)
+    lookup: KeyLookup = request.app.state.key_lookup
+    return lookup(credentials.credentials)
 
 
 def _require(scope: str):

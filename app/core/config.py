@@ -45,9 +45,7 @@ class Settings(BaseSettings):
     max_predict_files: int = 64
     max_predict_bytes: int = 64 * 1024**2
     model_cache_bytes: int = Field(2 * 1024**3, description="Weights kept loaded per API process (LRU beyond).")
-    # 8: as good as 4 or 16 and better than off under 16 clients on a 2-core CPU (bench/serve_load.py):
-    # PyTorch 48-53 req/s against 37-38 off; onnxruntime 108-110 against 100-105, p99 213-220 ms
-    # against 197-209. On an H100, PyTorch on the GPU served 1.5x the requests/s of batching off.
+    # Chosen by measurement under concurrent clients (bench/serve_load.py prints batching on and off).
     max_batch_size: int = Field(8, description="Micro-batching: most images in one forward pass; 1 turns it off.")
     max_wait_ms: float = Field(5.0, description="Micro-batching: longest wait for more images to batch.")
     serving_runtime: Literal["auto", "torch", "onnxruntime"] = Field(

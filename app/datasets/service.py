@@ -8,15 +8,18 @@ import os
 import secrets
 from pathlib import Path
 
-from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from app.core.config import Settings
-from app.core.errors import Conflict, NotFound
+from app.core.errors import Conflict
 from app.core.storage import ReceivedFile, remove_quietly
+from app.core.tenancy import Scoped
 from app.datasets.ingest import IngestLimits, ingest_archive
-from app.db.tables import Dataset, Job
+from app.db.tables import Dataset
+from app.jobs.usage import active_job_on_dataset
 from app.tenants.service import check_quota
+
+datasets = Scoped(Dataset, "dataset")
 
 
 def limits_from(settings: Settings) -> IngestLimits:
@@ -34,7 +37,7 @@ def create_dataset(
 ) -> Dataset:
     dataset_id = f"ds_{secrets.token_hex(12)}"
     staging = settings.staging_dir / dataset_id
-    final = settings.datasets_dir / dataset_id
+    final = dataset_dir(settings, dataset_id)
     try:
         result = ingest_archive(upload.path, staging, limits_from(settings))
         check_quota(session, settings, tenant_id, new_bytes=upload.size)
@@ -65,26 +68,23 @@ def create_dataset(
 
 
 def get_dataset(session: Session, tenant_id: str, dataset_id: str) -> Dataset:
-    dataset = session.get(Dataset, dataset_id)
-    if dataset is None or dataset.tenant_id != tenant_id:
-        raise NotFound(f"Dataset '{dataset_id}' not found.", code="dataset_not_found")
-    return dataset
+    return datasets.get(session, tenant_id, dataset_id)
 
 
 def list_datasets(session: Session, tenant_id: str, limit: int) -> list[Dataset]:
-    query = select(Dataset).where(Dataset.tenant_id == tenant_id).order_by(Dataset.created_at.desc()).limit(limit)
-    return list(session.scalars(query))
+    return datasets.list(session, tenant_id, limit)
+
+
+def dataset_dir(settings: Settings, dataset_id: str) -> Path:
+    return settings.datasets_dir / dataset_id
 
 
 def delete_dataset(session: Session, settings: Settings, dataset: Dataset) -> None:
-    active = session.scalar(
-        select(Job.id).where(Job.dataset_id == dataset.id, Job.status.in_(("queued", "running"))).limit(1)
-    )
-    if active:
+    if active := active_job_on_dataset(session, dataset.id):
         raise Conflict(f"Dataset '{dataset.id}' is in use by active job '{active}'.", code="dataset_in_use")
     # Move the files aside first, so that a failed commit leaves the dataset whole.
     trash = settings.staging_dir / f"deleted-{dataset.id}"
-    directory = settings.datasets_dir / dataset.id
+    directory = dataset_dir(settings, dataset.id)
     trash.parent.mkdir(parents=True, exist_ok=True)
     if directory.exists():
         os.replace(directory, trash)

@@ -21,21 +21,23 @@ from datetime import timedelta
 from typing import Any
 
 import torch
-from sqlalchemy import func, select, update
-from sqlalchemy.exc import IntegrityError
+from sqlalchemy import update
+from sqlalchemy.orm import Session
 from timm.models import split_model_name_tag
 
 from app.backbones.service import find_weights, split_backbone
 from app.core.config import Settings, get_settings
 from app.core.db import session_scope
-from app.core.errors import AppError
-from app.db.tables import Dataset, Job, Model, utcnow
-from app.jobs.service import TERMINAL, add_event, fail
+from app.core.errors import AppError, NotFound
+from app.db.tables import Job, Model, utcnow
+from app.datasets.service import get_dataset
+from app.jobs.service import add_event, data_split, fail
+from app.jobs.usage import TERMINAL
 from app.ml.backbone import build_model, preprocessing_of
-from app.ml.data import split_samples
 from app.ml.export import save_artifact
 from app.ml.spec import Hyperparameters, resolve_for_device
-from app.ml.train import fine_tune, pick_device
+from app.ml.train import TrainResult, fine_tune, pick_device
+from app.models.service import NewModel, register_model
 
 logger = logging.getLogger(__name__)
 HEARTBEAT_SECONDS = 2.0
@@ -168,11 +170,12 @@ class _DatabaseReporter:
 def _train(job_id: str, me: str, settings: Settings, loader_context) -> None:
     with session_scope() as session:
         job = session.get(Job, job_id)
-        dataset = session.get(Dataset, job.dataset_id) if job.dataset_id else None
-        if dataset is None:
-            raise AppError("The job's dataset was deleted.", code="dataset_missing")
+        try:
+            dataset = get_dataset(session, job.tenant_id, job.dataset_id or "")
+            train_samples, val_samples = data_split(session, settings, job)
+        except NotFound as exc:
+            raise AppError("The job's dataset was deleted.", code="dataset_missing") from exc
         class_names = [c["name"] for c in dataset.classes]
-        has_val_split = dataset.has_val_split
         backbone, strategy, pretrained, seed = job.backbone, job.strategy, job.pretrained, job.seed
         model_name = job.model_name or default_model_name(dataset.name, split_model_name_tag(backbone)[0])
         hp = dict(job.hyperparameters)
@@ -187,16 +190,13 @@ def _train(job_id: str, me: str, settings: Settings, loader_context) -> None:
         with session_scope() as session:
             add_event(session, job_id, "weights", lookup.explain(), {"source": lookup.source, "file": str(lookup.file)})
 
-    train_samples, val_samples = split_samples(
-        settings.datasets_dir / dataset.id, class_names, has_val_split, hp["val_fraction"], seed
-    )
-
     with session_scope() as session:
-        split = "the dataset's val/ split" if has_val_split else f"a stratified {hp['val_fraction']:.0%} hold-out"
+        split = "the dataset's val/ split" if dataset.has_val_split else f"a stratified {hp['val_fraction']:.0%} hold-out"
         add_event(
             session, job_id, "data", f"{len(train_samples)} training and {len(val_samples)} validation images ({split})",
-            {"train_images": len(train_samples), "val_images": len(val_samples), "val_split": "dataset" if has_val_split else "stratified"},
-        )
+            {"train_images": len(train_samples), "val_images": len(val_samples),
+             "val_split": "dataset" if dataset.has_val_split else "stratified"},
+        )  # fmt: skip
     device = pick_device()
     hp = resolve_for_device(Hyperparameters(**hp), strategy, device.type)
     with session_scope() as session:  # the job records exactly what runs, device choices included
@@ -211,43 +211,22 @@ def _train(job_id: str, me: str, settings: Settings, loader_context) -> None:
         model, train_samples, val_samples, class_names, strategy, hp, seed, work_dir,
         _DatabaseReporter(job_id, me), device, loader_context,
     )  # fmt: skip
-    metrics = {
-        **result.metrics,
-        "best_epoch": result.best_epoch,
-        "stopped_early": result.stopped_early,
-        "history": result.history,
-    }
-    _register_model(job_id, me, settings, result, class_names, metrics, dataset.id, backbone, model_name)
+    _register(job_id, me, settings, result, job.tenant_id, model_name, dataset.id, backbone, class_names)
     shutil.rmtree(work_dir, ignore_errors=True)
 
 
-def _register_model(job_id, me, settings, result, class_names, metrics, dataset_id, backbone, name) -> None:
-    """Write the artifact, then in one transaction add the model row (the next version of its name)
-    and mark the job succeeded. The unique job_id on models and the conditional update make a
-    second model impossible; the unique (tenant, name, version) makes concurrent versions retry."""
-    model_id = f"model_{secrets.token_hex(12)}"
-    staging = settings.staging_dir / model_id
-    final = settings.models_dir / model_id
+def _register(
+    job_id: str, me: str, settings: Settings, result: TrainResult, tenant_id: str, name: str, dataset_id: str,
+    backbone: str, class_names: list[str],
+) -> None:  # fmt: skip
+    """Hand the trained model to the registry, which adds it in the same transaction that marks the
+    job succeeded (only if this worker still holds the job)."""
+    metrics = {**result.metrics, "best_epoch": result.best_epoch, "stopped_early": result.stopped_early,
+               "history": result.history}  # fmt: skip
+    staging = settings.staging_dir / f"artifact-{secrets.token_hex(8)}"
     save_artifact(result.model, staging, class_names, metrics, result.temperature)
-    final.parent.mkdir(parents=True, exist_ok=True)
-    os.replace(staging, final)
-    size = sum(f.stat().st_size for f in final.iterdir())
-    try:
-        for attempt in range(5):
-            try:
-                _insert_model(job_id, me, model_id, name, dataset_id, backbone, class_names, metrics, result, size)
-                return
-            except IntegrityError:
-                with session_scope() as session:
-                    if attempt == 4 or session.scalar(select(Model.id).where(Model.job_id == job_id)):
-                        raise
-    except BaseException:
-        shutil.rmtree(final, ignore_errors=True)
-        raise
 
-
-def _insert_model(job_id, me, model_id, name, dataset_id, backbone, class_names, metrics, result, size) -> None:
-    with session_scope() as session:
+    def succeed(session: Session, model: Model) -> None:
         done = session.execute(
             update(Job)
             .where(Job.id == job_id, Job.status == "running", Job.claimed_by == me)
@@ -256,26 +235,24 @@ def _insert_model(job_id, me, model_id, name, dataset_id, backbone, class_names,
         ).rowcount
         if not done:
             raise JobStopped("cancelled or taken over before the model was registered")
-        tenant_id = session.scalar(select(Job.tenant_id).where(Job.id == job_id))
-        latest = select(func.max(Model.version)).where(Model.tenant_id == tenant_id, Model.name == name)
-        version = (session.scalar(latest) or 0) + 1
-        session.add(
-            Model(
-                id=model_id,
-                tenant_id=tenant_id,
-                name=name,
-                version=version,
-                job_id=job_id,
-                dataset_id=dataset_id,
-                backbone=backbone,
-                classes=class_names,
-                metrics={k: v for k, v in metrics.items() if k != "history"},
-                preprocessing=preprocessing_of(result.model),
-                size_bytes=size,
-            )
-        )
-        add_event(session, job_id, "status", f"succeeded: model {model_id} ({name}@{version})",
-                  {"model_id": model_id, "name": name, "version": version})  # fmt: skip
+        add_event(session, job_id, "status", f"succeeded: model {model.id} ({model.name}@{model.version})",
+                  {"model_id": model.id, "name": model.name, "version": model.version})  # fmt: skip
+
+    new = NewModel(
+        tenant_id=tenant_id,
+        name=name,
+        job_id=job_id,
+        dataset_id=dataset_id,
+        backbone=backbone,
+        classes=class_names,
+        metrics={k: v for k, v in metrics.items() if k != "history"},
+        preprocessing=preprocessing_of(result.model),
+        artifact=staging,
+    )
+    try:
+        register_model(settings, new, succeed)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)  # gone already once registered
 
 
 def _summary(metrics: dict[str, Any]) -> dict[str, Any]:

@@ -5,6 +5,7 @@ a worker, a redelivered message) cannot both win.
 """
 
 import secrets
+from pathlib import Path
 from typing import Any
 
 from sqlalchemy import select, update
@@ -14,14 +15,17 @@ from app.backbones.service import split_backbone
 from app.core import broker
 from app.core.config import Settings
 from app.core.errors import Conflict, NotFound, ServiceUnavailable
-from app.datasets.service import get_dataset
-from app.db.tables import Dataset, Job, JobEvent, Model, Sweep, utcnow
+from app.core.tenancy import Scoped
+from app.datasets.service import dataset_dir, get_dataset
+from app.db.tables import Dataset, Job, JobEvent, Sweep, utcnow
 from app.jobs.schemas import JobCreate, JobError, JobOut, Progress
+from app.jobs.usage import ACTIVE, TERMINAL
+from app.ml.data import Sample, split_samples
 from app.ml.spec import Hyperparameters, choose_strategy, resolve, total_epochs
+from app.models.service import model_ids_of_jobs
 from app.tenants.service import check_quota
 
-ACTIVE = ("queued", "running")
-TERMINAL = ("succeeded", "failed", "cancelled")
+jobs = Scoped(Job, "job")
 
 
 def add_event(session: Session, job_id: str, type_: str, message: str, data: dict[str, Any] | None = None) -> None:
@@ -89,17 +93,36 @@ def create_jobs(
 
 
 def get_job(session: Session, tenant_id: str, job_id: str) -> Job:
-    job = session.get(Job, job_id)
-    if job is None or job.tenant_id != tenant_id:
-        raise NotFound(f"Job '{job_id}' not found.", code="job_not_found")
-    return job
+    return jobs.get(session, tenant_id, job_id)
 
 
-def list_jobs(session: Session, tenant_id: str, limit: int) -> list[JobOut]:
-    query = select(Job).where(Job.tenant_id == tenant_id).order_by(Job.created_at.desc()).limit(limit)
-    jobs = list(session.scalars(query))
-    model_ids = dict(session.execute(select(Model.job_id, Model.id).where(Model.job_id.in_([j.id for j in jobs]))).all())
-    return [to_out(session, job, model_ids.get(job.id)) for job in jobs]
+def list_jobs(session: Session, tenant_id: str, limit: int, *where: Any) -> list[JobOut]:
+    found = jobs.list(session, tenant_id, limit, *where)
+    model_ids = model_ids_of_jobs(session, [job.id for job in found])
+    return [to_out(session, job, model_ids.get(job.id)) for job in found]
+
+
+def jobs_of_sweep(session: Session, tenant_id: str, sweep_id: str) -> list[JobOut]:
+    return list_jobs(session, tenant_id, 10_000, Job.sweep_id == sweep_id)
+
+
+def data_split(session: Session, settings: Settings, job: Job) -> tuple[list[Sample], list[Sample]]:
+    """The job's (train, val) images: its dataset's own val/ split, or the stratified hold-out its
+    seed and val_fraction pick. Training, the validation of the kept weights and the ONNX parity
+    check of its model all read this one split."""
+    dataset = get_dataset(session, job.tenant_id, job.dataset_id or "")
+    class_names = [c["name"] for c in dataset.classes]
+    return split_samples(dataset_dir(settings, dataset.id), class_names, dataset.has_val_split,
+                         job.hyperparameters["val_fraction"], job.seed)  # fmt: skip
+
+
+def validation_images(session: Session, settings: Settings, tenant_id: str, job_id: str) -> list[Path]:
+    try:
+        _, val = data_split(session, settings, get_job(session, tenant_id, job_id))
+    except NotFound as exc:
+        raise Conflict("The model's dataset was deleted: its validation images are needed for the parity check.",
+                       code="dataset_missing") from exc  # fmt: skip
+    return [path for path, _ in val]
 
 
 def list_events(session: Session, job_id: str, after: int, limit: int) -> list[JobEvent]:
@@ -137,7 +160,7 @@ def fail(session: Session, job_id: str, code: str, message: str, *, claimed_by: 
 
 def to_out(session: Session, job: Job, model_id: str | None = None) -> JobOut:
     if model_id is None and job.status == "succeeded":
-        model_id = session.scalar(select(Model.id).where(Model.job_id == job.id))
+        model_id = model_ids_of_jobs(session, [job.id]).get(job.id)
     return JobOut(
         id=job.id,
         dataset_id=job.dataset_id,

@@ -94,8 +94,7 @@ class ToPixels:
     """An RGB PIL image to float32 CHW pixels in [0, 1], equal to torchvision's ToTensor, in NumPy.
 
     ToTensor's conversion runs on PyTorch's intra-op thread pool, entered from every request thread
-    at once in the API; NumPy stays on the calling thread. (On a 16-core GPU machine this alone did
-    not cure the API's CPU cost per request: 155 ms before, 102 ms after, with batching off.)
+    at once in the API; NumPy stays on the calling thread.
     """
 
     def __call__(self, image: Image.Image) -> torch.Tensor:

@@ -1,25 +1,18 @@
 """Samples from an ImageFolder-style directory, splits, class balance, and the decoded-image cache."""
 
-import math
 import random
 from collections import Counter, defaultdict
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 from PIL import Image, ImageOps
+from timm.data.transforms import ResizeKeepRatio, str_to_pil_interp
+from torchvision import transforms
 
 Sample = tuple[Path, int]
-
-_PIL_INTERPOLATION = {
-    "bicubic": Image.Resampling.BICUBIC,
-    "bilinear": Image.Resampling.BILINEAR,
-    "nearest": Image.Resampling.NEAREST,
-    "lanczos": Image.Resampling.LANCZOS,
-    "box": Image.Resampling.BOX,
-    "hamming": Image.Resampling.HAMMING,
-}
 
 
 def list_samples(split_dir: Path, class_names: list[str]) -> list[Sample]:
@@ -68,26 +61,49 @@ IMAGE_FORMATS = ["JPEG", "PNG", "BMP", "GIF", "WEBP", "TIFF"]  # the only decode
 DRAFT_GAP = 2  # a JPEG is decoded at no less than this many times the size it is resized to
 
 
-def upright_rgb(image: Image.Image, short_side: int | None = None) -> Image.Image:
+@dataclass(frozen=True)
+class EvalResize:
+    """The resize at the head of timm's eval transform, read from the transform itself.
+
+    `size`: the longest side length it resizes to (any crop mode: center, squash, border;
+    square or not). `short_side_only`: it is a plain shorter-side `Resize(size)` (timm's default
+    center crop of a square input), which a pre-resize to the same short side leaves unchanged.
+    """
+
+    size: int
+    short_side_only: bool
+
+
+def eval_resize(eval_transform: transforms.Compose) -> EvalResize:
+    for step in eval_transform.transforms:
+        if isinstance(step, (transforms.Resize, ResizeKeepRatio)):
+            size = step.size
+            if isinstance(size, int) or len(size) == 1:
+                return EvalResize(size if isinstance(size, int) else size[0], isinstance(step, transforms.Resize))
+            return EvalResize(max(size), False)
+    raise ValueError(f"no resize step in the eval transform: {eval_transform}")
+
+
+def upright_rgb(image: Image.Image, resize: int | None = None) -> Image.Image:
     """RGB pixels the right way up: a camera's EXIF orientation applied, as a photo viewer shows it.
     Training, serving and the ONNX parity check all decode through here, so they agree.
 
-    `short_side`: the shorter side the image is about to be resized to. A JPEG more than twice that
-    size is then decoded by libjpeg at a reduced scale (DCT scaling), never below twice that size,
-    as Pillow's own `thumbnail()` does: a 12-megapixel photo costs a fraction of a full decode, and
-    the resize that follows still shrinks it at least twofold. (On the hymenoptera photos this
-    touches, the eval pixels moved by 0.001 on average and no top-1 answer changed.)
+    `resize`: the longest side length the eval transform resizes to (`EvalResize.size`). A JPEG
+    more than twice that size in both dimensions is then decoded by libjpeg at a reduced scale (DCT
+    scaling), never below twice that size, as Pillow's own `thumbnail()` does: a 12-megapixel
+    photo costs a fraction of a full decode, and the resize that follows still shrinks it at least
+    twofold.
     """
-    if short_side is not None:
-        image.draft(None, (DRAFT_GAP * short_side, DRAFT_GAP * short_side))  # a no-op for other formats
+    if resize is not None:
+        image.draft(None, (DRAFT_GAP * resize, DRAFT_GAP * resize))  # a no-op for other formats
     image.load()
     ImageOps.exif_transpose(image, in_place=True)  # in place: no copy of an already upright photo
     return image if image.mode == "RGB" else image.convert("RGB")
 
 
-def load_rgb(path: Path, short_side: int | None = None) -> Image.Image:
+def load_rgb(path: Path, resize: int | None = None) -> Image.Image:
     with Image.open(path, formats=IMAGE_FORMATS) as image:
-        return upright_rgb(image, short_side)
+        return upright_rgb(image, resize)
 
 
 def _resize_short_side(image: Image.Image, short_side: int, resample: Image.Resampling) -> Image.Image:
@@ -109,13 +125,15 @@ class DecodedImages:
     JPEG decoding and downscaling of full-size photos otherwise repeat every epoch. Decoding runs
     in threads (Pillow releases the GIL) before training starts, so DataLoader worker processes
     forked afterwards share the pixels copy-on-write. Past `max_bytes`, images are not kept and
-    are decoded on use, identically.
+    are decoded on use, identically. Images are shrunk ahead only where the eval transform starts
+    with a plain shorter-side resize, which then leaves them as they are, so validation pixels
+    equal served ones in every crop mode.
     """
 
-    def __init__(self, paths: list[Path], short_side: int, interpolation: str, max_bytes: int, threads: int):
+    def __init__(self, paths: list[Path], resize: EvalResize, interpolation: str, max_bytes: int, threads: int):
         self.paths = paths
-        self.short_side = short_side
-        self.resample = _PIL_INTERPOLATION.get(interpolation, Image.Resampling.BICUBIC)
+        self.resize = resize
+        self.resample = str_to_pil_interp(interpolation)
         self.pixels: list[np.ndarray | None] = [None] * len(paths)
         self.nbytes = 0
         with ThreadPoolExecutor(max_workers=threads) as pool:
@@ -127,7 +145,10 @@ class DecodedImages:
                 self.nbytes += array.nbytes
 
     def _decode(self, path: Path) -> Image.Image:
-        return _resize_short_side(load_rgb(path, self.short_side), self.short_side, self.resample)
+        image = load_rgb(path, self.resize.size)
+        if self.resize.short_side_only:
+            image = _resize_short_side(image, self.resize.size, self.resample)
+        return image
 
     def __getitem__(self, index: int) -> Image.Image:
         pixels = self.pixels[index]
@@ -147,8 +168,3 @@ class ImageDataset(torch.utils.data.Dataset):
         path, label = self.samples[index]
         image = self.images[index] if self.images is not None else load_rgb(path)
         return self.transform(image), label
-
-
-def eval_short_side(input_size: tuple[int, int, int], crop_pct: float) -> int:
-    """The shorter side the eval transform resizes to (timm: img_size / crop_pct)."""
-    return math.floor(max(input_size[1:]) / crop_pct)

@@ -140,7 +140,7 @@ def resolve_for_device(hp: Hyperparameters, strategy: str, device_type: str) -> 
     """Fill the automatic fields that depend on the device (known when a worker starts the job)."""
     updates: dict[str, Any] = {}
     if hp.amp is None:
-        # On a CPU, bf16 pays where the network trains (1.7x on mobilenetv2 here); a probe's single
+        # On a CPU, bf16 pays where the network trains (bench/full_throughput.py); a probe's single
         # feature pass is cheap, so it keeps exact fp32 features.
         cpu_bf16 = device_type == "cpu" and strategy != "linear_probe" and bf16_fast_on_cpu()
         updates["amp"] = device_type == "cuda" or cpu_bf16

@@ -17,13 +17,11 @@ stopping state, history and the best weights so far.
 import contextlib
 import copy
 import os
-import random
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
-import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 from timm.data import Mixup, create_transform, resolve_model_data_config
@@ -31,10 +29,10 @@ from timm.loss import SoftTargetCrossEntropy
 from timm.models import group_modules, group_parameters
 from timm.optim import create_optimizer_v2
 from timm.scheduler import create_scheduler_v2
-from timm.utils import ModelEmaV3
+from timm.utils import ModelEmaV3, random_seed
 
 from app.ml.calibration import expected_calibration_error, fit_temperature
-from app.ml.data import DecodedImages, ImageDataset, Sample, class_weights, eval_short_side
+from app.ml.data import DecodedImages, ImageDataset, Sample, class_weights, eval_resize
 from app.ml.metrics import classification_metrics
 from app.ml.spec import RECIPES, Hyperparameters, total_epochs
 
@@ -151,9 +149,8 @@ class _Run:
     def _decoded(self, samples: list[Sample]) -> DecodedImages | None:
         if not self.hp.image_cache:
             return None
-        short_side = eval_short_side(self.data_config["input_size"], self.data_config["crop_pct"])
-        return DecodedImages([path for path, _ in samples], short_side, self.data_config["interpolation"],
-                             IMAGE_CACHE_BYTES, threads=os.cpu_count() or 1)  # fmt: skip
+        return DecodedImages([path for path, _ in samples], eval_resize(self.eval_transform),
+                             self.data_config["interpolation"], IMAGE_CACHE_BYTES, threads=os.cpu_count() or 1)  # fmt: skip
 
     def _loader(self, samples, transform, images, *, train: bool, epoch_seed: int = 0, flip: bool = False):
         if flip:
@@ -461,10 +458,9 @@ class _Flipped:
 
 
 def _seed_everything(seed: int, stage: int, epoch: int) -> int:
+    """One seed per (run, stage, epoch) for torch, numpy (timm's Mixup) and random (RandAugment)."""
     epoch_seed = (seed * 1_000_003 + stage * 10_007 + epoch) % 2**31
-    torch.manual_seed(epoch_seed)
-    np.random.seed(epoch_seed)  # timm's Mixup draws from numpy
-    random.seed(epoch_seed)  # timm's RandAugment draws from random
+    random_seed(epoch_seed)
     return epoch_seed
 
 

@@ -1,7 +1,7 @@
 from datetime import datetime
 from typing import Any, Literal
 
-from pydantic import Base64Bytes, BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field
 
 from app.core.ids import BIGINT_MAX
 
@@ -25,51 +25,6 @@ class ModelOut(BaseModel):
 
 class ModelList(BaseModel):
     data: list[ModelOut]
-
-
-class Base64Image(BaseModel):
-    model_config = ConfigDict(extra="forbid", strict=True)
-
-    filename: str = Field("image", max_length=255)
-    data: Base64Bytes = Field(description="The image file's bytes, base64-encoded.")
-
-
-class ImagesBody(BaseModel):
-    """The JSON alternative to a multipart upload of `files`."""
-
-    model_config = ConfigDict(extra="forbid", strict=True)
-
-    images: list[Base64Image] = Field(min_length=1)
-
-
-class LabelScore(BaseModel):
-    label: str
-    score: float
-
-
-class ImagePrediction(BaseModel):
-    filename: str
-    labels: list[LabelScore] | None = Field(description="Null when the top score is under `threshold` (abstain).")
-
-
-class PredictionResponse(BaseModel):
-    model_config = ConfigDict(protected_namespaces=())
-
-    model_id: str
-    predictions: list[ImagePrediction]
-
-
-class ImageEmbedding(BaseModel):
-    filename: str
-    embedding: list[float]
-
-
-class EmbeddingResponse(BaseModel):
-    model_config = ConfigDict(protected_namespaces=())
-
-    model_id: str
-    dimensions: int
-    embeddings: list[ImageEmbedding]
 
 
 class ExportCreate(BaseModel):

@@ -1,49 +1,129 @@
-"""The registry of trained models: rows in the database, artifacts under data_dir/models/<id>."""
+"""The registry of trained models: models, their versions and aliases, and their exports.
+
+Rows in the database; artifacts under data_dir/models/<id> (timm's own layout), exports under
+data_dir/exports/<id>. A model is registered by one typed call (`register_model`) from the worker
+that trained it; everything else here answers the API.
+"""
 
 import json
 import os
+import secrets
+import shutil
 import tempfile
 import zipfile
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
-from sqlalchemy import select
+from sqlalchemy import func, select
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from app.core.config import Settings
-from app.core.errors import Conflict, Invalid, NotFound
+from app.core.db import session_scope
+from app.core.errors import Invalid, NotFound
 from app.core.storage import remove_quietly
-from app.db.tables import Dataset, Job, Model, ModelAlias, utcnow
+from app.core.tenancy import Scoped
+from app.db.tables import Model, ModelAlias, utcnow
 from app.ml import onnx_export
-from app.ml.data import split_samples
+
+models = Scoped(Model, "model")
+aliases = Scoped(ModelAlias, "alias")
+REGISTER_ATTEMPTS = 5  # concurrent registrations of one name race for its next version number
+
+
+@dataclass(frozen=True)
+class NewModel:
+    """What a finished job hands the registry."""
+
+    tenant_id: str
+    name: str
+    job_id: str
+    dataset_id: str
+    backbone: str
+    classes: list[str]
+    metrics: dict[str, Any]
+    preprocessing: dict[str, Any]
+    artifact: Path  # a complete artifact directory outside the registry (staging); moved in, not copied
+
+
+def register_model(settings: Settings, new: NewModel, finish: Callable[[Session, Model], None]) -> Model:
+    """Move the artifact into place and add the model as the next version of its name, in one
+    transaction with `finish` (the caller's own writes, such as marking its job succeeded; raising
+    there registers nothing). The unique job_id makes a second model of one job impossible; the
+    unique (tenant, name, version) makes concurrent registrations of one name retry."""
+    model_id = f"model_{secrets.token_hex(12)}"
+    final = artifact_dir(settings, model_id)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    os.replace(new.artifact, final)
+    size = sum(f.stat().st_size for f in final.iterdir())
+    try:
+        for attempt in range(REGISTER_ATTEMPTS):
+            try:
+                with session_scope() as session:
+                    return _insert(session, new, model_id, size, finish)
+            except IntegrityError:
+                with session_scope() as session:
+                    has_model = session.scalar(select(Model.id).where(Model.job_id == new.job_id))
+                if attempt == REGISTER_ATTEMPTS - 1 or has_model:
+                    raise
+        raise AssertionError("unreachable")
+    except BaseException:
+        shutil.rmtree(final, ignore_errors=True)
+        raise
+
+
+def _insert(session: Session, new: NewModel, model_id: str, size: int, finish: Callable[[Session, Model], None]) -> Model:
+    latest = select(func.max(Model.version)).where(Model.tenant_id == new.tenant_id, Model.name == new.name)
+    model = Model(
+        id=model_id,
+        tenant_id=new.tenant_id,
+        name=new.name,
+        version=(session.scalar(latest) or 0) + 1,
+        job_id=new.job_id,
+        dataset_id=new.dataset_id,
+        backbone=new.backbone,
+        classes=new.classes,
+        metrics=new.metrics,
+        preprocessing=new.preprocessing,
+        size_bytes=size,
+    )
+    finish(session, model)
+    session.add(model)
+    session.flush()  # the unique constraints are checked here, inside the retry
+    return model
 
 
 def get_model(session: Session, tenant_id: str, ref: str) -> Model:
     """A model of this tenant by id, `name@version` or `name@alias`."""
     name, at, tag = ref.partition("@")
-    mine = select(Model).where(Model.tenant_id == tenant_id)
     if not at:
-        model = session.scalar(mine.where(Model.id == ref))
-    elif tag.isdigit():
-        model = session.scalar(mine.where(Model.name == name, Model.version == int(tag)))
-    else:
-        model = session.scalar(
-            mine.join(ModelAlias, ModelAlias.model_id == Model.id).where(
-                ModelAlias.tenant_id == tenant_id, ModelAlias.name == name, ModelAlias.alias == tag
-            )
-        )
-    if model is None:
-        raise NotFound(f"Model '{ref}' not found.", code="model_not_found")
-    return model
+        return models.get(session, tenant_id, ref)
+    if tag.isdigit():
+        return models.first(session, tenant_id, ref, Model.name == name, Model.version == int(tag))
+    pointer = aliases.select(tenant_id).where(ModelAlias.name == name, ModelAlias.alias == tag)
+    return models.first(session, tenant_id, ref, Model.id == pointer.with_only_columns(ModelAlias.model_id).scalar_subquery())
+
+
+def list_models(session: Session, tenant_id: str, limit: int) -> list[Model]:
+    return models.list(session, tenant_id, limit)
+
+
+def model_ids_of_jobs(session: Session, job_ids: list[str]) -> dict[str, str]:
+    """job id -> the id of the model it produced, for those that produced one."""
+    return dict(session.execute(select(Model.job_id, Model.id).where(Model.job_id.in_(job_ids))).all())
 
 
 def aliases_of(session: Session, model: Model) -> list[str]:
-    return list(session.scalars(select(ModelAlias.alias).where(ModelAlias.model_id == model.id).order_by(ModelAlias.alias)))
+    query = aliases.select(model.tenant_id).where(ModelAlias.model_id == model.id).order_by(ModelAlias.alias)
+    return [pointer.alias for pointer in session.scalars(query)]
 
 
 def set_alias(session: Session, tenant_id: str, name: str, alias: str, version: int) -> ModelAlias:
     """Point `name@alias` at a version, in one transaction: every request sees the old or the new model."""
     model = get_model(session, tenant_id, f"{name}@{version}")
-    pointer = session.get(ModelAlias, (tenant_id, name, alias))
+    pointer = session.scalar(aliases.select(tenant_id).where(ModelAlias.name == name, ModelAlias.alias == alias))
     if pointer is None:
         pointer = ModelAlias(tenant_id=tenant_id, name=name, alias=alias, model_id=model.id)
         session.add(pointer)
@@ -55,20 +135,22 @@ def set_alias(session: Session, tenant_id: str, name: str, alias: str, version: 
 
 
 def delete_alias(session: Session, tenant_id: str, name: str, alias: str) -> None:
-    pointer = session.get(ModelAlias, (tenant_id, name, alias))
-    if pointer is None:
-        raise NotFound(f"Alias '{name}@{alias}' not found.", code="alias_not_found")
+    ref = f"{name}@{alias}"
+    pointer = aliases.first(session, tenant_id, ref, ModelAlias.name == name, ModelAlias.alias == alias)
     session.delete(pointer)
     session.commit()
 
 
-def list_models(session: Session, tenant_id: str, limit: int) -> list[Model]:
-    query = select(Model).where(Model.tenant_id == tenant_id).order_by(Model.created_at.desc()).limit(limit)
-    return list(session.scalars(query))
+def artifact_dir(settings: Settings, model_id: str) -> Path:
+    return settings.models_dir / model_id
 
 
-def artifact_dir(settings: Settings, model: Model) -> Path:
-    return settings.models_dir / model.id
+def exports_dir(settings: Settings, model_id: str) -> Path:
+    return settings.data_dir / "exports" / model_id
+
+
+def onnx_file(settings: Settings, model_id: str) -> Path:
+    return exports_dir(settings, model_id) / "model.onnx"
 
 
 def zip_artifact(settings: Settings, model: Model) -> Path:
@@ -78,7 +160,7 @@ def zip_artifact(settings: Settings, model: Model) -> Path:
     os.close(handle)
     # Stored, not deflated: safetensors weights barely compress.
     with zipfile.ZipFile(name, "w", compression=zipfile.ZIP_STORED) as archive:
-        for path in sorted(artifact_dir(settings, model).iterdir()):
+        for path in sorted(artifact_dir(settings, model.id).iterdir()):
             archive.write(path, arcname=f"{model.id}/{path.name}")
     return Path(name)
 
@@ -86,29 +168,28 @@ def zip_artifact(settings: Settings, model: Model) -> Path:
 def delete_model(session: Session, settings: Settings, model: Model) -> None:
     session.delete(session.merge(model))
     session.commit()
-    remove_quietly(artifact_dir(settings, model))
-    remove_quietly(exports_dir(settings, model))
+    remove_quietly(artifact_dir(settings, model.id))
+    remove_quietly(exports_dir(settings, model.id))
 
 
-def exports_dir(settings: Settings, model: Model) -> Path:
-    return settings.data_dir / "exports" / model.id
+def existing_onnx(settings: Settings, model: Model) -> Path:
+    path = onnx_file(settings, model.id)
+    if not path.exists():
+        raise NotFound(f"Model '{model.id}' has no ONNX export yet: POST /v1/models/{model.id}/exports.",
+                       code="export_not_found")  # fmt: skip
+    return path
 
 
-def export_onnx(session: Session, settings: Settings, model: Model) -> tuple[dict, bool]:
-    """Export to ONNX and check parity on the model's own validation images; refuse on mismatch.
-    A model is immutable, so an export that exists is returned as is; the flag says if it is new."""
-    directory = exports_dir(settings, model)
+def export_onnx(settings: Settings, model: Model, validation_images: Callable[[], list[Path]]) -> tuple[dict, bool]:
+    """Export to ONNX and check parity on the model's own validation images (asked for only when
+    needed: the job that trained the model knows them); refuse on mismatch. A model is immutable,
+    so an export that exists is returned as is; the flag says if it is new."""
+    directory = exports_dir(settings, model.id)
     if (directory / "parity.json").exists():
         return _export_out(model, directory, json.loads((directory / "parity.json").read_text())), False
-    job = session.get(Job, model.job_id)
-    dataset = session.get(Dataset, model.dataset_id)
-    if dataset is None:
-        raise Conflict("The model's dataset was deleted: its validation images are needed for the parity check.",
-                       code="dataset_missing")  # fmt: skip
-    _, val = split_samples(settings.datasets_dir / dataset.id, model.classes, dataset.has_val_split,
-                           job.hyperparameters["val_fraction"], job.seed)  # fmt: skip
+    images = validation_images()
     directory.mkdir(parents=True, exist_ok=True)
-    report = onnx_export.export_onnx(artifact_dir(settings, model), directory / "model.onnx", [p for p, _ in val])
+    report = onnx_export.export_onnx(artifact_dir(settings, model.id), directory / "model.onnx", images)
     if not report.passed:
         raise Invalid(
             f"ONNX export refused: top-1 agreement {report.top1_agreement:.4f} (needs 1.0), max probability "

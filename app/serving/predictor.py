@@ -30,7 +30,7 @@ from timm.data import resolve_model_data_config
 from app.core.errors import Invalid, UnsupportedMedia
 from app.ml import onnx_export
 from app.ml.backbone import CalibratedClassifier, load_artifact, pixel_transform
-from app.ml.data import IMAGE_FORMATS, eval_short_side, upright_rgb
+from app.ml.data import IMAGE_FORMATS, eval_resize, upright_rgb
 from app.ml.export import read_temperature
 from app.serving.batcher import MicroBatcher
 
@@ -42,7 +42,7 @@ class LoadedModel:
     classifier: CalibratedClassifier  # [0, 1] pixels -> calibrated probabilities, in PyTorch
     onnx: onnxruntime.InferenceSession | None  # the same function from the parity-checked export, if chosen
     transform: Callable  # PIL image -> [0, 1] pixels
-    short_side: int  # what `transform` resizes the shorter side to; JPEGs are decoded no larger than needed
+    resize: int  # the longest side `transform` resizes to: JPEGs are decoded no larger than needed
     labels: list[str]
     nbytes: int
     batcher: MicroBatcher
@@ -130,18 +130,18 @@ class ModelCache:
 
     def _load(self, directory: Path, onnx_file: Path) -> LoadedModel:
         model = load_artifact(directory).eval()
-        data_config = resolve_model_data_config(model)
         for parameter in model.parameters():
             parameter.requires_grad_(False)
-        # channels_last: about twice the CPU forward throughput of the default layout for the
-        # convolutional backbones measured here (bench/serve_load.py prints both).
+        # channels_last: the faster layout for convolutional backbones on CPUs and GPUs alike
+        # (bench/serve_load.py measures both).
         classifier = CalibratedClassifier(model, read_temperature(directory)).eval()
         classifier = classifier.to(self.device, memory_format=torch.channels_last)
+        transform = pixel_transform(model)
         loaded = LoadedModel(
             classifier=classifier,
             onnx=None,
-            transform=pixel_transform(model),
-            short_side=eval_short_side(data_config["input_size"], data_config["crop_pct"]),
+            transform=transform,
+            resize=eval_resize(transform).size,
             labels=list(model.pretrained_cfg["label_names"]),
             nbytes=sum(t.numel() * t.element_size() for t in (*model.parameters(), *model.buffers())),
             batcher=None,  # set below: it needs the bound method
@@ -150,9 +150,8 @@ class ModelCache:
         if self.runtime != "torch" and onnx_file.exists():
             options = onnxruntime.SessionOptions()
             options.intra_op_num_threads = torch.get_num_threads()
-            # No busy-waiting between forward passes: spinning threads took the CPU the request
-            # threads need for decoding (server CPU per request fell from 19 to 16 ms here, and
-            # requests/s rose by an eighth).
+            # No busy-waiting between forward passes: spinning threads take the CPU that the
+            # request threads need for decoding.
             options.add_session_config_entry("session.intra_op.allow_spinning", "0")
             session = onnxruntime.InferenceSession(str(onnx_file), options, providers=["CPUExecutionProvider"])
             if self.runtime == "auto":
@@ -164,9 +163,8 @@ class ModelCache:
         return loaded
 
     def _time_runtimes(self, loaded: LoadedModel, session: onnxruntime.InferenceSession) -> dict[str, float]:
-        """Time both runtimes on a full batch of this model's input size, on this machine: on the
-        2-core CPU here onnxruntime ran mobilenetv2 about 3x faster than PyTorch, but that depends
-        on the architecture and the hardware."""
+        """Time both runtimes on a full batch of this model's input size, on this machine: which
+        is faster depends on the architecture and the hardware."""
         input_size = resolve_model_data_config(loaded.classifier.model)["input_size"]
         pixels = torch.rand(self.max_batch_size, *input_size)
         seconds = {}
@@ -200,7 +198,7 @@ def release_memory() -> None:
         torch.cuda.empty_cache()
 
 
-def decode_image(filename: str, data: bytes, max_pixels: int, short_side: int | None = None) -> Image.Image:
+def decode_image(filename: str, data: bytes, max_pixels: int, resize: int | None = None) -> Image.Image:
     try:
         with Image.open(io.BytesIO(data), formats=IMAGE_FORMATS) as image:
             if image.width * image.height > max_pixels:
@@ -208,7 +206,7 @@ def decode_image(filename: str, data: bytes, max_pixels: int, short_side: int | 
                     f"'{filename}' is {image.width}x{image.height} pixels; the limit is {max_pixels}.",
                     code="image_too_large",
                 )
-            return upright_rgb(image, short_side)
+            return upright_rgb(image, resize)
     except Image.DecompressionBombError as exc:  # Pillow's own guard, when the header alone is enormous
         raise Invalid(f"'{filename}' is too large to decode: {exc}", code="image_too_large") from exc
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
@@ -218,15 +216,14 @@ def decode_image(filename: str, data: bytes, max_pixels: int, short_side: int | 
 def preprocess_limiter() -> anyio.CapacityLimiter:
     """Decoding runs on at most one thread per core, not on all 40 of FastAPI's shared pool: each
     holds the GIL between its Pillow calls, and the event loop and the forward-pass thread queue
-    behind every one of them. (On a 16-core GPU machine the API used 26-155 ms of CPU per request
-    and its p95 reached 2 s without this limit; that machine has not measured it with the limit yet.)
-    One per app (made in its lifespan): a limiter belongs to the event loop that first waits on it."""
+    behind every one of them. One per app (made in its lifespan): a limiter belongs to the event
+    loop that first waits on it."""
     return anyio.CapacityLimiter(len(os.sched_getaffinity(0)))
 
 
 def preprocess(loaded: LoadedModel, files: list[tuple[str, bytes]], max_pixels: int) -> torch.Tensor:
     return torch.stack(
-        [loaded.transform(decode_image(name, data, max_pixels, loaded.short_side)) for name, data in files]
+        [loaded.transform(decode_image(name, data, max_pixels, loaded.resize)) for name, data in files]
     )
 
 

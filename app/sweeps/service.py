@@ -6,17 +6,20 @@ are queued, retried, resumed, cancelled and turned into models exactly as jobs a
 
 import secrets
 
-from sqlalchemy import select
 from sqlalchemy.orm import Session
 from timm.models import split_model_name_tag
 
 from app.backbones.service import model_shape
 from app.core.config import Settings
 from app.core.errors import Invalid, NotFound
-from app.db.tables import Job, Model, Sweep
+from app.core.tenancy import Scoped
+from app.db.tables import Job, Sweep
 from app.jobs import service as jobs
 from app.jobs.schemas import JobCreate
+from app.jobs.usage import TERMINAL
 from app.sweeps.schemas import Promote, SweepCreate, SweepOut, SweepRow
+
+sweeps = Scoped(Sweep, "sweep")
 
 
 def create_sweep(session: Session, settings: Settings, tenant_id: str, request: SweepCreate) -> Sweep:
@@ -32,23 +35,16 @@ def create_sweep(session: Session, settings: Settings, tenant_id: str, request: 
 
 
 def get_sweep(session: Session, tenant_id: str, sweep_id: str) -> Sweep:
-    sweep = session.get(Sweep, sweep_id)
-    if sweep is None or sweep.tenant_id != tenant_id:
-        raise NotFound(f"Sweep '{sweep_id}' not found.", code="sweep_not_found")
-    return sweep
+    return sweeps.get(session, tenant_id, sweep_id)
 
 
 def list_sweeps(session: Session, tenant_id: str, limit: int) -> list[Sweep]:
-    query = select(Sweep).where(Sweep.tenant_id == tenant_id).order_by(Sweep.created_at.desc()).limit(limit)
-    return list(session.scalars(query))
+    return sweeps.list(session, tenant_id, limit)
 
 
 def to_out(session: Session, sweep: Sweep) -> SweepOut:
-    rows_by_job = session.execute(
-        select(Job, Model.id).outerjoin(Model, Model.job_id == Job.id).where(Job.sweep_id == sweep.id)
-    ).all()
     rows = []
-    for job, model_id in rows_by_job:
+    for job in sorted(jobs.jobs_of_sweep(session, sweep.tenant_id, sweep.id), key=lambda job: job.created_at):
         seconds = (job.finished_at - job.started_at).total_seconds() if job.finished_at and job.started_at else None
         rows.append(
             SweepRow(
@@ -60,8 +56,8 @@ def to_out(session: Session, sweep: Sweep) -> SweepOut:
                 macro_f1=job.metrics.get("macro_f1") if job.status == "succeeded" else None,
                 seconds=seconds,
                 num_params=model_shape(split_model_name_tag(job.backbone)[0])[0],
-                model_id=model_id,
-                error=job.error_message,
+                model_id=job.model_id,
+                error=job.error.message if job.error else None,
             )
         )
     ranked = sorted((r for r in rows if r.val_accuracy is not None), key=lambda r: (-r.val_accuracy, -r.macro_f1))
@@ -69,7 +65,7 @@ def to_out(session: Session, sweep: Sweep) -> SweepOut:
         row.rank = rank
     rows = ranked + [r for r in rows if r.val_accuracy is None]
     statuses = {row.status for row in rows}
-    status = "finished" if statuses <= set(jobs.TERMINAL) else ("queued" if statuses == {"queued"} else "running")
+    status = "finished" if statuses <= set(TERMINAL) else ("queued" if statuses == {"queued"} else "running")
     return SweepOut(id=sweep.id, dataset_id=sweep.dataset_id, status=status, rows=rows, created_at=sweep.created_at)
 
 

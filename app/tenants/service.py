@@ -9,31 +9,21 @@ prefix finds the row and the hash is compared in constant time.
 import hashlib
 import hmac
 import secrets
-from dataclasses import dataclass
 from datetime import timedelta
 
-from sqlalchemy import func, select, update
+from sqlalchemy import select, update
 from sqlalchemy.orm import Session
 
+from app.core.auth import Principal
 from app.core.config import Settings
+from app.core.db import new_session
 from app.core.errors import Conflict, NotFound, QuotaExceeded, Unauthorized
-from app.db.tables import ApiKey, Dataset, Job, Model, Tenant, utcnow
+from app.datasets import usage as datasets_usage
+from app.db.tables import ApiKey, Tenant, utcnow
+from app.jobs import usage as jobs_usage
+from app.models import usage as models_usage
 
-SCOPES = ("read", "train", "predict", "admin")  # admin: every scope, plus /v1/admin
-ACTIVE_JOB_STATUSES = ("queued", "running")
 LAST_USED_RESOLUTION = timedelta(minutes=1)  # at most one write per key per minute, not one per request
-
-
-@dataclass(frozen=True)
-class Principal:
-    """Who is calling: the key's tenant and scopes."""
-
-    tenant_id: str
-    key_id: str
-    scopes: frozenset[str]
-
-    def allows(self, scope: str) -> bool:
-        return scope in self.scopes or "admin" in self.scopes
 
 
 def _hash(key: str) -> str:
@@ -112,6 +102,13 @@ def authenticate(session: Session, key: str) -> Principal:
     return Principal(tenant_id=row.tenant_id, key_id=row.id, scopes=frozenset(row.scopes))
 
 
+def lookup_key(key: str) -> Principal:
+    """`app.core.auth.KeyLookup`: a session of its own, closed at once, so that a request does
+    not hold a database connection for its whole life (16 waiting predictions would drain the pool)."""
+    with new_session() as session:
+        return authenticate(session, key)
+
+
 # Quotas -----------------------------------------------------------------------------------------
 
 
@@ -124,13 +121,12 @@ def limits(settings: Settings, tenant: Tenant) -> dict[str, int | None]:
 
 
 def usage(session: Session, tenant_id: str) -> dict[str, int]:
-    stored = session.scalar(select(func.coalesce(func.sum(Dataset.size_bytes), 0)).where(Dataset.tenant_id == tenant_id))
-    stored += session.scalar(select(func.coalesce(func.sum(Model.size_bytes), 0)).where(Model.tenant_id == tenant_id))
-    active = session.scalar(
-        select(func.count()).select_from(Job).where(Job.tenant_id == tenant_id, Job.status.in_(ACTIVE_JOB_STATUSES))
-    )
-    models = session.scalar(select(func.count()).select_from(Model).where(Model.tenant_id == tenant_id))
-    return {"stored_bytes": stored, "concurrent_jobs": active, "models": models}
+    """What the tenant holds, as each domain counts it."""
+    return {
+        "stored_bytes": datasets_usage.stored_bytes(session, tenant_id) + models_usage.stored_bytes(session, tenant_id),
+        "concurrent_jobs": jobs_usage.active_jobs(session, tenant_id),
+        "models": models_usage.model_count(session, tenant_id),
+    }
 
 
 def check_quota(

@@ -4,31 +4,20 @@ The images here are tiny synthetic ones generated with Pillow on purpose: what i
 archive handling, not the pictures. One test at the end uses the real hymenoptera dataset.
 """
 
-import io
-import stat
 import struct
 import tarfile
-import warnings
-import zipfile
 import zlib
 from pathlib import Path
 
 import pytest
-from PIL import Image
 
 from app.core.errors import AppError, Invalid, TooLarge, UnsupportedMedia
 from app.datasets.ingest import IngestLimits, ingest_archive
+from tests.archives import solid_image, tar_member, write_tar, write_zip, zip_symlink, zip_tree
 from tests.conftest import HYMENOPTERA
 
-
-def image_bytes(fmt: str = "JPEG", color: tuple = (200, 30, 30), size: tuple = (16, 16)) -> bytes:
-    buffer = io.BytesIO()
-    Image.new("RGB", size, color).save(buffer, fmt)
-    return buffer.getvalue()
-
-
-JPEG = image_bytes("JPEG")
-PNG = image_bytes("PNG", (30, 200, 30))
+JPEG = solid_image((200, 30, 30), (16, 16), "JPEG")
+PNG = solid_image((30, 200, 30), (16, 16), "PNG")
 
 
 def limits(**overrides) -> IngestLimits:
@@ -44,28 +33,6 @@ def limits(**overrides) -> IngestLimits:
 
 def two_classes(n: int = 3) -> dict[str, bytes]:
     return {f"ants/a{i}.jpg": JPEG for i in range(n)} | {f"bees/b{i}.png": PNG for i in range(n)}
-
-
-def make_zip(path: Path, files: dict[str, bytes]) -> Path:
-    with zipfile.ZipFile(path, "w", zipfile.ZIP_DEFLATED) as zf:
-        for name, data in files.items():
-            zf.writestr(name, data)
-    return path
-
-
-def tar_member(name: str, data: bytes = b"", **attrs) -> tuple[tarfile.TarInfo, bytes]:
-    info = tarfile.TarInfo(name)
-    info.size = len(data)
-    for key, value in attrs.items():
-        setattr(info, key, value)
-    return info, data
-
-
-def make_tar(path: Path, files: dict[str, bytes], extra: list = (), mode: str = "w:gz") -> Path:
-    with tarfile.open(path, mode) as tf:
-        for info, data in [tar_member(n, d) for n, d in files.items()] + list(extra):
-            tf.addfile(info, io.BytesIO(data) if info.isreg() else None)
-    return path
 
 
 def refused(archive: Path, destination: Path, error: type[AppError], code: str, **limit_overrides) -> AppError:
@@ -86,9 +53,7 @@ def dest(tmp_path: Path) -> Path:
 
 def test_class_layout_zip(tmp_path, dest):
     files = two_classes() | {"bees/more/deep.png": PNG}
-    archive = make_zip(tmp_path / "upload.bin", files)
-    with zipfile.ZipFile(archive, "a") as zf:
-        zf.writestr("empty/", b"")  # an empty class folder is not a class
+    archive = write_zip(tmp_path / "upload.bin", files | {"empty/": b""})  # an empty class folder is not a class
 
     result = ingest_archive(archive, dest, limits())
 
@@ -105,7 +70,7 @@ def test_split_layout_tar_gz_with_shared_top_folder(tmp_path, dest):
     files = {f"data/train/{name}": data for name, data in two_classes().items()}
     files |= {"data/val/ants/v0.jpg": JPEG, "data/valid/bees/v1.png": PNG, "data/validation/bees/v2.png": PNG}
     files |= {"data/test/ants/t0.jpg": JPEG, "data/train/loose.jpg": JPEG}
-    archive = make_tar(tmp_path / "upload.tgz", files)
+    archive = write_tar(tmp_path / "upload.tgz", files)
 
     result = ingest_archive(archive, dest, limits())
 
@@ -118,15 +83,12 @@ def test_split_layout_tar_gz_with_shared_top_folder(tmp_path, dest):
 
 
 def test_plain_tar_is_detected_by_content(tmp_path, dest):
-    archive = make_tar(tmp_path / "upload.zip", two_classes(), mode="w")
+    archive = write_tar(tmp_path / "upload.zip", two_classes(), mode="w")
     assert ingest_archive(archive, dest, limits()).num_images == 6
 
 
 def test_real_hymenoptera_dataset(tmp_path, dest):
-    archive = tmp_path / "hymenoptera.zip"
-    with zipfile.ZipFile(archive, "w", zipfile.ZIP_STORED) as zf:
-        for path in sorted(HYMENOPTERA.rglob("*")):
-            zf.write(path, Path("hymenoptera") / path.relative_to(HYMENOPTERA))
+    archive = zip_tree(HYMENOPTERA, tmp_path / "hymenoptera.zip")
 
     result = ingest_archive(archive, dest, limits(max_image_pixels=64_000_000, min_images_per_class=5))
 
@@ -149,7 +111,7 @@ def test_not_an_archive(tmp_path, dest, content):
 @pytest.mark.parametrize("name", ["../evil.jpg", "ants/../../evil.jpg", "ants\\..\\..\\evil.jpg"])
 @pytest.mark.parametrize("kind", ["zip", "tar"])
 def test_parent_directory_entry(tmp_path, dest, name, kind):
-    make = make_zip if kind == "zip" else make_tar
+    make = write_zip if kind == "zip" else write_tar
     archive = make(tmp_path / "upload", two_classes() | {name: JPEG})
     error = refused(archive, dest, Invalid, "unsafe_archive")
     assert repr(name) in error.message
@@ -159,29 +121,25 @@ def test_parent_directory_entry(tmp_path, dest, name, kind):
 @pytest.mark.parametrize("name", ["/tmp/evil.jpg", "C:/evil.jpg", "C:\\evil.jpg", "\\\\server\\evil.jpg"])
 @pytest.mark.parametrize("kind", ["zip", "tar"])
 def test_absolute_entry(tmp_path, dest, name, kind):
-    make = make_zip if kind == "zip" else make_tar
+    make = write_zip if kind == "zip" else write_tar
     archive = make(tmp_path / "upload", two_classes() | {name: JPEG})
     refused(archive, dest, Invalid, "unsafe_archive")
 
 
 def test_control_characters_in_tar_name(tmp_path, dest):
-    archive = make_tar(tmp_path / "upload.tar.gz", two_classes() | {"ants/a\x1b[2J.jpg": JPEG})
+    archive = write_tar(tmp_path / "upload.tar.gz", two_classes() | {"ants/a\x1b[2J.jpg": JPEG})
     refused(archive, dest, Invalid, "unsafe_archive")
 
 
 def test_nul_in_zip_name(tmp_path, dest):
     # zipfile will not write a NUL into a name, so patch the bytes (same length, both headers).
-    archive = make_zip(tmp_path / "upload.zip", two_classes() | {"ants/evilXjpg": JPEG})
+    archive = write_zip(tmp_path / "upload.zip", two_classes() | {"ants/evilXjpg": JPEG})
     archive.write_bytes(archive.read_bytes().replace(b"evilXjpg", b"evil\x00jpg"))
     refused(archive, dest, Invalid, "unsafe_archive")
 
 
 def test_zip_symlink(tmp_path, dest):
-    archive = make_zip(tmp_path / "upload.zip", two_classes())
-    with zipfile.ZipFile(archive, "a") as zf:
-        link = zipfile.ZipInfo("ants/link.jpg")
-        link.external_attr = (stat.S_IFLNK | 0o777) << 16
-        zf.writestr(link, "/etc/passwd")
+    archive = write_zip(tmp_path / "upload.zip", two_classes(), [zip_symlink("ants/link.jpg", "/etc/passwd")])
     error = refused(archive, dest, Invalid, "unsafe_archive")
     assert "ants/link.jpg" in error.message
 
@@ -198,51 +156,48 @@ def test_zip_symlink(tmp_path, dest):
     ids=["symlink", "hardlink", "chardev", "blockdev", "fifo"],
 )
 def test_tar_links_and_special_files(tmp_path, dest, member):
-    archive = make_tar(tmp_path / "upload.tar.gz", two_classes(), extra=[member])
+    archive = write_tar(tmp_path / "upload.tar.gz", two_classes(), extra=[member])
     error = refused(archive, dest, Invalid, "unsafe_archive")
     assert member[0].name in error.message
 
 
 @pytest.mark.parametrize("twin", ["ants/a0.jpg", "./ants/a0.jpg", "ants//a0.jpg", "ants\\a0.jpg"])
 def test_duplicate_paths(tmp_path, dest, twin):
-    archive = make_zip(tmp_path / "upload.zip", two_classes())
-    with zipfile.ZipFile(archive, "a") as zf, warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # zipfile's own "Duplicate name" warning
-        zf.writestr(twin, PNG)
+    archive = write_zip(tmp_path / "upload.zip", two_classes(), [(twin, PNG)])
     refused(archive, dest, Invalid, "unsafe_archive")
 
 
 def test_val_aliases_colliding(tmp_path, dest):
     files = {f"train/{name}": data for name, data in two_classes().items()}
-    archive = make_zip(tmp_path / "upload.zip", files | {"val/ants/x.jpg": JPEG, "validation/ants/x.jpg": JPEG})
+    archive = write_zip(tmp_path / "upload.zip", files | {"val/ants/x.jpg": JPEG, "validation/ants/x.jpg": JPEG})
     refused(archive, dest, Invalid, "unsafe_archive")
 
 
 def test_file_where_a_folder_is_needed(tmp_path, dest):
-    archive = make_tar(tmp_path / "upload.tar", two_classes() | {"ants": JPEG}, mode="w")
+    archive = write_tar(tmp_path / "upload.tar", two_classes() | {"ants": JPEG}, mode="w")
     refused(archive, dest, Invalid, "unsafe_archive")
 
 
 @pytest.mark.parametrize("kind", ["zip", "tar"])
 def test_too_many_entries(tmp_path, dest, kind):
-    make = make_zip if kind == "zip" else make_tar
+    make = write_zip if kind == "zip" else write_tar
     archive = make(tmp_path / "upload", two_classes(5))
     refused(archive, dest, TooLarge, "too_many_entries", max_archive_entries=9)
 
 
 def test_declared_size_over_limit(tmp_path, dest):
-    archive = make_zip(tmp_path / "upload.zip", two_classes())
+    archive = write_zip(tmp_path / "upload.zip", two_classes())
     refused(archive, dest, TooLarge, "archive_too_large", max_uncompressed_bytes=len(JPEG) * 3)
 
 
 def test_compression_bomb(tmp_path, dest):
-    archive = make_zip(tmp_path / "upload.zip", two_classes() | {"ants/zeros.jpg": bytes(50 * 1024**2)})
+    archive = write_zip(tmp_path / "upload.zip", two_classes() | {"ants/zeros.jpg": bytes(50 * 1024**2)})
     assert archive.stat().st_size < 1024**2
     refused(archive, dest, Invalid, "compression_bomb", max_uncompressed_bytes=1024**3)
 
 
 def test_zip_encrypted_entry(tmp_path, dest):
-    archive = make_zip(tmp_path / "upload.zip", two_classes())
+    archive = write_zip(tmp_path / "upload.zip", two_classes())
     data = bytearray(archive.read_bytes())
     # Set the "encrypted" flag of the first entry in its central-directory record.
     central = data.index(b"PK\x01\x02")
@@ -252,7 +207,7 @@ def test_zip_encrypted_entry(tmp_path, dest):
 
 
 def test_class_name_too_long(tmp_path, dest):
-    archive = make_zip(tmp_path / "upload.zip", two_classes() | {f"{'x' * 101}/a.jpg": JPEG})
+    archive = write_zip(tmp_path / "upload.zip", two_classes() | {f"{'x' * 101}/a.jpg": JPEG})
     refused(archive, dest, Invalid, "invalid_class_name")
 
 
@@ -260,7 +215,7 @@ def test_existing_destination_is_left_alone(tmp_path, dest):
     dest.mkdir(parents=True)
     (dest / "keep.txt").write_text("mine")
     with pytest.raises(FileExistsError):
-        ingest_archive(make_zip(tmp_path / "upload.zip", two_classes()), dest, limits())
+        ingest_archive(write_zip(tmp_path / "upload.zip", two_classes()), dest, limits())
     assert (dest / "keep.txt").read_text() == "mine"
 
 
@@ -287,7 +242,7 @@ def png_header_only(width: int, height: int) -> bytes:
     ids=["pillow-bomb-limit", "over-our-limit", "small-limit"],
 )
 def test_image_over_pixel_limit(tmp_path, dest, huge, max_pixels, named):
-    archive = make_zip(tmp_path / "upload.zip", two_classes() | {"bees/huge.png": huge})
+    archive = write_zip(tmp_path / "upload.zip", two_classes() | {"bees/huge.png": huge})
     error = refused(archive, dest, Invalid, "image_too_large", max_image_pixels=max_pixels)
     assert named in error.message
 
@@ -295,7 +250,7 @@ def test_image_over_pixel_limit(tmp_path, dest, huge, max_pixels, named):
 def test_broken_files_are_dropped_with_a_warning(tmp_path, dest):
     files = two_classes() | {"ants/truncated.jpg": JPEG[: len(JPEG) // 2], "bees/notes.txt": b"not an image"}
     files |= {"wasps/only-broken.jpg": b"\xff\xd8\xff garbage"}
-    archive = make_zip(tmp_path / "upload.zip", files)
+    archive = write_zip(tmp_path / "upload.zip", files)
 
     result = ingest_archive(archive, dest, limits())
 
@@ -310,20 +265,20 @@ def test_broken_files_are_dropped_with_a_warning(tmp_path, dest):
 
 
 def test_only_non_images(tmp_path, dest):
-    archive = make_tar(tmp_path / "upload.tgz", {"ants/a.txt": b"hello", "bees/b.csv": b"1,2,3"})
+    archive = write_tar(tmp_path / "upload.tgz", {"ants/a.txt": b"hello", "bees/b.csv": b"1,2,3"})
     error = refused(archive, dest, Invalid, "no_images")
     assert "2 file(s)" in error.message
     assert sorted(d["file"] for d in error.details) == ["ants/a.txt", "bees/b.csv"]
 
 
 def test_single_class(tmp_path, dest):
-    archive = make_zip(tmp_path / "upload.zip", {f"ants/a{i}.jpg": JPEG for i in range(5)})
+    archive = write_zip(tmp_path / "upload.zip", {f"ants/a{i}.jpg": JPEG for i in range(5)})
     error = refused(archive, dest, Invalid, "single_class")
     assert "ants" in error.message
 
 
 def test_class_below_minimum(tmp_path, dest):
-    archive = make_zip(tmp_path / "upload.zip", two_classes(5) | {"wasps/w.jpg": JPEG})
+    archive = write_zip(tmp_path / "upload.zip", two_classes(5) | {"wasps/w.jpg": JPEG})
     error = refused(archive, dest, Invalid, "class_too_small", min_images_per_class=3)
     assert "'wasps' has 1" in error.message
     assert error.details == [{"class": "wasps", "images": 1}]
@@ -337,7 +292,7 @@ def test_hidden_and_system_files_are_skipped(tmp_path, dest):
         "bees/Thumbs.db": b"\xd0\xcf\x11\xe0",
         "bees/desktop.ini": b"[.ShellClassInfo]",
     }
-    archive = make_zip(tmp_path / "upload.zip", two_classes() | junk)
+    archive = write_zip(tmp_path / "upload.zip", two_classes() | junk)
 
     result = ingest_archive(archive, dest, limits())
 

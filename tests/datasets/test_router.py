@@ -5,24 +5,12 @@ Images are small synthetic ones made with Pillow: the point is the upload path, 
 """
 
 import io
-import zipfile
 
 import pytest
 from PIL import Image
 
-
-def jpeg(color=(120, 40, 40), size=(32, 32)) -> bytes:
-    buffer = io.BytesIO()
-    Image.new("RGB", size, color).save(buffer, "JPEG")
-    return buffer.getvalue()
-
-
-def zip_bytes(files: dict[str, bytes]) -> bytes:
-    buffer = io.BytesIO()
-    with zipfile.ZipFile(buffer, "w", zipfile.ZIP_DEFLATED) as archive:
-        for name, data in files.items():
-            archive.writestr(name, data)
-    return buffer.getvalue()
+from tests.archives import solid_image as jpeg
+from tests.archives import zip_bytes
 
 
 def two_classes(n=5) -> dict[str, bytes]:

@@ -10,7 +10,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.conftest import HYMENOPTERA, REPO, SHARED, WEIGHTS_DIR, Process, free_port, wait_until
+from tests.conftest import HYMENOPTERA, REPO, SHARED, WEIGHTS_DIR, Process, empty_hub_env, free_port, wait_until
 
 pytestmark = pytest.mark.e2e
 
@@ -28,6 +28,7 @@ def embedded_service(tmp_path_factory):
     port = free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith("VISIONTUNE_")}
     env.update(VISIONTUNE_DATA_DIR=str(root / "var"), VISIONTUNE_WEIGHTS_DIR=str(WEIGHTS_DIR), PYTHONUNBUFFERED="1")
+    env.update(empty_hub_env(root))
     visiontune = Path(sys.executable).parent / "visiontune"
     process = Process("up", [str(visiontune), "up", "--port", str(port)], env, root)
     url = f"http://127.0.0.1:{port}"

@@ -235,7 +235,7 @@ def test_backbone_sweep_ranks_backbones_and_promotes_a_row(stack, small_dataset)
     assert [row["rank"] for row in ranked] == [1, 2]
     assert ranked[0]["val_accuracy"] >= ranked[1]["val_accuracy"] > 0.5
     assert all(row["seconds"] > 0 and row["num_params"] > 3_000_000 and row["model_id"] for row in ranked)
-    missing = next(row for row in sweep["rows"] if row["backbone"] == "resnet18")  # no weights on this machine
+    missing = next(row for row in sweep["rows"] if row["backbone"] == "resnet18")  # not in WEIGHTS_DIR; Hub cache empty
     assert missing["status"] == "failed" and "resnet18" in missing["error"] and missing["rank"] is None
 
     promoted = stack.http.post(f"/v1/sweeps/{sweep_id}/promote", json={"backbone": ranked[0]["backbone"], "strategy": "full"})
@@ -383,14 +383,24 @@ def test_versions_and_moving_an_alias_under_load(stack, small_dataset):
     assert stack.http.get(f"/v1/models/{by_version[1]}").json()["aliases"] == ["production"]
 
     image = val_images(1)[0][0].read_bytes()
-    stop = threading.Event()
+    stop, moved = threading.Event(), threading.Event()
+    # What the thread saw, checked in the test's own thread after it ends: an assert inside the
+    # thread would only end the thread, never fail the test.
+    flips: list[int] = []
+    crashed: list[BaseException] = []
 
     def flip():  # move the alias back and forth while requests are in flight
         version = 1
-        with httpx.Client(base_url=stack.url, headers=stack.http.headers, timeout=60) as http:
-            while not stop.is_set():
-                version = 3 - version
-                assert http.put("/v1/models/ants-bees/aliases/production", json={"version": version}).status_code == 200
+        try:
+            with httpx.Client(base_url=stack.url, headers=stack.http.headers, timeout=60) as http:
+                while not stop.is_set():
+                    version = 3 - version
+                    flips.append(http.put("/v1/models/ants-bees/aliases/production", json={"version": version}).status_code)
+                    moved.set()
+        except BaseException as exc:  # handed to the test's thread below
+            crashed.append(exc)
+        finally:
+            moved.set()
 
     async def load():
         async with httpx.AsyncClient(base_url=stack.url, headers=stack.http.headers, timeout=60) as client:
@@ -402,9 +412,12 @@ def test_versions_and_moving_an_alias_under_load(stack, small_dataset):
     flipper.start()
     try:
         responses = asyncio.run(load())
+        moved.wait(timeout=120)  # at least one move happened, however the two threads were scheduled
     finally:
         stop.set()
         flipper.join()
+    assert crashed == [], crashed
+    assert flips and flips == [200] * len(flips), flips  # there were moves, and every one succeeded
     assert [r.status_code for r in responses] == [200] * 60  # zero failed requests
     served_by = {r.json()["model_id"] for r in responses}
     assert served_by <= set(by_version.values())  # always a whole, registered model

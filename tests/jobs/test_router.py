@@ -1,30 +1,15 @@
 """Job API validation and the state machine, in-process (the embedded broker receives the
 messages; no worker consumes them here). Training itself is covered in tests/e2e."""
 
-import io
-import zipfile
-
 import pytest
-from PIL import Image
 
 from app.jobs import runner
-
-
-def dataset_archive(n=5) -> bytes:
-    # Synthetic solid-colour images: these tests are about the job API, not learning.
-    buffer = io.BytesIO()
-    with zipfile.ZipFile(buffer, "w") as archive:
-        for label, color in (("red", (220, 20, 20)), ("blue", (20, 20, 220))):
-            for i in range(n):
-                image = io.BytesIO()
-                Image.new("RGB", (40, 40), color).save(image, "JPEG")
-                archive.writestr(f"{label}/{i}.jpg", image.getvalue())
-    return buffer.getvalue()
+from tests.archives import colour_dataset_zip
 
 
 @pytest.fixture
 def dataset_id(client) -> str:
-    response = client.post("/v1/datasets", files={"file": ("colors.zip", dataset_archive())})
+    response = client.post("/v1/datasets", files={"file": ("colors.zip", colour_dataset_zip())})
     assert response.status_code == 201, response.text
     return response.json()["id"]
 
@@ -121,7 +106,7 @@ def test_cancel_a_queued_job_then_its_message_does_nothing(client, dataset_id):
 
 
 def test_missing_pretrained_weights_fail_the_job_saying_where_it_looked(client, dataset_id):
-    # resnet18 has no file in ../shared/weights and the Hub cache is empty on these machines.
+    # resnet18 has no file in ../shared/weights, and tests run on an empty Hub cache (conftest's empty_hub_env).
     job = client.post("/v1/jobs", json={"dataset_id": dataset_id, "backbone": "resnet18"}).json()
     assert runner.run_job(job["id"]).status == "failed"
     failed = client.get(f"/v1/jobs/{job['id']}").json()

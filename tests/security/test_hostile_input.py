@@ -7,15 +7,13 @@ outside it, and the server keeps serving. Fake bytes are the point here: these a
 are made by hand because real ones must not exist.
 """
 
-import io
 import tarfile
-import warnings
-import zipfile
 from pathlib import Path
 
 import pytest
 from PIL import Image
 
+from tests.archives import tar_bytes, tar_member, zip_bytes, zip_symlink
 from tests.conftest import HYMENOPTERA
 from tests.security.hostile_images import (
     gif_header,
@@ -32,85 +30,47 @@ def good_files() -> dict[str, bytes]:
     return {f"{p.parent.name}/{p.name}": p.read_bytes() for p in REAL_JPEGS}
 
 
-def zip_of(files: dict[str, bytes], extra=None) -> bytes:
-    buffer = io.BytesIO()
-    with zipfile.ZipFile(buffer, "w", zipfile.ZIP_DEFLATED) as archive, warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # zipfile warns on duplicate names, which are the point
-        for name, data in files.items():
-            archive.writestr(name, data)
-        for info, data in extra or []:
-            archive.writestr(info, data)
-    return buffer.getvalue()
-
-
-def tar_of(files: dict[str, bytes], members=(), format_=tarfile.PAX_FORMAT) -> bytes:
-    buffer = io.BytesIO()
-    with tarfile.open(fileobj=buffer, mode="w:gz", format=format_) as archive:
-        for name, data in files.items():
-            info = tarfile.TarInfo(name)
-            info.size = len(data)
-            archive.addfile(info, io.BytesIO(data))
-        for info, data in members:
-            archive.addfile(info, io.BytesIO(data) if info.isreg() else None)
-    return buffer.getvalue()
-
-
-def member(name: str, data: bytes = b"", **attrs) -> tuple[tarfile.TarInfo, bytes]:
-    info = tarfile.TarInfo(name)
-    info.size = len(data)
-    for key, value in attrs.items():
-        setattr(info, key, value)
-    return info, data
-
-
-def zip_symlink(name: str, target: str) -> tuple[zipfile.ZipInfo, bytes]:
-    info = zipfile.ZipInfo(name)
-    info.create_system = 3  # unix
-    info.external_attr = (0o120777 << 16)  # S_IFLNK
-    return info, target.encode()
-
-
 GOOD = good_files()
 DEEP = "ants/" + "d/" * 300 + "x.jpg"
 JPEG = REAL_JPEGS[0].read_bytes()
 
 # (id, archive bytes, expected status)
 REFUSED = [
-    ("tar-symlink-escape", tar_of(GOOD, [member("ants/evil", type=tarfile.SYMTYPE, linkname="../../../../etc/passwd")])),
-    ("tar-symlink-absolute", tar_of(GOOD, [member("ants/evil", type=tarfile.SYMTYPE, linkname="/etc/passwd")])),
-    ("tar-hardlink-outside", tar_of(GOOD, [member("ants/evil", type=tarfile.LNKTYPE, linkname="/etc/passwd")])),
-    ("tar-hardlink-inside", tar_of(GOOD, [member("ants/twin.jpg", type=tarfile.LNKTYPE, linkname=next(iter(GOOD)))])),
-    ("tar-link-to-link", tar_of(GOOD, [member("ants/l1", type=tarfile.SYMTYPE, linkname="l2"),
-                                        member("ants/l2", type=tarfile.SYMTYPE, linkname="/etc")])),
-    ("tar-file-through-symlinked-dir", tar_of(GOOD, [member("ants/d", type=tarfile.SYMTYPE, linkname="/tmp"),
-                                                      member("ants/d/x.jpg", JPEG)])),
-    ("tar-chardev", tar_of(GOOD, [member("ants/tty", type=tarfile.CHRTYPE, devmajor=5, devminor=0)])),
-    ("tar-blockdev", tar_of(GOOD, [member("ants/sda", type=tarfile.BLKTYPE, devmajor=8, devminor=0)])),
-    ("tar-fifo", tar_of(GOOD, [member("ants/pipe", type=tarfile.FIFOTYPE)])),
-    ("tar-absolute-name", tar_of(GOOD, [member("/tmp/evil.jpg", JPEG)])),
-    ("tar-dotdot-name", tar_of(GOOD, [member("../evil.jpg", JPEG)])),
-    ("tar-dotdot-inside-name", tar_of(GOOD, [member("ants/../../evil.jpg", JPEG)])),
-    ("tar-duplicate-overwrites", tar_of(GOOD, [member(next(iter(GOOD)), JPEG[:100])])),
-    ("tar-pax-path-escape", tar_of(GOOD, [member("ants/ok.jpg", JPEG, pax_headers={"path": "../pax.jpg"})])),
-    ("tar-gnu-longname-escape", tar_of(GOOD, [member("../" + "x" * 150 + ".jpg", JPEG)], tarfile.GNU_FORMAT)),
-    ("tar-control-chars", tar_of(GOOD, [member("ants/\x1b[31mred.jpg", JPEG)])),
-    ("tar-deep-path", tar_of(GOOD, [member(DEEP, JPEG)])),
-    ("zip-dotdot", zip_of(GOOD | {"../evil.jpg": JPEG})),
-    ("zip-absolute", zip_of(GOOD | {"/tmp/evil.jpg": JPEG})),
-    ("zip-backslash-dotdot", zip_of(GOOD | {"..\\evil.jpg": JPEG})),
-    ("zip-drive-letter", zip_of(GOOD | {"C:/evil.jpg": JPEG})),
-    ("zip-symlink", zip_of(GOOD, [zip_symlink("ants/evil", "/etc/passwd")])),
-    ("zip-duplicate", zip_of(GOOD, [(next(iter(GOOD)), JPEG[:100])])),
-    ("zip-rtl-override", zip_of(GOOD | {"ants/\u202egpj.exe": JPEG})),
-    ("zip-zero-width-class", zip_of(GOOD | {"an\u200bts/x.jpg": JPEG})),
-    ("zip-nfc-nfd-twins", zip_of(GOOD | {"ants/caf\u00e9.jpg": JPEG, "ants/cafe\u0301.jpg": JPEG})),
-    ("zip-case-twins", zip_of(GOOD | {"ants/Same.jpg": JPEG, "ants/sAME.jpg": JPEG})),
-    ("zip-deep-path", zip_of(GOOD | {DEEP: JPEG})),
-    ("png-pixel-bomb", zip_of(GOOD | {"ants/bomb.png": png_header(100_000, 100_000)})),
-    ("png-negative-width", zip_of(GOOD | {"ants/negative.png": png_header(2**31, 10)})),
-    ("png-over-limit", zip_of(GOOD | {"ants/big.png": png_header(9_000, 9_000)})),
-    ("gif-pixel-bomb", zip_of(GOOD | {"ants/bomb.gif": gif_header(65_535, 65_535)})),
-    ("tiff-pixel-bomb", zip_of(GOOD | {"ants/bomb.tif": tiff_header(200_000, 200_000)})),
+    ("tar-symlink-escape", tar_bytes(GOOD, [tar_member("ants/evil", type=tarfile.SYMTYPE, linkname="../../../../etc/passwd")])),
+    ("tar-symlink-absolute", tar_bytes(GOOD, [tar_member("ants/evil", type=tarfile.SYMTYPE, linkname="/etc/passwd")])),
+    ("tar-hardlink-outside", tar_bytes(GOOD, [tar_member("ants/evil", type=tarfile.LNKTYPE, linkname="/etc/passwd")])),
+    ("tar-hardlink-inside", tar_bytes(GOOD, [tar_member("ants/twin.jpg", type=tarfile.LNKTYPE, linkname=next(iter(GOOD)))])),
+    ("tar-link-to-link", tar_bytes(GOOD, [tar_member("ants/l1", type=tarfile.SYMTYPE, linkname="l2"),
+                                          tar_member("ants/l2", type=tarfile.SYMTYPE, linkname="/etc")])),
+    ("tar-file-through-symlinked-dir", tar_bytes(GOOD, [tar_member("ants/d", type=tarfile.SYMTYPE, linkname="/tmp"),
+                                                        tar_member("ants/d/x.jpg", JPEG)])),
+    ("tar-chardev", tar_bytes(GOOD, [tar_member("ants/tty", type=tarfile.CHRTYPE, devmajor=5, devminor=0)])),
+    ("tar-blockdev", tar_bytes(GOOD, [tar_member("ants/sda", type=tarfile.BLKTYPE, devmajor=8, devminor=0)])),
+    ("tar-fifo", tar_bytes(GOOD, [tar_member("ants/pipe", type=tarfile.FIFOTYPE)])),
+    ("tar-absolute-name", tar_bytes(GOOD, [tar_member("/tmp/evil.jpg", JPEG)])),
+    ("tar-dotdot-name", tar_bytes(GOOD, [tar_member("../evil.jpg", JPEG)])),
+    ("tar-dotdot-inside-name", tar_bytes(GOOD, [tar_member("ants/../../evil.jpg", JPEG)])),
+    ("tar-duplicate-overwrites", tar_bytes(GOOD, [tar_member(next(iter(GOOD)), JPEG[:100])])),
+    ("tar-pax-path-escape", tar_bytes(GOOD, [tar_member("ants/ok.jpg", JPEG, pax_headers={"path": "../pax.jpg"})])),
+    ("tar-gnu-longname-escape", tar_bytes(GOOD, [tar_member("../" + "x" * 150 + ".jpg", JPEG)], format=tarfile.GNU_FORMAT)),
+    ("tar-control-chars", tar_bytes(GOOD, [tar_member("ants/\x1b[31mred.jpg", JPEG)])),
+    ("tar-deep-path", tar_bytes(GOOD, [tar_member(DEEP, JPEG)])),
+    ("zip-dotdot", zip_bytes(GOOD | {"../evil.jpg": JPEG})),
+    ("zip-absolute", zip_bytes(GOOD | {"/tmp/evil.jpg": JPEG})),
+    ("zip-backslash-dotdot", zip_bytes(GOOD | {"..\\evil.jpg": JPEG})),
+    ("zip-drive-letter", zip_bytes(GOOD | {"C:/evil.jpg": JPEG})),
+    ("zip-symlink", zip_bytes(GOOD, [zip_symlink("ants/evil", "/etc/passwd")])),
+    ("zip-duplicate", zip_bytes(GOOD, [(next(iter(GOOD)), JPEG[:100])])),
+    ("zip-rtl-override", zip_bytes(GOOD | {"ants/\u202egpj.exe": JPEG})),
+    ("zip-zero-width-class", zip_bytes(GOOD | {"an\u200bts/x.jpg": JPEG})),
+    ("zip-nfc-nfd-twins", zip_bytes(GOOD | {"ants/caf\u00e9.jpg": JPEG, "ants/cafe\u0301.jpg": JPEG})),
+    ("zip-case-twins", zip_bytes(GOOD | {"ants/Same.jpg": JPEG, "ants/sAME.jpg": JPEG})),
+    ("zip-deep-path", zip_bytes(GOOD | {DEEP: JPEG})),
+    ("png-pixel-bomb", zip_bytes(GOOD | {"ants/bomb.png": png_header(100_000, 100_000)})),
+    ("png-negative-width", zip_bytes(GOOD | {"ants/negative.png": png_header(2**31, 10)})),
+    ("png-over-limit", zip_bytes(GOOD | {"ants/big.png": png_header(9_000, 9_000)})),
+    ("gif-pixel-bomb", zip_bytes(GOOD | {"ants/bomb.gif": gif_header(65_535, 65_535)})),
+    ("tiff-pixel-bomb", zip_bytes(GOOD | {"ants/bomb.tif": tiff_header(200_000, 200_000)})),
     ("not-an-archive", b"%PDF-1.7 not an archive"),
 ]
 
@@ -118,16 +78,16 @@ REFUSED = [
 NEUTRALISED = [
     # zipfile ends a name at its first NUL, as the zip format's C readers do: "ants/evil" is kept
     # as a name, then skipped as not an image.
-    ("zip-nul-in-name", zip_of(GOOD | {"ants/evil\x00.jpg": b"<script>"}), "evil"),
+    ("zip-nul-in-name", zip_bytes(GOOD | {"ants/evil\x00.jpg": b"<script>"}), "evil"),
     # 64 MiB of zeros behind a .jpg name: within the archive-wide ratio limit, then not an image.
-    ("zip-zeros-as-jpeg", zip_of(GOOD | {"ants/zeros.jpg": b"\0" * 64 * 1024**2}), "zeros.jpg"),
-    ("nested-zip", zip_of(GOOD | {"ants/inner.zip": zip_of(GOOD)}), "inner.zip"),
-    ("nested-tar", zip_of(GOOD | {"bees/inner.tar.gz": tar_of(GOOD)}), "inner.tar.gz"),
-    ("png-zero-width", zip_of(GOOD | {"ants/zero.png": png_header(0, 10)}), "zero.png"),
-    ("gif-zero-size", zip_of(GOOD | {"ants/zero.gif": gif_header(0, 0)}), "zero.gif"),
-    ("format-not-allowed-ico", zip_of(GOOD | {"ants/icon.jpg": image_bytes("ICO")}), "icon.jpg"),
-    ("format-not-allowed-pcx", zip_of(GOOD | {"ants/picture.jpg": image_bytes("PCX")}), "picture.jpg"),
-    ("format-not-allowed-eps", zip_of(GOOD | {"ants/page.jpg": b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 9 9\n"}), "page.jpg"),
+    ("zip-zeros-as-jpeg", zip_bytes(GOOD | {"ants/zeros.jpg": b"\0" * 64 * 1024**2}), "zeros.jpg"),
+    ("nested-zip", zip_bytes(GOOD | {"ants/inner.zip": zip_bytes(GOOD)}), "inner.zip"),
+    ("nested-tar", zip_bytes(GOOD | {"bees/inner.tar.gz": tar_bytes(GOOD)}), "inner.tar.gz"),
+    ("png-zero-width", zip_bytes(GOOD | {"ants/zero.png": png_header(0, 10)}), "zero.png"),
+    ("gif-zero-size", zip_bytes(GOOD | {"ants/zero.gif": gif_header(0, 0)}), "zero.gif"),
+    ("format-not-allowed-ico", zip_bytes(GOOD | {"ants/icon.jpg": image_bytes("ICO")}), "icon.jpg"),
+    ("format-not-allowed-pcx", zip_bytes(GOOD | {"ants/picture.jpg": image_bytes("PCX")}), "picture.jpg"),
+    ("format-not-allowed-eps", zip_bytes(GOOD | {"ants/page.jpg": b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 9 9\n"}), "page.jpg"),
 ]
 
 
@@ -148,7 +108,7 @@ def test_hostile_archive_is_refused_and_nothing_is_written(client, settings_env,
     assert response.json()["error"]["message"]
     assert listing(root) == before
     assert client.get("/v1/datasets").json()["data"] == []
-    assert upload(client, zip_of(GOOD)).status_code == 201  # and the server goes on serving
+    assert upload(client, zip_bytes(GOOD)).status_code == 201  # and the server goes on serving
 
 
 @pytest.mark.parametrize(("content", "dropped"), [(c, d) for _, c, d in NEUTRALISED], ids=[i for i, _, _ in NEUTRALISED])
@@ -168,7 +128,7 @@ def test_an_archive_of_100k_tiny_entries_is_refused_before_extraction(client, se
     root = settings_env.parent
     entries = {f"ants/{i}.jpg": b"x" for i in range(100_000)}
     before = listing(root)
-    response = upload(client, zip_of(entries))
+    response = upload(client, zip_bytes(entries))
     assert response.status_code in (413, 422), response.text
     assert listing(root) == before
 

@@ -2,7 +2,7 @@
 
 import asyncio
 import gc
-import time
+import threading
 import weakref
 from concurrent.futures import ThreadPoolExecutor
 
@@ -17,6 +17,11 @@ from app.serving.predictor import ModelCache, preprocess, serving_device
 from tests.conftest import HYMENOPTERA, MOBILENET_WEIGHTS
 
 
+# A batching window no test outlives: a batch that a test expects full is filled long before it could
+# close, however slow the machine. (No test here depends on a short window closing late enough.)
+NEVER_MS = 60_000
+
+
 def test_concurrent_requests_share_forward_passes_and_get_their_own_rows():
     calls = []
 
@@ -25,17 +30,40 @@ def test_concurrent_requests_share_forward_passes_and_get_their_own_rows():
         return batch * 2
 
     async def scenario():
-        batcher = MicroBatcher(double, max_batch_size=8, max_wait_ms=50)
-        inputs = [torch.full((2, 3), float(i)) for i in range(10)]  # 10 requests of 2 rows each
+        batcher = MicroBatcher(double, max_batch_size=8, max_wait_ms=NEVER_MS)
+        inputs = [torch.full((2, 3), float(i)) for i in range(12)]  # 12 requests of 2 rows each
+        # gather starts every request before the batching task first runs (asyncio runs tasks in the
+        # order they were created), so all 24 rows are queued when it takes the first.
         results = await asyncio.gather(*(batcher.submit(x) for x in inputs))
         batcher.close()
         return inputs, results
 
     inputs, results = asyncio.run(scenario())
-    for x, (rows, batch_size) in zip(inputs, results):
-        assert torch.equal(rows, x * 2)
-        assert 2 <= batch_size <= 8
-    assert sum(calls) == 20 and max(calls) == 8 and len(calls) < 10
+    for x, (rows, batch_size) in zip(inputs, results, strict=True):
+        assert torch.equal(rows, x * 2)  # each request gets exactly its own rows back
+        assert batch_size == 8
+    assert calls == [8, 8, 8]  # 3 forward passes for 12 requests
+
+
+def test_a_partial_batch_goes_when_its_window_closes():
+    calls = []
+
+    def record(batch: torch.Tensor) -> torch.Tensor:
+        calls.append(len(batch))
+        return batch
+
+    async def scenario():
+        # What is in each batch does not depend on the window's length: the 3 rows of one request are
+        # queued together, and the second request is only made once the first has its answer.
+        batcher = MicroBatcher(record, max_batch_size=8, max_wait_ms=1)
+        first = await batcher.submit(torch.zeros(3, 2))
+        second = await batcher.submit(torch.ones(2, 2))
+        batcher.close()
+        return first, second
+
+    (rows, size), (rows_2, size_2) = asyncio.run(scenario())
+    assert calls == [3, 2] and (size, size_2) == (3, 2)
+    assert torch.equal(rows, torch.zeros(3, 2)) and torch.equal(rows_2, torch.ones(2, 2))
 
 
 def test_batching_off_runs_each_request_alone():
@@ -55,7 +83,7 @@ def test_a_failing_batch_fails_its_requests_and_the_batcher_goes_on():
     async def scenario():
         batcher = MicroBatcher(explode_on_negative, max_batch_size=4, max_wait_ms=1)
         bad = await asyncio.gather(batcher.submit(-torch.ones(1, 1)), return_exceptions=True)
-        await asyncio.sleep(0.01)
+        # Submitted only once the bad batch has failed, so it cannot share that batch.
         good = await batcher.submit(torch.ones(1, 1))
         batcher.close()
         return bad, good
@@ -90,19 +118,33 @@ def test_cache_evicts_least_recently_used_models_past_its_byte_budget(tmp_path):
 def test_concurrent_first_requests_load_a_model_once(tmp_path):
     (directory,) = _artifacts(tmp_path, 1)
     cache = ModelCache(max_bytes=10**12, max_batch_size=1, max_wait_ms=0)
-    loads, real_load = [], cache._load
+    assert cache.cached("m0") is None
+    requests = 8
+    loads, real_load, real_cached = [], cache._load, cache.cached
+    misses, all_missed, lock = [], threading.Event(), threading.Lock()
+
+    def counted_cached(model_id):
+        found = real_cached(model_id)
+        if found is None:
+            with lock:
+                misses.append(model_id)
+                if len(misses) == requests:
+                    all_missed.set()
+        return found
 
     def counted_load(*args):
         loads.append(args)
-        time.sleep(0.3)  # the first load is still under way while the other requests arrive
+        # The load holds on until every request has looked in the cache and found nothing: all of
+        # them arrive while it is under way, whatever the machine's speed.
+        if not all_missed.wait(timeout=120):
+            raise AssertionError(f"only {len(misses)} of {requests} requests arrived during the load")
         return real_load(*args)
 
-    cache._load = counted_load
-    assert cache.cached("m0") is None
-    with ThreadPoolExecutor(8) as pool:
-        served = list(pool.map(lambda _: cache.get("m0", directory, tmp_path / "none.onnx"), range(8)))
-    assert len(loads) == 1
-    assert all(model is served[0] for model in served) and cache.cached("m0") is served[0]
+    cache.cached, cache._load = counted_cached, counted_load
+    with ThreadPoolExecutor(requests) as pool:
+        served = list(pool.map(lambda _: cache.get("m0", directory, tmp_path / "none.onnx"), range(requests)))
+    assert len(misses) == requests and len(loads) == 1
+    assert all(model is served[0] for model in served) and real_cached("m0") is served[0]
 
 
 def test_an_evicted_model_is_freed(tmp_path):
@@ -115,9 +157,12 @@ def test_an_evicted_model_is_freed(tmp_path):
         await first.batcher.submit(torch.rand(1, 3, 224, 224))  # its batching task is now running
         weights = weakref.ref(first.classifier)
         del first
-        cache.get("m1", directories[1], no_export)  # evicts m0
-        await asyncio.sleep(0)  # the cancelled batching task ends on the loop's next turn
-        gc.collect()
+        cache.get("m1", directories[1], no_export)  # evicts m0 and closes its batcher
+        for _ in range(100):  # its batching task ends within a few turns of the event loop (turns, not time)
+            await asyncio.sleep(0)
+            gc.collect()
+            if weights() is None:
+                break
         return weights() is None, list(cache._models)
 
     freed, kept = asyncio.run(scenario())

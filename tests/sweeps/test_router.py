@@ -1,10 +1,10 @@
 """Sweep validation, in-process: a bad sweep is refused whole, with nothing queued."""
 
+from tests.archives import colour_dataset_zip
+
 
 def test_unknown_backbone_refuses_the_whole_sweep(client):
-    from tests.jobs.test_router import dataset_archive
-
-    dataset_id = client.post("/v1/datasets", files={"file": ("colors.zip", dataset_archive())}).json()["id"]
+    dataset_id = client.post("/v1/datasets", files={"file": ("colors.zip", colour_dataset_zip())}).json()["id"]
     response = client.post("/v1/sweeps", json={"dataset_id": dataset_id, "backbones": ["mobilenetv2_100", "resnet5"]})
     assert response.status_code == 422 and "resnet50" in response.json()["error"]["message"]
     assert client.get("/v1/jobs").json()["data"] == [] and client.get("/v1/sweeps").json()["data"] == []

@@ -7,7 +7,8 @@ import pytest
 
 from app.db.tables import Dataset, Job
 from app.jobs.runner import run_job
-from tests.conftest import HYMENOPTERA, zip_tree
+from tests.archives import zip_tree
+from tests.conftest import HYMENOPTERA
 
 IMAGE = sorted((HYMENOPTERA / "val" / "bees").iterdir())[0]
 

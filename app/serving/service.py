@@ -1,0 +1,121 @@
+"""Serving: from a prediction request's body to its answer.
+
+Reads the images under the request limits, finds the model in this process's cache (loading it
+on first use, in PyTorch or onnxruntime: `app.serving.predictor`), decodes and preprocesses on a
+bounded number of threads, and runs the forward pass through the model's micro-batcher
+(`app.serving.batcher`). One `Serving` per API process, made in the app's lifespan.
+"""
+
+import time
+from dataclasses import dataclass, field
+from typing import Generic, TypeVar
+
+import anyio
+import torch
+from fastapi import Request
+from fastapi.concurrency import run_in_threadpool
+from pydantic import BaseModel, ValidationError
+from starlette.datastructures import UploadFile
+
+from app.core.config import Settings
+from app.core.errors import Invalid
+from app.core.storage import capped_body, parse_multipart
+from app.db.tables import Model
+from app.models.service import artifact_dir, onnx_file
+from app.serving import predictor
+from app.serving.predictor import LoadedModel, ModelCache
+from app.serving.schemas import EmbeddingResponse, ImagesBody, PredictionResponse
+
+Images = list[tuple[str, bytes]]  # (filename, file bytes)
+Body = TypeVar("Body", bound=BaseModel)
+
+
+@dataclass
+class Answer(Generic[Body]):
+    body: Body
+    headers: dict[str, str] = field(default_factory=dict)
+
+
+async def read_images(request: Request, settings: Settings) -> Images:
+    """Images from a multipart body (field `files`, one or more) or JSON (base64), within limits."""
+    if request.headers.get("content-type", "").startswith("application/json"):
+        body = b"".join([chunk async for chunk in capped_body(request, settings.max_predict_bytes)])
+        try:
+            images = [(image.filename, image.data) for image in ImagesBody.model_validate_json(body).images]
+        except ValidationError as exc:
+            first = exc.errors()[0]
+            where = ".".join(str(p) for p in first["loc"])
+            raise Invalid(f"Invalid JSON body at {where}: {first['msg']}", code="validation_error") from exc
+    else:
+        form = await parse_multipart(request, settings.max_predict_bytes, settings.max_predict_files)
+        try:
+            uploads = [item for key, item in form.multi_items() if key == "files" and isinstance(item, UploadFile)]
+            images = [(upload.filename or f"file{i}", await upload.read()) for i, upload in enumerate(uploads)]
+        finally:
+            await form.close()
+        if not images:
+            raise Invalid("Send one or more images in the multipart field 'files'.", code="missing_file")
+    if len(images) > settings.max_predict_files:
+        raise Invalid(f"{len(images)} images sent; at most {settings.max_predict_files} per request.", code="too_many_files")
+    return images
+
+
+class Serving:
+    def __init__(self, settings: Settings):
+        self.settings = settings
+        self.cache = ModelCache(
+            settings.model_cache_bytes,
+            settings.max_batch_size,
+            settings.max_wait_ms,
+            settings.serving_runtime,
+            predictor.serving_device(settings.serving_device),
+        )
+        self.preprocess_limiter = predictor.preprocess_limiter()
+
+    async def predict(self, model: Model, images: Images, top_k: int | None, threshold: float | None) -> Answer:
+        """Top-k labels with calibrated probabilities per image (None under `threshold`)."""
+        started = time.perf_counter()
+        num_classes = len(model.classes)
+        top_k = top_k or min(5, num_classes)
+        if top_k > num_classes:
+            raise Invalid(f"top_k={top_k} but the model has {num_classes} classes.", code="top_k_too_large")
+        loaded, batch = await self._prepare(model, images)
+        results, batch_size = await predictor.predict(loaded, batch, top_k, threshold)
+        body = PredictionResponse(
+            model_id=model.id,
+            predictions=[
+                {"filename": name, "labels": None if labels is None else [{"label": l, "score": s} for l, s in labels]}
+                for (name, _), labels in zip(images, results, strict=True)
+            ],
+        )
+        return Answer(body, {**_timing(started), "X-Batch-Size": str(batch_size), "X-Runtime": loaded.runtime})
+
+    async def embed(self, model: Model, images: Images) -> Answer:
+        """The pooled features (the classifier's input) of each image."""
+        started = time.perf_counter()
+        loaded, batch = await self._prepare(model, images)
+        vectors = await predictor.embed(loaded, batch)
+        body = EmbeddingResponse(
+            model_id=model.id,
+            dimensions=vectors.shape[1],
+            embeddings=[{"filename": name, "embedding": v} for (name, _), v in zip(images, vectors.tolist(), strict=True)],
+        )
+        return Answer(body, _timing(started))
+
+    def unload(self, model_id: str) -> None:
+        """Drop a model from this process's cache (deleted, or it has a new runtime to choose from)."""
+        self.cache.evict(model_id)
+
+    async def _prepare(self, model: Model, images: Images) -> tuple[LoadedModel, torch.Tensor]:
+        # `cached` never waits, so the event loop may call it; a load goes to a thread.
+        loaded = self.cache.cached(model.id) or await run_in_threadpool(
+            self.cache.get, model.id, artifact_dir(self.settings, model.id), onnx_file(self.settings, model.id)
+        )
+        batch = await anyio.to_thread.run_sync(
+            predictor.preprocess, loaded, images, self.settings.max_image_pixels, limiter=self.preprocess_limiter
+        )
+        return loaded, batch
+
+
+def _timing(started: float) -> dict[str, str]:
+    return {"Server-Timing": f"inference;dur={(time.perf_counter() - started) * 1000:.1f}"}
