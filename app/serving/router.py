@@ -13,7 +13,8 @@ from app.serving.service import Serving, read_images
 router = APIRouter(prefix="/v1/models", tags=["models"])
 
 
-def _serving(request: Request) -> Serving:
+async def _serving(request: Request) -> Serving:
+    # async: FastAPI runs a plain `def` dependency in the thread pool, a trip each request would pay
     return request.app.state.serving
 
 
