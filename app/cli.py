@@ -56,7 +56,7 @@ def first_key_if_none() -> str | None:
     with session_scope() as session:
         if any_active_key(session):
             return None
-    return create_key("default", ["admin"], "first key, created by visiontune up")
+    return create_key("default", ["admin", "operator"], "first key, created by visiontune up")
 
 
 def serve(host: str, port: int, workers: int | None = None) -> None:
@@ -76,7 +76,7 @@ def up(host: str, port: int) -> int:
     migrate()  # once, before two processes race to do it
     key = first_key_if_none()
     if key:
-        print(f"\nFirst API key (tenant 'default', scope admin). It is shown only this once; store it:\n\n"
+        print(f"\nFirst API key (tenant 'default', scopes admin and operator). It is shown only this once; store it:\n\n"
               f"    {key}\n\nSend it as `Authorization: Bearer <key>`; more keys: POST /v1/admin/tenants/{{id}}/keys "
               f"or `visiontune keys create`.\n", flush=True)  # fmt: skip
     api = [sys.executable, "-m", "app.cli", "serve", "--host", host, "--port", str(port)]
@@ -121,7 +121,10 @@ def main(argv: list[str] | None = None) -> None:
     key_commands = keys.add_subparsers(dest="keys_command", required=True)
     create = key_commands.add_parser("create", help="create a key and print it (shown only this once)")
     create.add_argument("--tenant", default="default", help="tenant name; created if it does not exist")
-    create.add_argument("--scopes", default="admin", help="comma-separated: read, train, predict, admin")
+    create.add_argument("--scopes", default="admin", help="comma-separated: read, train, predict, admin "
+                        "(the tenant's own administrator), operator")  # fmt: skip
+    create.add_argument("--operator", action="store_true", help="add the operator scope: tenants, quotas, "
+                        "every tenant's keys (the platform's administrator, not a tenant's)")  # fmt: skip
     create.add_argument("--name", default="", help="a note to recognise the key by")
     args = parser.parse_args(argv)
 
@@ -138,7 +141,7 @@ def main(argv: list[str] | None = None) -> None:
     elif args.command == "keys":
         from app.tenants.schemas import KeyCreate, TenantCreate
 
-        scopes = [scope.strip() for scope in args.scopes.split(",") if scope.strip()]
+        scopes = [scope.strip() for scope in args.scopes.split(",") if scope.strip()] + ["operator"] * args.operator
         try:  # the same validation as the admin API
             TenantCreate(name=args.tenant)
             KeyCreate(name=args.name, scopes=scopes)

@@ -71,6 +71,8 @@ ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
         422: "Invalid request",
         429: "A tenant quota would be exceeded",
         503: "A dependency (broker, database) is unavailable",
+        504: "The server's own deadline for the request passed (predictions)",
+        507: "The server has no room to store the upload",
     }.items()
 }
 

@@ -1,7 +1,9 @@
 """Shared fixtures: the real data in ../shared, an in-process app on a temporary data directory,
 and real server processes (redis-server, uvicorn, celery worker) on free ports."""
 
+import contextlib
 import os
+import signal
 import shutil
 import socket
 import subprocess
@@ -110,7 +112,8 @@ def client(settings_env):
     from app.main import create_app
 
     with TestClient(create_app()) as test_client:
-        test_client.headers["Authorization"] = f"Bearer {create_key('default', ['admin'], 'tests')}"
+        # The platform operator's key, as `visiontune up` prints it (tenant admin and operator).
+        test_client.headers["Authorization"] = f"Bearer {create_key('default', ['admin', 'operator'], 'tests')}"
         yield test_client
 
 
@@ -134,7 +137,9 @@ class Process:
         self.name = name
         self.log = log_dir / f"{name}.log"
         self._log_file = self.log.open("wb")
-        self.popen = subprocess.Popen(argv, env=env, stdout=self._log_file, stderr=subprocess.STDOUT, cwd=REPO)
+        # A process group of its own: a fault test can kill the process with all its children.
+        self.popen = subprocess.Popen(argv, env=env, stdout=self._log_file, stderr=subprocess.STDOUT, cwd=REPO,
+                                      start_new_session=True)  # fmt: skip
 
     def stop(self) -> None:
         if self.popen.poll() is None:
@@ -144,7 +149,14 @@ class Process:
             except subprocess.TimeoutExpired:
                 self.popen.kill()
                 self.popen.wait()
+        self.kill_group()  # whatever it started and left behind
         self._log_file.close()
+
+    def kill_group(self) -> None:
+        """SIGKILL the process and everything it started (its process group), as a lost machine."""
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(self.popen.pid, signal.SIGKILL)
+        self.popen.wait()
 
     def tail(self, lines: int = 60) -> str:
         return "\n".join(self.log.read_text(errors="replace").splitlines()[-lines:])
@@ -220,7 +232,7 @@ class Stack:
         self.processes: list[Process] = []
         self.http = httpx.Client(base_url=self.url, timeout=120)
 
-    def create_key(self, tenant: str = "default", scopes: str = "admin") -> str:
+    def create_key(self, tenant: str = "default", scopes: str = "admin,operator") -> str:
         """`visiontune keys create` on this stack's database, as an operator would run it."""
         argv = [sys.executable, "-m", "app.cli", "keys", "create", "--tenant", tenant, "--scopes", scopes]
         return subprocess.run(argv, env=self.env, check=True, capture_output=True, text=True).stdout.strip()
@@ -231,9 +243,10 @@ class Stack:
         self.processes.append(Process("api", [*cli, "serve", "--port", str(self.port)], self.env, self.log_dir))
         wait_until(self._healthy, 60, "the API", processes=self.processes)
 
-    def start_worker(self) -> None:
+    def start_worker(self, name: str = "worker") -> Process:
         cli = [sys.executable, "-m", "app.cli"]
-        self.processes.append(Process("worker", [*cli, "worker"], self.env, self.log_dir))
+        self.processes.append(Process(name, [*cli, "worker"], self.env, self.log_dir))
+        return self.processes[-1]
 
     def _healthy(self) -> bool:
         return is_ready(self.http)

@@ -18,14 +18,19 @@ from app.core.errors import Forbidden, Unauthorized
 
 @dataclass(frozen=True)
 class Principal:
-    """Who is calling: the key's tenant and scopes."""
+    """Who is calling: the key's tenant and scopes.
+
+    Two roles, never confused: `admin` is a tenant's own administrator (every scope within its
+    tenant, and its own keys); `operator` runs the platform (tenants, quotas, anyone's keys) and
+    is only ever granted explicitly, never implied by another scope.
+    """
 
     tenant_id: str
     key_id: str
     scopes: frozenset[str]
 
     def allows(self, scope: str) -> bool:
-        return scope in self.scopes or "admin" in self.scopes
+        return scope in self.scopes or (scope != "operator" and "admin" in self.scopes)
 
 
 class KeyLookup(Protocol):
@@ -59,4 +64,5 @@ ReadKey = Annotated[Principal, Depends(_require("read"))]
 TrainKey = Annotated[Principal, Depends(_require("train"))]
 PredictKey = Annotated[Principal, Depends(_require("predict"))]
 AdminKey = Annotated[Principal, Depends(_require("admin"))]
+OperatorKey = Annotated[Principal, Depends(_require("operator"))]
 AnyKey = Annotated[Principal, Depends(authenticated)]

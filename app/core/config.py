@@ -53,14 +53,24 @@ class Settings(BaseSettings):
         description="For models with an ONNX export: auto times both runtimes at load and keeps the faster; "
         "onnxruntime always uses the export; torch never does. Models without an export run in PyTorch.",
     )
+    predict_timeout_s: float = Field(
+        60.0, gt=0, description="A prediction not answered this long after its body arrived gets 504."
+    )
     api_workers: int = Field(1, ge=1, description="API processes of `visiontune serve`, each with its own model cache.")
     serving_device: Literal["auto", "cpu", "cuda"] = Field(
         "auto", description="Where PyTorch serves models: auto = the GPU when there is one (onnxruntime runs on the CPU)."
     )
 
-    # A running job whose worker has not reported for this long is taken over when its
-    # message is delivered again (the worker died).
-    job_lease_seconds: int = 120
+    # A running job whose worker has not reported for this long is dispatched again by the
+    # sweeper (app/jobs/dispatch.py) and taken over by the worker that receives it.
+    job_lease_seconds: int = Field(120, gt=0)
+    sweep_interval_seconds: float = Field(10.0, gt=0, description="How often each worker's sweeper looks for lost jobs.")
+    orphan_max_age_seconds: float = Field(
+        3600.0, gt=0, description="Files no row owns (left by a process stopped mid-write) are removed after this long."
+    )
+    redispatch_seconds: int = Field(
+        600, gt=0, description="A queued job whose message was sent this long ago and not taken is sent again."
+    )
     # Redis transport: how long an unacknowledged message waits before it is delivered again.
     broker_visibility_timeout: int = 3600
 
@@ -80,6 +90,10 @@ class Settings(BaseSettings):
     @property
     def models_dir(self) -> Path:
         return self.data_dir / "models"
+
+    @property
+    def exports_dir(self) -> Path:
+        return self.data_dir / "exports"
 
     @property
     def jobs_dir(self) -> Path:

@@ -43,9 +43,16 @@ class UnsupportedMedia(AppError):
     code = "unsupported_media_type"
 
 
-class ServiceUnavailable(AppError):
-    status_code = 503
-    code = "unavailable"
+class InsufficientStorage(AppError):
+    status_code = 507
+    code = "insufficient_storage"
+
+
+class DeadlineExceeded(AppError):
+    """The server gave up on its own deadline (a prediction that could not be answered in time)."""
+
+    status_code = 504
+    code = "deadline_exceeded"
 
 
 class Unauthorized(AppError):

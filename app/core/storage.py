@@ -1,9 +1,12 @@
 """Receiving uploads: multipart bodies streamed to disk under a byte cap, never held in memory."""
 
+import errno
 import hashlib
 import secrets
 import shutil
-from collections.abc import AsyncIterator
+import time
+from collections.abc import AsyncIterator, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
@@ -13,7 +16,7 @@ from fastapi.concurrency import run_in_threadpool
 from starlette.datastructures import FormData, UploadFile
 from starlette.formparsers import MultiPartException, MultiPartParser
 
-from app.core.errors import AppError, Invalid, TooLarge, UnsupportedMedia
+from app.core.errors import AppError, InsufficientStorage, Invalid, TooLarge, UnsupportedMedia
 
 CHUNK = 1024 * 1024
 # The route-level `max_body_size` of endpoints that stream their body under a cap of their own
@@ -64,7 +67,8 @@ async def receive_file(request: Request, field: str, max_bytes: int, directory: 
             raise Invalid(f"The form has no file field '{field}'.", code="missing_file")
         directory.mkdir(parents=True, exist_ok=True)
         path = directory / f"upload-{secrets.token_hex(8)}"
-        size, sha256 = await run_in_threadpool(_copy_hashing, upload.file, path)
+        with out_of_space_is_507(path):
+            size, sha256 = await run_in_threadpool(_copy_hashing, upload.file, path)
         fields = {k: v for k, v in form.items() if isinstance(v, str)}
         return ReceivedFile(path, upload.filename or "upload", size, sha256, fields)
     finally:
@@ -80,6 +84,31 @@ def _copy_hashing(source: BinaryIO, path: Path) -> tuple[int, str]:
             size += len(chunk)
             out.write(chunk)
     return size, digest.hexdigest()
+
+
+@contextmanager
+def out_of_space_is_507(*partial: Path) -> Iterator[None]:
+    """A full disk (ENOSPC, or a quota: EDQUOT) while writing: remove what was partly written and
+    answer 507, naming the problem, instead of a 500."""
+    try:
+        yield
+    except OSError as exc:
+        if exc.errno not in (errno.ENOSPC, errno.EDQUOT):
+            raise
+        for path in partial:
+            remove_quietly(path)
+        raise InsufficientStorage(
+            "The server has no room left to store this upload; nothing of it was kept. Try again later.",
+            code="insufficient_storage",
+        ) from exc
+
+
+def stale_entries(directory: Path, older_than: float) -> list[Path]:
+    """Entries of `directory` not modified for `older_than` seconds (none if it does not exist)."""
+    if not directory.is_dir():
+        return []
+    cutoff = time.time() - older_than
+    return [entry for entry in directory.iterdir() if entry.lstat().st_mtime < cutoff]
 
 
 def remove_quietly(path: Path) -> None:

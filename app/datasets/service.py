@@ -8,11 +8,12 @@ import os
 import secrets
 from pathlib import Path
 
+from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from app.core.config import Settings
 from app.core.errors import Conflict
-from app.core.storage import ReceivedFile, remove_quietly
+from app.core.storage import ReceivedFile, out_of_space_is_507, remove_quietly, stale_entries
 from app.core.tenancy import Scoped
 from app.datasets.ingest import IngestLimits, ingest_archive
 from app.db.tables import Dataset
@@ -39,7 +40,8 @@ def create_dataset(
     staging = settings.staging_dir / dataset_id
     final = dataset_dir(settings, dataset_id)
     try:
-        result = ingest_archive(upload.path, staging, limits_from(settings))
+        with out_of_space_is_507(staging):
+            result = ingest_archive(upload.path, staging, limits_from(settings))
         check_quota(session, settings, tenant_id, new_bytes=upload.size)
         dataset = Dataset(
             id=dataset_id,
@@ -77,6 +79,17 @@ def list_datasets(session: Session, tenant_id: str, limit: int) -> list[Dataset]
 
 def dataset_dir(settings: Settings, dataset_id: str) -> Path:
     return settings.datasets_dir / dataset_id
+
+
+def collect_orphans(session: Session, settings: Settings, older_than: float) -> list[str]:
+    """Remove dataset directories that no row owns (a process stopped between moving the files and
+    committing the row, or between deleting the row and the files); the names removed."""
+    stale = stale_entries(settings.datasets_dir, older_than)
+    owned = set(session.scalars(select(Dataset.id).where(Dataset.id.in_([p.name for p in stale]))))
+    orphans = [path for path in stale if path.name not in owned]
+    for path in orphans:
+        remove_quietly(path)
+    return [path.name for path in orphans]
 
 
 def delete_dataset(session: Session, settings: Settings, dataset: Dataset) -> None:

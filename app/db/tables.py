@@ -111,6 +111,9 @@ class Job(Base):
     claimed_by: Mapped[str | None] = mapped_column(String(300))
     heartbeat_at: Mapped[datetime | None] = mapped_column()
     attempts: Mapped[int] = mapped_column(Integer, default=0)
+    # When its message was last sent: the sweeper sends it again if it was never sent, or was
+    # sent long ago and the job is still queued (app/jobs/dispatch.py).
+    dispatched_at: Mapped[datetime | None] = mapped_column()
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
     started_at: Mapped[datetime | None] = mapped_column()
     finished_at: Mapped[datetime | None] = mapped_column()
@@ -148,6 +151,28 @@ class Model(Base):
     preprocessing: Mapped[dict[str, Any]] = mapped_column()
     size_bytes: Mapped[int] = mapped_column(BigInteger)
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+class ModelName(Base):
+    """The last version number a model name has given out: numbers are never reused, even after
+    the latest version is deleted."""
+
+    __tablename__ = "model_names"
+
+    tenant_id: Mapped[str] = mapped_column(ForeignKey("tenants.id", ondelete="CASCADE"), primary_key=True)
+    name: Mapped[str] = mapped_column(String(100), primary_key=True)
+    last_version: Mapped[int] = mapped_column(Integer)
+
+
+class Lease(Base):
+    """A named lease held by one process until it expires (e.g. the jobs sweeper): a crashed
+    holder's lease simply runs out."""
+
+    __tablename__ = "leases"
+
+    name: Mapped[str] = mapped_column(String(100), primary_key=True)
+    holder: Mapped[str] = mapped_column(String(300))
+    expires_at: Mapped[datetime] = mapped_column()
 
 
 class ModelAlias(Base):

@@ -51,3 +51,17 @@ def list_events(
 @router.post("/{job_id}/cancel", response_model=JobOut)
 def cancel_job(job: JobDep, _: TrainKey, session: SessionDep) -> JobOut:
     return service.to_out(session, service.cancel_job(session, job))
+
+
+@router.post("/{job_id}/pause", response_model=JobOut)
+def pause_job(job: JobDep, _: TrainKey, session: SessionDep) -> JobOut:
+    """Stop at the next safe point and free the worker; the job keeps its checkpoint (status paused,
+    not counted as running). 409 unless queued or running."""
+    return service.to_out(session, service.pause_job(session, job))
+
+
+@router.post("/{job_id}/resume", response_model=JobOut)
+def resume_job(job: JobDep, _: TrainKey, session: SessionDep) -> JobOut:
+    """Queue a paused job again: it continues from its checkpoint and ends where an uninterrupted
+    run would. 409 unless paused; 429 if the tenant is at its concurrent-jobs quota."""
+    return service.to_out(session, service.resume_job(session, get_settings(), job))

@@ -1,12 +1,16 @@
 """Worker side of a job: claim it, train it, register its model. Called by workers/tasks.py.
 
-A message may arrive more than once (redelivery after a worker died, or a duplicate). What to do
-is decided from the database alone:
+A message may arrive more than once (the sweeper in app/jobs/dispatch.py sends lost ones again,
+a broker redelivers). What to do is decided from the database alone:
 - queued            -> claim it and train;
-- running, holder alive (fresh heartbeat)   -> someone else is on it: look again later;
+- running, holder alive (fresh heartbeat)   -> someone else is on it: drop the message (if that
+  holder dies, the sweeper sends a new one);
 - running, holder dead (stale heartbeat, or its process is gone on this host) -> take it over and
   resume from its last checkpoint;
-- finished or cancelled -> nothing to do.
+- paused, finished or cancelled -> nothing to do.
+
+A worker stops training when its job is no longer running under its name (cancelled, paused,
+released by a warm shutdown, taken over); the checkpoint stays unless the job was cancelled.
 """
 
 import logging
@@ -17,7 +21,6 @@ import shutil
 import socket
 import time
 from dataclasses import dataclass
-from datetime import timedelta
 from typing import Any
 
 import torch
@@ -32,7 +35,7 @@ from app.core.errors import AppError, NotFound
 from app.db.tables import Job, Model, utcnow
 from app.datasets.service import get_dataset
 from app.jobs.service import add_event, data_split, fail
-from app.jobs.usage import TERMINAL
+from app.jobs.dispatch import holder_gone
 from app.ml.backbone import build_model, preprocessing_of
 from app.ml.export import save_artifact
 from app.ml.spec import Hyperparameters, resolve_for_device
@@ -46,11 +49,11 @@ HEARTBEAT_SECONDS = 2.0
 @dataclass
 class Outcome:
     status: str
-    retry_after: int | None = None
 
 
 class JobStopped(Exception):
-    """The job was cancelled, or taken over by another worker, while this one trained it."""
+    """The job stopped running under this worker while it trained it: cancelled, paused, released
+    by this worker's warm shutdown, or taken over by another worker."""
 
 
 def worker_identity() -> str:
@@ -105,33 +108,21 @@ def _claim(job_id: str, me: str, settings: Settings) -> Outcome | None:
         if job is None:
             logger.warning("message for unknown job %s dropped", job_id)
             return Outcome("missing")
-        if job.status in TERMINAL:
-            add_event(session, job_id, "message_ignored", f"duplicate delivery ignored: job already {job.status}")
+        if job.status != "running":  # paused, finished or cancelled
+            add_event(session, job_id, "message_ignored", f"duplicate delivery ignored: job {job.status}")
             return Outcome(job.status)
         holder = job.claimed_by or ""
-        if not _holder_dead(holder, job.heartbeat_at, settings):
-            return Outcome("held_elsewhere", retry_after=settings.job_lease_seconds)
+        if not holder_gone(holder, job.heartbeat_at, settings.job_lease_seconds):
+            return Outcome("held_elsewhere")
         taken = session.execute(
             update(Job)
             .where(Job.id == job_id, Job.status == "running", Job.claimed_by == holder)
             .values(claimed_by=me, heartbeat_at=now, attempts=Job.attempts + 1)
         ).rowcount
         if not taken:
-            return Outcome("held_elsewhere", retry_after=settings.job_lease_seconds)
+            return Outcome("held_elsewhere")
         add_event(session, job_id, "status", f"resumed on {me} from the last checkpoint (previous worker {holder} is gone)")
         return None
-
-
-def _holder_dead(holder: str, heartbeat_at, settings: Settings) -> bool:
-    host, _, pid = holder.rpartition(":")
-    if host == socket.gethostname() and pid.isdigit():
-        try:
-            os.kill(int(pid), 0)
-        except ProcessLookupError:
-            return True
-    if heartbeat_at is None:
-        return True
-    return utcnow() - heartbeat_at > timedelta(seconds=settings.job_lease_seconds)
 
 
 class _DatabaseReporter:
@@ -162,7 +153,7 @@ class _DatabaseReporter:
                 .values(heartbeat_at=utcnow(), **values)
             ).rowcount
             if not held:
-                raise JobStopped("cancelled or taken over")
+                raise JobStopped("no longer running under this worker (cancelled, paused, released or taken over)")
             if event:
                 add_event(session, self.job_id, *event)
 

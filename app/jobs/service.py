@@ -12,14 +12,14 @@ from sqlalchemy import select, update
 from sqlalchemy.orm import Session
 
 from app.backbones.service import split_backbone
-from app.core import broker
 from app.core.config import Settings
-from app.core.errors import Conflict, NotFound, ServiceUnavailable
+from app.core.errors import Conflict, NotFound
 from app.core.tenancy import Scoped
 from app.datasets.service import dataset_dir, get_dataset
 from app.db.tables import Dataset, Job, JobEvent, Sweep, utcnow
 from app.jobs.schemas import JobCreate, JobError, JobOut, Progress
-from app.jobs.usage import ACTIVE, TERMINAL
+from app.jobs.dispatch import dispatch
+from app.jobs.usage import ACTIVE, WAITING
 from app.ml.data import Sample, split_samples
 from app.ml.spec import Hyperparameters, choose_strategy, resolve, total_epochs
 from app.models.service import model_ids_of_jobs
@@ -82,13 +82,9 @@ def create_jobs(
         session.add(job)
         add_event(session, job.id, "status", message)
     session.commit()
-    # Enqueue only after the commit: a worker that receives the message must find the job.
-    for job, _ in created:
-        try:
-            broker.enqueue_finetune(job.id)
-        except Exception as exc:
-            fail(session, job.id, "broker_unavailable", f"Could not enqueue the job: {exc}")
-            raise ServiceUnavailable(f"The job queue is unreachable: {exc}", code="broker_unavailable") from exc
+    # Enqueue only after the commit: a worker that receives the message must find the job. If the
+    # broker is down, the jobs stay queued and the sweeper sends them once it is back.
+    dispatch(session, [job.id for job, _ in created])
     return [job for job, _ in created]
 
 
@@ -130,25 +126,44 @@ def list_events(session: Session, job_id: str, after: int, limit: int) -> list[J
     return list(session.scalars(query))
 
 
-def cancel_job(session: Session, job: Job) -> Job:
+def _transition(session: Session, job: Job, to: str, allowed_from: tuple[str, ...], code: str, message: str,
+                **values: Any) -> Job:  # fmt: skip
+    """Move the job to `to` if it is in one of `allowed_from` (one conditional UPDATE: of two
+    concurrent actors, one wins and the other gets 409)."""
     result = session.execute(
-        update(Job)
-        .where(Job.id == job.id, Job.status.in_(ACTIVE))
-        .values(status="cancelled", finished_at=utcnow())
+        update(Job).where(Job.id == job.id, Job.status.in_(allowed_from)).values(status=to, **values)
     )
     if result.rowcount == 0:
         session.rollback()
         session.refresh(job)
-        raise Conflict(f"Job '{job.id}' is already {job.status}.", code="job_not_cancellable")
-    add_event(session, job.id, "status", "cancelled")
+        raise Conflict(f"Job '{job.id}' is {job.status}: it cannot be {to}.", code=code)
+    add_event(session, job.id, "status", message)
     session.commit()
     session.refresh(job)
     return job
 
 
+def cancel_job(session: Session, job: Job) -> Job:
+    return _transition(session, job, "cancelled", WAITING, "job_not_cancellable", "cancelled", finished_at=utcnow())
+
+
+def pause_job(session: Session, job: Job) -> Job:
+    """Paused at once; a worker training it notices within seconds, stops and releases itself, and
+    the job keeps its last epoch's checkpoint to resume from."""
+    return _transition(session, job, "paused", ACTIVE, "job_not_pausable", "paused: it resumes from its last checkpoint")
+
+
+def resume_job(session: Session, settings: Settings, job: Job) -> Job:
+    check_quota(session, settings, job.tenant_id, new_jobs=1)
+    job = _transition(session, job, "queued", ("paused",), "job_not_paused", "resumed: queued again",
+                      claimed_by=None, dispatched_at=None)  # fmt: skip
+    dispatch(session, [job.id])
+    return job
+
+
 def fail(session: Session, job_id: str, code: str, message: str, *, claimed_by: str | None = None) -> bool:
-    """Mark an active job failed (only if still held by `claimed_by`, when given)."""
-    query = update(Job).where(Job.id == job_id, Job.status.in_(ACTIVE))
+    """Mark an unfinished job failed (only if still held by `claimed_by`, when given)."""
+    query = update(Job).where(Job.id == job_id, Job.status.in_(WAITING))
     if claimed_by is not None:
         query = query.where(Job.claimed_by == claimed_by)
     result = session.execute(query.values(status="failed", error_code=code, error_message=message, finished_at=utcnow()))

@@ -5,7 +5,8 @@ from sqlalchemy.orm import Session
 
 from app.db.tables import Job
 
-ACTIVE = ("queued", "running")
+ACTIVE = ("queued", "running")  # counted against max_concurrent_jobs
+WAITING = (*ACTIVE, "paused")  # not finished: still needs its dataset, may still be cancelled
 TERMINAL = ("succeeded", "failed", "cancelled")
 
 
@@ -15,5 +16,5 @@ def active_jobs(session: Session, tenant_id: str) -> int:
 
 
 def active_job_on_dataset(session: Session, dataset_id: str) -> str | None:
-    """The id of a queued or running job that reads this dataset, if any."""
-    return session.scalar(select(Job.id).where(Job.dataset_id == dataset_id, Job.status.in_(ACTIVE)).limit(1))
+    """The id of an unfinished job (queued, running or paused) that reads this dataset, if any."""
+    return session.scalar(select(Job.id).where(Job.dataset_id == dataset_id, Job.status.in_(WAITING)).limit(1))

@@ -2,6 +2,7 @@
 
 import random
 from collections import Counter, defaultdict
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -130,7 +131,10 @@ class DecodedImages:
     equal served ones in every crop mode.
     """
 
-    def __init__(self, paths: list[Path], resize: EvalResize, interpolation: str, max_bytes: int, threads: int):
+    def __init__(self, paths: list[Path], resize: EvalResize, interpolation: str, max_bytes: int, threads: int,
+                 check: Callable[[], None] = lambda: None):  # fmt: skip
+        """`check` is called as images are decoded (a worker's heartbeat: decoding a large dataset
+        takes a while, and may be stopped)."""
         self.paths = paths
         self.resize = resize
         self.resample = str_to_pil_interp(interpolation)
@@ -138,6 +142,7 @@ class DecodedImages:
         self.nbytes = 0
         with ThreadPoolExecutor(max_workers=threads) as pool:
             for index, image in enumerate(pool.map(self._decode, paths)):
+                check()
                 array = np.asarray(image)
                 if self.nbytes + array.nbytes > max_bytes:
                     continue

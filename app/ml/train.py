@@ -150,7 +150,8 @@ class _Run:
         if not self.hp.image_cache:
             return None
         return DecodedImages([path for path, _ in samples], eval_resize(self.eval_transform),
-                             self.data_config["interpolation"], IMAGE_CACHE_BYTES, threads=os.cpu_count() or 1)  # fmt: skip
+                             self.data_config["interpolation"], IMAGE_CACHE_BYTES, threads=os.cpu_count() or 1,
+                             check=self.reporter.check)  # fmt: skip
 
     def _loader(self, samples, transform, images, *, train: bool, epoch_seed: int = 0, flip: bool = False):
         if flip:

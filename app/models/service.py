@@ -9,28 +9,32 @@ import json
 import os
 import secrets
 import shutil
+import socket
 import tempfile
+import time
 import zipfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import func, select
+from sqlalchemy import select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from app.core.config import Settings
 from app.core.db import session_scope
-from app.core.errors import Invalid, NotFound
-from app.core.storage import remove_quietly
+from app.core.errors import Conflict, Invalid, NotFound
+from app.core.leases import drop_lease, take_lease
+from app.core.storage import remove_quietly, stale_entries
 from app.core.tenancy import Scoped
-from app.db.tables import Model, ModelAlias, utcnow
+from app.db.tables import Model, ModelAlias, ModelName, utcnow
 from app.ml import onnx_export
 
 models = Scoped(Model, "model")
 aliases = Scoped(ModelAlias, "alias")
 REGISTER_ATTEMPTS = 5  # concurrent registrations of one name race for its next version number
+EXPORT_WAIT_SECONDS = 600  # the longest an export may take before a waiting request gives up
 
 
 @dataclass(frozen=True)
@@ -74,13 +78,32 @@ def register_model(settings: Settings, new: NewModel, finish: Callable[[Session,
         raise
 
 
+def _next_version(session: Session, tenant_id: str, name: str) -> int:
+    """The name's next version number, never one given out before (deleted versions included).
+    A concurrent registration of the same name makes the conditional update or the insert fail,
+    and `register_model` tries again."""
+    counter = session.get(ModelName, (tenant_id, name))
+    if counter is None:
+        session.add(ModelName(tenant_id=tenant_id, name=name, last_version=1))
+        session.flush()  # IntegrityError if another registration inserted it first
+        return 1
+    version = counter.last_version + 1
+    taken = session.execute(
+        update(ModelName)
+        .where(ModelName.tenant_id == tenant_id, ModelName.name == name, ModelName.last_version == counter.last_version)
+        .values(last_version=version)
+    ).rowcount
+    if not taken:
+        raise IntegrityError("model_names", None, Exception(f"{name}: version {version} taken concurrently"))
+    return version
+
+
 def _insert(session: Session, new: NewModel, model_id: str, size: int, finish: Callable[[Session, Model], None]) -> Model:
-    latest = select(func.max(Model.version)).where(Model.tenant_id == new.tenant_id, Model.name == new.name)
     model = Model(
         id=model_id,
         tenant_id=new.tenant_id,
         name=new.name,
-        version=(session.scalar(latest) or 0) + 1,
+        version=_next_version(session, new.tenant_id, new.name),
         job_id=new.job_id,
         dataset_id=new.dataset_id,
         backbone=new.backbone,
@@ -146,7 +169,7 @@ def artifact_dir(settings: Settings, model_id: str) -> Path:
 
 
 def exports_dir(settings: Settings, model_id: str) -> Path:
-    return settings.data_dir / "exports" / model_id
+    return settings.exports_dir / model_id
 
 
 def onnx_file(settings: Settings, model_id: str) -> Path:
@@ -166,10 +189,27 @@ def zip_artifact(settings: Settings, model: Model) -> Path:
 
 
 def delete_model(session: Session, settings: Settings, model: Model) -> None:
+    """Delete a version and its files. Refused (409) while an alias points at it: move or delete
+    the alias first, so that `name@alias` never starts answering 404 by surprise."""
+    if pointing := aliases_of(session, model):
+        names = ", ".join(f"{model.name}@{alias}" for alias in pointing)
+        raise Conflict(f"Model '{model.id}' ({model.name}@{model.version}) is what {names} points at: move or "
+                       "delete the alias first.", code="model_has_aliases", details=[{"aliases": pointing}])  # fmt: skip
     session.delete(session.merge(model))
     session.commit()
     remove_quietly(artifact_dir(settings, model.id))
     remove_quietly(exports_dir(settings, model.id))
+
+
+def collect_orphans(session: Session, settings: Settings, older_than: float) -> list[str]:
+    """Remove artifact and export directories that no model row owns (a process stopped between
+    moving an artifact in and committing its row, or between deleting a row and its files)."""
+    stale = [*stale_entries(settings.models_dir, older_than), *stale_entries(settings.exports_dir, older_than)]
+    owned = set(session.scalars(select(Model.id).where(Model.id.in_([p.name for p in stale]))))
+    orphans = [path for path in stale if path.name not in owned]
+    for path in orphans:
+        remove_quietly(path)
+    return [path.name for path in orphans]
 
 
 def existing_onnx(settings: Settings, model: Model) -> Path:
@@ -183,22 +223,46 @@ def existing_onnx(settings: Settings, model: Model) -> Path:
 def export_onnx(settings: Settings, model: Model, validation_images: Callable[[], list[Path]]) -> tuple[dict, bool]:
     """Export to ONNX and check parity on the model's own validation images (asked for only when
     needed: the job that trained the model knows them); refuse on mismatch. A model is immutable,
-    so an export that exists is returned as is; the flag says if it is new."""
+    so an export that exists is returned as is; the flag says if it is new. One export per model
+    even under concurrent requests, from any API process: a lease in the database lets one make
+    it while the others wait for it."""
+    lease, holder = f"export:{model.id}", f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(4)}"
+    deadline = time.monotonic() + EXPORT_WAIT_SECONDS
+    while True:
+        if (done := _existing_export(settings, model)) is not None:
+            return done, False
+        with session_scope() as session:
+            if take_lease(session, lease, holder, EXPORT_WAIT_SECONDS):
+                break
+        if time.monotonic() > deadline:
+            raise Conflict(f"Model '{model.id}' is being exported by another request; try again.", code="export_busy")
+        time.sleep(0.5)
+    try:
+        if (done := _existing_export(settings, model)) is not None:  # made while this request waited
+            return done, False
+        directory = exports_dir(settings, model.id)
+        images = validation_images()
+        directory.mkdir(parents=True, exist_ok=True)
+        report = onnx_export.export_onnx(artifact_dir(settings, model.id), directory / "model.onnx", images)
+        if not report.passed:
+            raise Invalid(
+                f"ONNX export refused: top-1 agreement {report.top1_agreement:.4f} (needs 1.0), max probability "
+                f"difference {report.max_abs_prob_diff:.2e} (needs <= 1e-4) on {report.images} validation images.",
+                code="parity_failed",
+                details=[report.as_dict()],
+            )
+        (directory / "parity.json").write_text(json.dumps(report.as_dict()))  # written last: marks the export done
+        return _export_out(model, directory, report.as_dict()), True
+    finally:
+        with session_scope() as session:
+            drop_lease(session, lease, holder)
+
+
+def _existing_export(settings: Settings, model: Model) -> dict | None:
     directory = exports_dir(settings, model.id)
-    if (directory / "parity.json").exists():
-        return _export_out(model, directory, json.loads((directory / "parity.json").read_text())), False
-    images = validation_images()
-    directory.mkdir(parents=True, exist_ok=True)
-    report = onnx_export.export_onnx(artifact_dir(settings, model.id), directory / "model.onnx", images)
-    if not report.passed:
-        raise Invalid(
-            f"ONNX export refused: top-1 agreement {report.top1_agreement:.4f} (needs 1.0), max probability "
-            f"difference {report.max_abs_prob_diff:.2e} (needs <= 1e-4) on {report.images} validation images.",
-            code="parity_failed",
-            details=[report.as_dict()],
-        )
-    (directory / "parity.json").write_text(json.dumps(report.as_dict()))  # written last: marks the export done
-    return _export_out(model, directory, report.as_dict()), True
+    if not (directory / "parity.json").exists():
+        return None
+    return _export_out(model, directory, json.loads((directory / "parity.json").read_text()))
 
 
 def _export_out(model: Model, directory: Path, parity: dict) -> dict:

@@ -3,6 +3,10 @@
 Requests put preprocessed images on a queue; one task per model takes the first waiting image,
 gathers more until `max_batch_size` images or `max_wait_ms` have passed, runs them as one batch
 in a thread (never on the event loop) and hands each request its own rows.
+
+A batcher is closed when its model leaves the cache (evicted, deleted, re-exported), from any
+thread. Closing never strands a request: images already queued are still run, and a request that
+arrives afterwards (it found the model before the eviction) runs alone, on the model it holds.
 """
 
 import asyncio
@@ -10,55 +14,73 @@ from collections.abc import Callable
 
 import torch
 
+_CLOSE = object()  # queued by close(): everything before it is served, then the task ends
+
 
 class MicroBatcher:
     def __init__(self, run_batch: Callable[[torch.Tensor], torch.Tensor], max_batch_size: int, max_wait_ms: float):
         self.run_batch = run_batch
         self.max_batch_size = max_batch_size
         self.max_wait = max_wait_ms / 1000
-        self._queue: asyncio.Queue[tuple[torch.Tensor, asyncio.Future]] | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._queue: asyncio.Queue | None = None
         self._task: asyncio.Task | None = None
+        self._closed = False
 
     async def submit(self, images: torch.Tensor) -> tuple[torch.Tensor, int]:
         """Rows of the batched output for `images` (N, C, H, W), and the largest forward pass they
         were part of."""
-        if self.max_batch_size <= 1:
+        if self.max_batch_size <= 1 or self._closed:
             return await asyncio.to_thread(self.run_batch, images), len(images)
         if self._task is None:
-            self._queue = asyncio.Queue()
-            self._task = asyncio.create_task(self._serve())
+            self._loop, self._queue = asyncio.get_running_loop(), asyncio.Queue()
+            self._task = self._loop.create_task(self._serve())
+        # No await from the check of `_closed` to the last put: every image queued here is ahead
+        # of close()'s marker, which can only be queued by a later callback of this loop.
         futures = []
         for image in images:
-            future = asyncio.get_running_loop().create_future()
+            future = self._loop.create_future()
             self._queue.put_nowait((image, future))
             futures.append(future)
         results = await asyncio.gather(*futures)
         return torch.stack([row for row, _ in results]), max(size for _, size in results)
 
     async def _serve(self) -> None:
-        loop = asyncio.get_running_loop()
-        while True:
-            pending = [await self._queue.get()]
-            deadline = loop.time() + self.max_wait
+        closing = False
+        while not closing:
+            first = await self._queue.get()
+            if first is _CLOSE:
+                return
+            pending = [first]
+            deadline = self._loop.time() + self.max_wait
             while len(pending) < self.max_batch_size:
-                timeout = deadline - loop.time()
+                timeout = deadline - self._loop.time()
                 if timeout <= 0:
                     break
                 try:
-                    pending.append(await asyncio.wait_for(self._queue.get(), timeout))
+                    item = await asyncio.wait_for(self._queue.get(), timeout)
                 except TimeoutError:
                     break
-            try:
-                outputs = await asyncio.to_thread(self.run_batch, torch.stack([image for image, _ in pending]))
-            except Exception as exc:  # every waiting request gets the error, the loop goes on
-                for _, future in pending:
-                    if not future.done():
-                        future.set_exception(exc)
-                continue
-            for (_, future), row in zip(pending, outputs, strict=True):
+                if item is _CLOSE:
+                    closing = True  # serve what was gathered, then stop
+                    break
+                pending.append(item)
+            await self._run(pending)
+
+    async def _run(self, pending: list[tuple[torch.Tensor, asyncio.Future]]) -> None:
+        try:
+            outputs = await asyncio.to_thread(self.run_batch, torch.stack([image for image, _ in pending]))
+        except Exception as exc:  # every waiting request gets the error, the loop goes on
+            for _, future in pending:
                 if not future.done():
-                    future.set_result((row, len(pending)))
+                    future.set_exception(exc)
+            return
+        for (_, future), row in zip(pending, outputs, strict=True):
+            if not future.done():  # a request past its deadline has stopped waiting
+                future.set_result((row, len(pending)))
 
     def close(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
+        """Stop batching, from any thread: what is queued is still served, later requests run alone."""
+        self._closed = True
+        if self._loop is not None and not self._loop.is_closed():
+            self._loop.call_soon_threadsafe(self._queue.put_nowait, _CLOSE)

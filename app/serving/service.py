@@ -6,7 +6,10 @@ bounded number of threads, and runs the forward pass through the model's micro-b
 (`app.serving.batcher`). One `Serving` per API process, made in the app's lifespan.
 """
 
+import asyncio
 import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from typing import Generic, TypeVar
 
@@ -18,7 +21,7 @@ from pydantic import BaseModel, ValidationError
 from starlette.datastructures import UploadFile
 
 from app.core.config import Settings
-from app.core.errors import Invalid
+from app.core.errors import DeadlineExceeded, Invalid
 from app.core.storage import capped_body, parse_multipart
 from app.db.tables import Model
 from app.models.service import artifact_dir, onnx_file
@@ -79,8 +82,9 @@ class Serving:
         top_k = top_k or min(5, num_classes)
         if top_k > num_classes:
             raise Invalid(f"top_k={top_k} but the model has {num_classes} classes.", code="top_k_too_large")
-        loaded, batch = await self._prepare(model, images)
-        results, batch_size = await predictor.predict(loaded, batch, top_k, threshold)
+        async with self._deadline():
+            loaded, batch = await self._prepare(model, images)
+            results, batch_size = await predictor.predict(loaded, batch, top_k, threshold)
         body = PredictionResponse(
             model_id=model.id,
             predictions=[
@@ -93,8 +97,9 @@ class Serving:
     async def embed(self, model: Model, images: Images) -> Answer:
         """The pooled features (the classifier's input) of each image."""
         started = time.perf_counter()
-        loaded, batch = await self._prepare(model, images)
-        vectors = await predictor.embed(loaded, batch)
+        async with self._deadline():
+            loaded, batch = await self._prepare(model, images)
+            vectors = await predictor.embed(loaded, batch)
         body = EmbeddingResponse(
             model_id=model.id,
             dimensions=vectors.shape[1],
@@ -105,6 +110,18 @@ class Serving:
     def unload(self, model_id: str) -> None:
         """Drop a model from this process's cache (deleted, or it has a new runtime to choose from)."""
         self.cache.evict(model_id)
+
+    @asynccontextmanager
+    async def _deadline(self) -> AsyncIterator[None]:
+        """Every prediction answers within `predict_timeout_s`: 504 rather than a request left hanging."""
+        try:
+            async with asyncio.timeout(self.settings.predict_timeout_s):
+                yield
+        except TimeoutError as exc:
+            raise DeadlineExceeded(
+                f"The prediction was not ready within {self.settings.predict_timeout_s:g} s; try again.",
+                code="prediction_timeout",
+            ) from exc
 
     async def _prepare(self, model: Model, images: Images) -> tuple[LoadedModel, torch.Tensor]:
         # `cached` never waits, so the event loop may call it; a load goes to a thread.

@@ -5,7 +5,9 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from app.core.ids import BIGINT_MAX
 
-Scope = Literal["read", "train", "predict", "admin"]
+# read: GET; train: uploads, jobs, exports, aliases, deletes; predict: predict, embed;
+# admin: all of these within the tenant, and its keys; operator: tenants, quotas, anyone's keys.
+Scope = Literal["read", "train", "predict", "admin", "operator"]
 
 
 class Quotas(BaseModel):
@@ -47,7 +49,7 @@ class KeyCreate(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True)
 
     name: str = Field("", max_length=100)
-    scopes: list[Scope] = Field(min_length=1, max_length=4)
+    scopes: list[Scope] = Field(min_length=1, max_length=5)
 
 
 class KeyOut(BaseModel):

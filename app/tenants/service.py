@@ -17,7 +17,7 @@ from sqlalchemy.orm import Session
 from app.core.auth import Principal
 from app.core.config import Settings
 from app.core.db import new_session
-from app.core.errors import Conflict, NotFound, QuotaExceeded, Unauthorized
+from app.core.errors import Conflict, Forbidden, NotFound, QuotaExceeded, Unauthorized
 from app.datasets import usage as datasets_usage
 from app.db.tables import ApiKey, Tenant, utcnow
 from app.jobs import usage as jobs_usage
@@ -50,8 +50,15 @@ def list_tenants(session: Session, limit: int) -> list[Tenant]:
     return list(session.scalars(select(Tenant).order_by(Tenant.created_at).limit(limit)))
 
 
-def create_key(session: Session, tenant: Tenant, name: str, scopes: list[str]) -> tuple[ApiKey, str]:
-    """The stored key and the key itself, which is never available again."""
+def create_key(
+    session: Session, tenant: Tenant, name: str, scopes: list[str], granted_by: Principal | None = None
+) -> tuple[ApiKey, str]:
+    """The stored key and the key itself, which is never available again. `granted_by`: the key
+    asking (None: the server's own command line); nobody grants a scope they lack, so a tenant
+    admin cannot make an operator."""
+    if granted_by is not None and (missing := [s for s in scopes if not granted_by.allows(s)]):
+        raise Forbidden(f"This API key cannot grant scopes it lacks: {', '.join(sorted(set(missing)))}.",
+                        code="scope_not_grantable")  # fmt: skip
     prefix = secrets.token_hex(4)
     key = f"vt_{prefix}_{secrets.token_urlsafe(32)}"
     row = ApiKey(
@@ -67,13 +74,22 @@ def create_key(session: Session, tenant: Tenant, name: str, scopes: list[str]) -
     return row, key
 
 
+def set_quotas(session: Session, tenant_id: str, quotas: dict[str, int | None]) -> Tenant:
+    tenant = get_tenant(session, tenant_id)
+    for name, value in quotas.items():
+        setattr(tenant, name, value)
+    session.commit()
+    return tenant
+
+
 def list_keys(session: Session, tenant: Tenant) -> list[ApiKey]:
     return list(session.scalars(select(ApiKey).where(ApiKey.tenant_id == tenant.id).order_by(ApiKey.created_at)))
 
 
-def revoke_key(session: Session, key_id: str, revoked_by: Principal) -> ApiKey:
+def revoke_key(session: Session, key_id: str, revoked_by: Principal, tenant_id: str | None = None) -> ApiKey:
+    """Revoke a key; with `tenant_id`, only one of that tenant's (another's answers 404)."""
     row = session.get(ApiKey, key_id)
-    if row is None:
+    if row is None or (tenant_id is not None and row.tenant_id != tenant_id):
         raise NotFound(f"API key '{key_id}' not found.", code="key_not_found")
     if row.id == revoked_by.key_id:
         raise Conflict("A key cannot revoke itself; revoke it with another admin key.", code="revoking_own_key")

@@ -423,6 +423,11 @@ def test_versions_and_moving_an_alias_under_load(stack, small_dataset):
     assert served_by <= set(by_version.values())  # always a whole, registered model
     assert all(len(r.json()["predictions"][0]["labels"]) == 2 for r in responses)
 
+    # The alias points at one of the two; the version it points at cannot go until it moves.
+    at = stack.http.get("/v1/models/ants-bees@production").json()["version"]
+    refused = stack.http.delete(f"/v1/models/ants-bees@{at}")
+    assert refused.status_code == 409 and "ants-bees@production" in refused.json()["error"]["message"]
+    assert stack.http.put("/v1/models/ants-bees/aliases/production", json={"version": 1}).status_code == 200
     assert stack.http.delete("/v1/models/ants-bees@2").status_code == 204
     assert stack.http.get(f"/v1/models/{by_version[2]}").status_code == 404
     assert stack.http.get("/v1/models/ants-bees@1").json()["id"] == by_version[1]

@@ -64,6 +64,12 @@ def test_versions_aliases_and_delete(client, settings_env, dataset_id):
     assert client.get(f"/v1/models/{first['id']}").json()["aliases"] == []
     assert client.get(f"/v1/models/{second['id']}").json()["aliases"] == ["production"]
     assert client.put(f"/v1/models/{NAME}/aliases/staging", json={"version": 9}).status_code == 404
+
+    # The version an alias points at cannot be deleted from under it: 409 naming the alias.
+    refused = client.delete(f"/v1/models/{NAME}@2")
+    assert refused.status_code == 409 and refused.json()["error"]["code"] == "model_has_aliases"
+    assert f"{NAME}@production" in refused.json()["error"]["message"]
+    assert client.get(f"/v1/models/{NAME}@production").json()["id"] == second["id"]
     assert client.delete(f"/v1/models/{NAME}/aliases/production").status_code == 204
     assert client.get(f"/v1/models/{NAME}@production").status_code == 404
     assert client.delete(f"/v1/models/{NAME}/aliases/production").status_code == 404
@@ -75,6 +81,10 @@ def test_versions_aliases_and_delete(client, settings_env, dataset_id):
     assert client.get(f"/v1/models/{NAME}@1").json() == first
     assert [m["id"] for m in client.get("/v1/models").json()["data"]] == [first["id"]]
     assert client.delete(f"/v1/models/{second['id']}").status_code == 404
+
+    # Version numbers are never given out twice: the next model after deleting version 2 is 3.
+    third = train(client, dataset_id, seed=3)
+    assert third["version"] == 3 and client.get(f"/v1/models/{NAME}@2").status_code == 404
 
 
 def test_download_and_onnx_export(client, dataset_id, tmp_path):

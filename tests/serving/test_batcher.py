@@ -92,6 +92,58 @@ def test_a_failing_batch_fails_its_requests_and_the_batcher_goes_on():
     assert isinstance(bad[0], ValueError) and torch.equal(rows, torch.ones(1, 1))
 
 
+def test_closing_from_another_thread_serves_every_queued_request_and_later_ones_alone():
+    """An eviction closes the batcher from a worker thread while requests wait in its queue: each
+    of them, and a request that arrives after the close, still gets its own answer."""
+    started, release = threading.Event(), threading.Event()
+    sizes = []
+
+    def slow_double(batch: torch.Tensor) -> torch.Tensor:
+        sizes.append(len(batch))
+        started.set()
+        release.wait(timeout=60)  # the first batch holds on until the close has happened
+        return batch * 2
+
+    async def scenario():
+        batcher = MicroBatcher(slow_double, max_batch_size=2, max_wait_ms=60_000)
+        queued = [asyncio.ensure_future(batcher.submit(torch.full((1, 2), float(i)))) for i in range(5)]
+        await asyncio.to_thread(started.wait, 60)  # the first batch of 2 is running, 3 images wait
+        await asyncio.to_thread(batcher.close)  # from a thread, as the cache's eviction does
+        release.set()
+        late = await batcher.submit(torch.full((1, 2), 9.0))
+        return await asyncio.wait_for(asyncio.gather(*queued), 60), late
+
+    queued, (late_rows, late_size) = asyncio.run(scenario())
+    assert [rows.tolist() for rows, _ in queued] == [[[2.0 * i] * 2] for i in range(5)]
+    assert torch.equal(late_rows, torch.full((1, 2), 18.0)) and late_size == 1  # after the close: alone
+    assert sorted(sizes) == [1, 1, 2, 2]  # the queue drained in batches (2, 2, 1) and the late one alone
+
+
+def test_a_prediction_that_cannot_finish_answers_504_at_the_deadline(client, monkeypatch):
+    """A forward pass that never returns (a wedged runtime, stood in for by a blocking function)
+    must not leave the request hanging: the server's deadline answers 504."""
+    from app.core.errors import DeadlineExceeded
+    from app.serving.service import Serving
+
+    serving: Serving = client.app.state.serving
+    serving.settings = serving.settings.model_copy(update={"predict_timeout_s": 0.5})
+    stuck = threading.Event()
+
+    async def never(*_args, **_kwargs):
+        await asyncio.to_thread(stuck.wait, 30)
+
+    class Row:
+        id, classes = "model_x", ["a", "b"]
+
+    monkeypatch.setattr(serving, "_prepare", never)
+    try:
+        with pytest.raises(DeadlineExceeded) as exceeded:
+            asyncio.run(serving.predict(Row(), [("a.jpg", b"")], None, None))
+    finally:
+        stuck.set()
+    assert exceeded.value.status_code == 504 and exceeded.value.code == "prediction_timeout"
+
+
 def _artifacts(tmp_path, count: int) -> list:
     """Real mobilenetv2 artifacts with untrained heads: the point here is their size and identity."""
     directories = []

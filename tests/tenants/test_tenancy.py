@@ -41,7 +41,9 @@ def test_every_endpoint_answers_404_for_another_tenants_ids(client, archive):
     assert model["status"] == "succeeded", model
     assert client.put("/v1/models/pets/aliases/production", headers=alice, json={"version": 1}).status_code == 200
     sweep = client.post("/v1/sweeps", headers=alice, json={"dataset_id": dataset["id"], "backbones": ["mobilenetv2_100"]}).json()
-    alice_ids = {"dataset_id": dataset["id"], "job_id": job["id"], "sweep_id": sweep["id"], "name": "pets", "alias": "production"}
+    alice_key = client.get("/v1/keys", headers=alice).json()["data"][0]["id"]
+    alice_ids = {"dataset_id": dataset["id"], "job_id": job["id"], "sweep_id": sweep["id"], "name": "pets",
+                 "alias": "production", "key_id": alice_key}  # fmt: skip
     model_refs = [model["model_id"], "pets@1", "pets@production"]
     bodies = {
         "/predict": {"files": {"files": (IMAGE.name, IMAGE.read_bytes())}},
@@ -76,7 +78,8 @@ def test_every_endpoint_answers_404_for_another_tenants_ids(client, archive):
         probes += 1
     print(f"cross-tenant probes: {probes} over {len(probed_routes)} endpoint methods, 0 answered other than 404")
     assert len(probed_routes) >= 16  # every endpoint with an id in its path
-    # Nothing of alice's changed: bob's deletes, cancels and alias moves were all 404s.
+    # Nothing of alice's changed: bob's deletes, cancels, pauses, key revocations and alias moves were all 404s.
+    assert client.get("/v1/keys", headers=alice).json()["data"][0]["revoked_at"] is None
     assert client.get(f"/v1/models/{model['model_id']}", headers=alice).json()["aliases"] == ["production"]
     assert client.get(f"/v1/datasets/{dataset['id']}", headers=alice).status_code == 200
 

@@ -1,0 +1,69 @@
+"""The outbox's pieces in-process, on the real database and embedded broker: the sweeper's lease,
+what it sends again, and the files it collects. (tests/faults runs them against killed processes.)"""
+
+import os
+import time
+from datetime import timedelta
+
+from app.core.config import get_settings
+from app.core.db import session_scope
+from app.core.leases import drop_lease, take_lease
+from app.db.tables import Job, utcnow
+from app.jobs import dispatch
+from tests.archives import colour_dataset_zip
+
+
+def test_one_holder_at_a_time_until_the_lease_runs_out(client):
+    with session_scope() as session:
+        assert take_lease(session, "sweeper", "a", 60)
+        assert not take_lease(session, "sweeper", "b", 60)
+        assert take_lease(session, "sweeper", "a", 60)  # renewed by its holder
+        drop_lease(session, "sweeper", "a")
+        assert take_lease(session, "sweeper", "b", 0.001)
+        time.sleep(0.01)
+        assert take_lease(session, "sweeper", "a", 60)  # b's ran out
+
+
+def test_the_sweeper_sends_lost_jobs_again_and_leaves_the_rest(client):
+    settings = get_settings()
+    dataset = client.post("/v1/datasets", files={"file": ("c.zip", colour_dataset_zip())}).json()
+    ids = [client.post("/v1/jobs", json={"dataset_id": dataset["id"], "backbone": "mobilenetv2_100",
+                                         "strategy": "linear_probe"}).json()["id"] for _ in range(4)]  # fmt: skip
+    never_sent, sent_long_ago, orphaned, healthy = ids
+    long_ago = utcnow() - timedelta(hours=2)
+    with session_scope() as session:
+        session.query(Job).filter(Job.id == never_sent).update({"dispatched_at": None})
+        session.query(Job).filter(Job.id == sent_long_ago).update({"dispatched_at": long_ago})
+        session.query(Job).filter(Job.id == orphaned).update(
+            {"status": "running", "claimed_by": "elsewhere:1", "heartbeat_at": long_ago, "dispatched_at": long_ago})
+        session.query(Job).filter(Job.id == healthy).update(
+            {"status": "running", "claimed_by": "elsewhere:2", "heartbeat_at": utcnow(), "dispatched_at": long_ago})
+    assert sorted(dispatch.sweep(settings, "sweeper-1")) == sorted([never_sent, sent_long_ago, orphaned])
+    assert dispatch.sweep(settings, "sweeper-2") == []  # the lease: one sweeper at a time
+    assert dispatch.sweep(settings, "sweeper-1") == []  # sent just now: not again
+
+
+def test_files_no_row_owns_are_collected_once_old_enough(client):
+    settings = get_settings()
+    dataset = client.post("/v1/datasets", files={"file": ("c.zip", colour_dataset_zip())}).json()
+    job = client.post("/v1/jobs", json={"dataset_id": dataset["id"], "backbone": "mobilenetv2_100"}).json()
+    old = time.time() - 7200
+    paths = {
+        "owned dataset": settings.datasets_dir / dataset["id"],
+        "orphan dataset": settings.datasets_dir / "ds_orphan",
+        "orphan artifact": settings.models_dir / "model_orphan",
+        "orphan export": settings.exports_dir / "model_orphan",
+        "queued job's checkpoint": settings.jobs_dir / job["id"],
+        "unknown job's checkpoint": settings.jobs_dir / "job_orphan",
+        "staging leftover": settings.staging_dir / "upload-orphan",
+    }
+    for name, path in paths.items():
+        path.mkdir(parents=True, exist_ok=True)
+        os.utime(path, (old, old))
+    young = settings.models_dir / "model_young"  # being moved into place right now
+    young.mkdir()
+    with session_scope() as session:
+        removed = dispatch.collect_orphans(session, settings, older_than=3600)
+    assert sorted(removed) == sorted(["ds_orphan", "model_orphan", "model_orphan", "job_orphan", "upload-orphan"])
+    kept = {name for name, path in paths.items() if path.exists()}
+    assert kept == {"owned dataset", "queued job's checkpoint"} and young.exists()
