@@ -9,9 +9,11 @@ from collections.abc import AsyncIterator, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO
+from typing import Any, BinaryIO
 
 from fastapi import Request
+from sqlalchemy import select
+from sqlalchemy.orm import Session
 from fastapi.concurrency import run_in_threadpool
 from starlette.datastructures import FormData, UploadFile
 from starlette.formparsers import MultiPartException, MultiPartParser
@@ -109,6 +111,17 @@ def stale_entries(directory: Path, older_than: float) -> list[Path]:
         return []
     cutoff = time.time() - older_than
     return [entry for entry in directory.iterdir() if entry.lstat().st_mtime < cutoff]
+
+
+def remove_unowned(session: Session, table: Any, directories: list[Path], older_than: float) -> list[str]:
+    """Remove the entries of `directories`, untouched for `older_than` seconds, that are named
+    after no row's id in `table` (files a stopped process left without a row); their names."""
+    stale = [entry for directory in directories for entry in stale_entries(directory, older_than)]
+    owned = set(session.scalars(select(table.id).where(table.id.in_([entry.name for entry in stale]))))
+    orphans = [entry for entry in stale if entry.name not in owned]
+    for entry in orphans:
+        remove_quietly(entry)
+    return [entry.name for entry in orphans]
 
 
 def remove_quietly(path: Path) -> None:

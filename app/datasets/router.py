@@ -54,6 +54,9 @@ UPLOAD_SCHEMA = {
 )
 async def upload_dataset(request: Request, principal: TrainKey, session: SessionDep) -> Dataset:
     settings = get_settings()
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit():  # refused before a byte of the body is read
+        await run_in_threadpool(service.check_room, session, settings, principal.tenant_id, int(declared))
     upload = await receive_file(request, "file", settings.max_upload_bytes, settings.staging_dir)
     return await run_in_threadpool(
         service.create_dataset, session, settings, principal.tenant_id, upload, upload.fields.get("name")

@@ -8,12 +8,11 @@ import os
 import secrets
 from pathlib import Path
 
-from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from app.core.config import Settings
 from app.core.errors import Conflict
-from app.core.storage import ReceivedFile, out_of_space_is_507, remove_quietly, stale_entries
+from app.core.storage import ReceivedFile, out_of_space_is_507, remove_quietly, remove_unowned
 from app.core.tenancy import Scoped
 from app.datasets.ingest import IngestLimits, ingest_archive
 from app.db.tables import Dataset
@@ -31,6 +30,16 @@ def limits_from(settings: Settings) -> IngestLimits:
         max_image_pixels=settings.max_image_pixels,
         min_images_per_class=settings.min_images_per_class,
     )
+
+
+MULTIPART_FRAMING = 4096  # bytes of a multipart body around the file itself, at most, for the early check
+
+
+def check_room(session: Session, settings: Settings, tenant_id: str, declared_body_bytes: int) -> None:
+    """Refuse (429) an upload whose declared size alone would take the tenant past its storage
+    quota, before its body is received; the exact check follows on the bytes that arrive."""
+    check_quota(session, settings, tenant_id, new_bytes=max(1, declared_body_bytes - MULTIPART_FRAMING))
+    session.rollback()  # the check's lock on the tenant row must not be held while the body arrives
 
 
 def create_dataset(
@@ -84,12 +93,7 @@ def dataset_dir(settings: Settings, dataset_id: str) -> Path:
 def collect_orphans(session: Session, settings: Settings, older_than: float) -> list[str]:
     """Remove dataset directories that no row owns (a process stopped between moving the files and
     committing the row, or between deleting the row and the files); the names removed."""
-    stale = stale_entries(settings.datasets_dir, older_than)
-    owned = set(session.scalars(select(Dataset.id).where(Dataset.id.in_([p.name for p in stale]))))
-    orphans = [path for path in stale if path.name not in owned]
-    for path in orphans:
-        remove_quietly(path)
-    return [path.name for path in orphans]
+    return remove_unowned(session, Dataset, [settings.datasets_dir], older_than)
 
 
 def delete_dataset(session: Session, settings: Settings, dataset: Dataset) -> None:

@@ -26,7 +26,7 @@ from app.core.config import Settings
 from app.core.db import session_scope
 from app.core.errors import Conflict, Invalid, NotFound
 from app.core.leases import drop_lease, take_lease
-from app.core.storage import remove_quietly, stale_entries
+from app.core.storage import remove_quietly, remove_unowned
 from app.core.tenancy import Scoped
 from app.db.tables import Model, ModelAlias, ModelName, utcnow
 from app.ml import onnx_export
@@ -204,12 +204,7 @@ def delete_model(session: Session, settings: Settings, model: Model) -> None:
 def collect_orphans(session: Session, settings: Settings, older_than: float) -> list[str]:
     """Remove artifact and export directories that no model row owns (a process stopped between
     moving an artifact in and committing its row, or between deleting a row and its files)."""
-    stale = [*stale_entries(settings.models_dir, older_than), *stale_entries(settings.exports_dir, older_than)]
-    owned = set(session.scalars(select(Model.id).where(Model.id.in_([p.name for p in stale]))))
-    orphans = [path for path in stale if path.name not in owned]
-    for path in orphans:
-        remove_quietly(path)
-    return [path.name for path in orphans]
+    return remove_unowned(session, Model, [settings.models_dir, settings.exports_dir], older_than)
 
 
 def existing_onnx(settings: Settings, model: Model) -> Path:

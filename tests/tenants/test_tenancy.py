@@ -130,6 +130,19 @@ def test_quotas_refuse_with_the_quota_named_and_nothing_stored(client, settings_
     assert sorted((settings_env / "datasets").iterdir()) == datasets_before
     with session_scope() as session:
         assert session.query(Dataset).filter_by(tenant_id=tenant["id"]).count() == 1
+    # An upload that declares more than the room left is refused before its body is read.
+    body = archive.read_bytes()
+    pulled = []
+
+    def chunks():
+        for start in range(0, len(body), 4096):
+            pulled.append(start)
+            yield body[start : start + 4096]
+
+    early = client.post("/v1/datasets", headers={**headers, "Content-Type": "multipart/form-data; boundary=x",
+                                                 "Content-Length": str(len(body))}, content=chunks())  # fmt: skip
+    assert early.status_code == 429 and early.json()["error"]["details"][0]["quota"] == "max_stored_bytes"
+    assert len(pulled) <= 1, f"{len(pulled)} chunks of the body were read before the refusal"
     me = client.get("/v1/me", headers=headers).json()["tenant"]
     assert me["usage"] == {"stored_bytes": dataset["size_bytes"], "concurrent_jobs": 1, "models": 0}
     assert me["limits"]["max_concurrent_jobs"] == 1
