@@ -15,14 +15,14 @@ second message for a job that is already running, finished or cancelled does not
 import logging
 import os
 import socket
-import threading
+import time
 from datetime import timedelta
 
 from sqlalchemy import or_, select, update
 from sqlalchemy.orm import Session
 
 from app.core import broker
-from app.core.config import Settings
+from app.core.config import Settings, get_settings
 from app.core.db import session_scope
 from app.core.leases import take_lease
 from app.core.storage import remove_quietly, stale_entries
@@ -135,24 +135,19 @@ def release(holders: list[str]) -> list[str]:
         return dispatch(session, list(ids))
 
 
-class Sweeper:
-    """`sweep` every `sweep_interval_seconds` on a daemon thread (started in each worker's main
-    process; the lease lets one act at a time)."""
+def run_sweeper() -> None:
+    """`sweep` every `sweep_interval_seconds` until the process that started this one is gone.
+    Each worker runs this in a process of its own (workers/celery_app.py); the lease lets one act
+    at a time."""
+    settings, parent, holder = get_settings(), os.getppid(), f"{socket.gethostname()}:{os.getpid()}"
+    while os.getppid() == parent:
+        time.sleep(settings.sweep_interval_seconds)
+        try:
+            sweep(settings, holder)
+        except Exception:  # a database or broker hiccup must not end the sweeper
+            logger.exception("sweep failed; trying again next interval")
 
-    def __init__(self, settings: Settings, holder: str):
-        self.settings, self.holder = settings, holder
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="visiontune-sweeper", daemon=True)
 
-    def start(self) -> None:
-        self._thread.start()
-
-    def stop(self) -> None:
-        self._stop.set()
-
-    def _run(self) -> None:
-        while not self._stop.wait(self.settings.sweep_interval_seconds):
-            try:
-                sweep(self.settings, self.holder)
-            except Exception:  # a database hiccup must not end the sweeper
-                logger.exception("sweep failed; trying again next interval")
+if __name__ == "__main__":  # started by each worker (workers/celery_app.py)
+    logging.basicConfig(level=logging.INFO, format="[%(asctime)s: %(levelname)s/sweeper] %(message)s")
+    run_sweeper()

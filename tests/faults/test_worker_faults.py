@@ -48,6 +48,16 @@ def _pings(client) -> bool:
 
 
 @pytest.fixture
+def redis_server(tmp_path):
+    """A redis-server of this test's own, killed at the end whatever happens (requested before
+    `make_stack`, so that the service stops first)."""
+    server = RedisServer(tmp_path)
+    server.start()
+    yield server
+    server.kill()
+
+
+@pytest.fixture
 def make_stack(tmp_path):
     stacks = []
 
@@ -111,14 +121,11 @@ def resumed_within(stack: Stack, job_id: str, since: float, seconds: float) -> d
 
 
 @pytest.mark.parametrize("broker", ["redis", "embedded"])
-def test_a_worker_that_vanishes_mid_epoch_is_replaced_within_the_lease(make_stack, tmp_path, broker):
+def test_a_worker_that_vanishes_mid_epoch_is_replaced_within_the_lease(redis_server, make_stack, tmp_path, broker):
     """SIGKILL the whole worker (Celery's main process, its pool process and its data loaders), as
     when a machine is lost. On Redis a second worker stands idle; the embedded broker never hands
     out a taken message again, and a worker is started after the loss."""
-    server = None
-    if broker == "redis":
-        server = RedisServer(tmp_path)
-        server.start()
+    server = redis_server if broker == "redis" else None
     stack = make_stack(server.url if server else None)
     workers = [stack.start_worker("worker-a")]
     if server:
@@ -138,13 +145,10 @@ def test_a_worker_that_vanishes_mid_epoch_is_replaced_within_the_lease(make_stac
     events = stack.http.get(f"/v1/jobs/{created['id']}/events").json()["data"]
     assert any(e["message"].startswith("resumed") for e in events)  # from its checkpoint
     assert [m["id"] for m in models_of(stack, created["id"])] == [final["model_id"]]
-    if server:
-        server.kill()
 
 
-def test_redis_killed_and_restarted_mid_job(make_stack, tmp_path):
-    server = RedisServer(tmp_path)
-    server.start()
+def test_redis_killed_and_restarted_mid_job(redis_server, make_stack, tmp_path):
+    server = redis_server
     stack = make_stack(server.url)
     stack.start_worker()
     created = create_job(stack, upload_small(stack, tmp_path), hyperparameters={"epochs": 4, "batch_size": 8})
@@ -155,12 +159,10 @@ def test_redis_killed_and_restarted_mid_job(make_stack, tmp_path):
     final = stack.wait_job(created["id"], timeout=600)
     assert final["status"] == "succeeded", final
     assert [m["id"] for m in models_of(stack, created["id"])] == [final["model_id"]]
-    server.kill()
 
 
-def test_jobs_created_while_the_broker_is_down_run_once_it_is_back(make_stack, tmp_path):
-    server = RedisServer(tmp_path)
-    server.start()
+def test_jobs_created_while_the_broker_is_down_run_once_it_is_back(redis_server, make_stack, tmp_path):
+    server = redis_server
     stack = make_stack(server.url)
     stack.start_worker()
     dataset_id = upload_small(stack, tmp_path)
@@ -180,14 +182,12 @@ def test_jobs_created_while_the_broker_is_down_run_once_it_is_back(make_stack, t
     assert [f["status"] for f in finals] == ["succeeded"] * 5, finals
     assert [f["attempts"] for f in finals] == [1] * 5  # each ran once
     assert sorted(m["job_id"] for m in stack.http.get("/v1/models").json()["data"]) == sorted(created)
-    server.kill()
 
 
-def test_sigterm_releases_the_job_to_another_worker_at_once(make_stack, tmp_path):
+def test_sigterm_releases_the_job_to_another_worker_at_once(redis_server, make_stack, tmp_path):
     """A deploy stops a worker with SIGTERM: its warm shutdown hands the job back, and another
     worker resumes it from the checkpoint at once, not after the lease (long here on purpose)."""
-    server = RedisServer(tmp_path)
-    server.start()
+    server = redis_server
     stack = make_stack(server.url, VISIONTUNE_JOB_LEASE_SECONDS="600")
     workers = [stack.start_worker("worker-a"), stack.start_worker("worker-b")]
     created = create_job(stack, upload_small(stack, tmp_path))
@@ -204,7 +204,6 @@ def test_sigterm_releases_the_job_to_another_worker_at_once(make_stack, tmp_path
     events = stack.http.get(f"/v1/jobs/{created['id']}/events").json()["data"]
     assert any(e["message"].startswith("released by a worker shutting down") for e in events)
     assert [m["id"] for m in models_of(stack, created["id"])] == [final["model_id"]]
-    server.kill()
 
 
 def test_pause_frees_the_worker_and_resume_ends_where_an_uninterrupted_run_would(make_stack, tmp_path):
