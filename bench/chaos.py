@@ -35,7 +35,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench.handwritten import HYMENOPTERA, SHARED  # noqa: E402
 from bench.running import free_port, zip_hymenoptera  # noqa: E402
 
-LEASE, SWEEP, ORPHAN_AGE = 8, 1, 20  # seconds: short, so that the service settles within the run
+LEASE, SWEEP, ORPHAN_AGE, REDISPATCH = 8, 1, 20, 20  # seconds: short, so that the service settles soon
 MAX_ACTIVE_JOBS = 4  # queued + running at once
 IMAGES = [p.read_bytes() for label in ("ants", "bees") for p in sorted((HYMENOPTERA / "val" / label).iterdir())[:6]]
 
@@ -50,6 +50,7 @@ class Service:
                     "VISIONTUNE_BROKER_URL": f"redis://127.0.0.1:{self.redis_port}/0",
                     "VISIONTUNE_JOB_LEASE_SECONDS": str(LEASE), "VISIONTUNE_SWEEP_INTERVAL_SECONDS": str(SWEEP),
                     "VISIONTUNE_ORPHAN_MAX_AGE_SECONDS": str(ORPHAN_AGE), "VISIONTUNE_PREDICT_TIMEOUT_S": "30",
+                    "VISIONTUNE_REDISPATCH_SECONDS": str(REDISPATCH),
                     "HF_HUB_OFFLINE": "1"}  # fmt: skip
         cli = [sys.executable, "-m", "app.cli"]
         self.argv = {

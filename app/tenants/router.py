@@ -36,7 +36,7 @@ def _created(session: Session, tenant: Tenant, request: KeyCreate, principal: Pr
 @router.get("/v1/me", response_model=Me)
 def me(principal: AnyKey, session: SessionDep) -> Me:
     """The calling key, its tenant, the tenant's quotas (read-only here) and usage."""
-    key = session.get(ApiKey, principal.key_id)
+    key = service.get_key(session, principal.key_id)
     return Me(tenant=_out(session, service.get_tenant(session, principal.tenant_id)), key=KeyOut.model_validate(key))
 
 

@@ -82,6 +82,13 @@ def set_quotas(session: Session, tenant_id: str, quotas: dict[str, int | None]) 
     return tenant
 
 
+def get_key(session: Session, key_id: str) -> ApiKey:
+    row = session.get(ApiKey, key_id)
+    if row is None:
+        raise NotFound(f"API key '{key_id}' not found.", code="key_not_found")
+    return row
+
+
 def list_keys(session: Session, tenant: Tenant) -> list[ApiKey]:
     return list(session.scalars(select(ApiKey).where(ApiKey.tenant_id == tenant.id).order_by(ApiKey.created_at)))
 
