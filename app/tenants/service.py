@@ -82,9 +82,10 @@ def set_quotas(session: Session, tenant_id: str, quotas: dict[str, int | None]) 
     return tenant
 
 
-def get_key(session: Session, key_id: str) -> ApiKey:
+def get_key(session: Session, key_id: str, tenant_id: str | None = None) -> ApiKey:
+    """A key by id; with `tenant_id`, only one of that tenant's (another's answers 404)."""
     row = session.get(ApiKey, key_id)
-    if row is None:
+    if row is None or (tenant_id is not None and row.tenant_id != tenant_id):
         raise NotFound(f"API key '{key_id}' not found.", code="key_not_found")
     return row
 
@@ -95,9 +96,7 @@ def list_keys(session: Session, tenant: Tenant) -> list[ApiKey]:
 
 def revoke_key(session: Session, key_id: str, revoked_by: Principal, tenant_id: str | None = None) -> ApiKey:
     """Revoke a key; with `tenant_id`, only one of that tenant's (another's answers 404)."""
-    row = session.get(ApiKey, key_id)
-    if row is None or (tenant_id is not None and row.tenant_id != tenant_id):
-        raise NotFound(f"API key '{key_id}' not found.", code="key_not_found")
+    row = get_key(session, key_id, tenant_id)
     if row.id == revoked_by.key_id:
         raise Conflict("A key cannot revoke itself; revoke it with another admin key.", code="revoking_own_key")
     if row.revoked_at is None:
