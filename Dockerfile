@@ -1,6 +1,7 @@
 # One image for both roles; they differ only in the command:
 #   docker run IMAGE          -> API (migrates, then uvicorn on $PORT, default 8000)
 #   docker run IMAGE worker   -> Celery worker on the `training` queue
+#   docker run IMAGE background -> Celery worker on the `ingest` and `exports` queues
 #   docker run IMAGE visiontune migrate   -> any other command runs as given
 #
 # PyPI's Linux torch wheels carry their own CUDA libraries, so the same image trains on an

@@ -1,5 +1,5 @@
 # Two commands do all set-up on a fresh machine:
-#   make run    install, then run the API and one worker on embedded defaults (no external server)
+#   make run    install, then run the API and its workers on embedded defaults (no external server)
 #   make test   install (redis-server too), then run the whole test suite
 #   make test-fast   install, then only the in-process tests (`pytest -m "not e2e"`: no redis-server,
 #               uvicorn or celery processes)

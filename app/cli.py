@@ -1,4 +1,5 @@
-"""`visiontune` command: serve (API), worker (Celery), up (both, for local use), migrate, keys."""
+"""`visiontune` command: serve (API), worker (Celery: training, or --background for ingests and
+exports), up (the API and both workers, for local use), migrate, keys."""
 
 import argparse
 import os
@@ -12,15 +13,28 @@ import uvicorn
 from app.core.config import get_settings
 
 
-def worker_argv(extra: list[str] | None = None) -> list[str]:
+def worker_argv(background: bool = False, extra: list[str] | None = None) -> list[str]:
     settings = get_settings()
     # Concurrency 1: one training job at a time on this worker's device. Run one worker per GPU
-    # (CUDA_VISIBLE_DEVICES) to use several.
+    # (CUDA_VISIBLE_DEVICES) to use several. A background worker takes ingests and exports, one at
+    # a time too (an ingest decodes on every core already).
+    queues = f"{settings.ingest_queue},{settings.export_queue}" if background else settings.training_queue
     return [
         sys.executable, "-m", "celery", "-A", "workers.celery_app", "worker",
-        "--queues", settings.training_queue, "--concurrency", "1", "--loglevel", "INFO",
+        "--queues", queues, "--concurrency", "1", "--loglevel", "INFO",
+        "--hostname", f"{'background' if background else 'training'}@%h",
         *(extra or []),
     ]  # fmt: skip
+
+
+def run_worker(background: bool, extra: list[str]) -> None:
+    migrate()
+    if background:
+        # Below the API's CPU priority: on a small machine an ingest then takes the cores the API
+        # leaves idle, not the ones predictions need.
+        os.nice(get_settings().background_nice)
+    argv = worker_argv(background, extra)
+    os.execv(argv[0], argv)
 
 
 def migrate() -> None:
@@ -70,8 +84,8 @@ def serve(host: str, port: int, workers: int | None = None) -> None:
 
 
 def up(host: str, port: int) -> int:
-    """Run the API and one worker as child processes, and stop both when either stops or when this
-    process is told to. (Children, because uvicorn ends its own process with the signal it was
+    """Run the API, a training worker and a background worker as child processes, and stop them all
+    when one stops or when this process is told to. (Children, because uvicorn ends its own process with the signal it was
     stopped by, which would leave a worker started from inside it behind.)"""
     migrate()  # once, before two processes race to do it
     key = first_key_if_none()
@@ -79,8 +93,9 @@ def up(host: str, port: int) -> int:
         print(f"\nFirst API key (tenant 'default', scopes admin and operator). It is shown only this once; store it:\n\n"
               f"    {key}\n\nSend it as `Authorization: Bearer <key>`; more keys: POST /v1/admin/tenants/{{id}}/keys "
               f"or `visiontune keys create`.\n", flush=True)  # fmt: skip
-    api = [sys.executable, "-m", "app.cli", "serve", "--host", host, "--port", str(port)]
-    children = [subprocess.Popen(worker_argv()), subprocess.Popen(api)]
+    cli = [sys.executable, "-m", "app.cli"]
+    api = [*cli, "serve", "--host", host, "--port", str(port)]
+    children = [subprocess.Popen(argv) for argv in ([*cli, "worker"], [*cli, "worker", "--background"], api)]
 
     def stop(signum, _frame):
         raise SystemExit(128 + signum)
@@ -108,13 +123,15 @@ def up(host: str, port: int) -> int:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="visiontune", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
-    for name, help_text in (("serve", "run the HTTP API"), ("up", "run the API and one worker together")):
+    for name, help_text in (("serve", "run the HTTP API"), ("up", "run the API and its workers together")):
         command = commands.add_parser(name, help=help_text)
         command.add_argument("--host", default="127.0.0.1")
         command.add_argument("--port", type=int, default=8000)
     serve_command = commands.choices["serve"]
     serve_command.add_argument("--workers", type=int, help="API processes (default: VISIONTUNE_API_WORKERS, 1)")
-    worker = commands.add_parser("worker", help="run a Celery training worker")
+    worker = commands.add_parser("worker", help="run a Celery worker: training, or --background")
+    worker.add_argument("--background", action="store_true", help="take dataset ingests and model exports "
+                        "(queues ingest, exports) at a lower CPU priority, instead of training jobs")  # fmt: skip
     worker.add_argument("celery_args", nargs=argparse.REMAINDER, help="extra arguments for `celery worker`")
     commands.add_parser("migrate", help="apply database migrations")
     keys = commands.add_parser("keys", help="API keys, on the server itself (e.g. the first admin key)")
@@ -133,9 +150,7 @@ def main(argv: list[str] | None = None) -> None:
     elif args.command == "up":
         sys.exit(up(args.host, args.port))
     elif args.command == "worker":
-        migrate()
-        argv = worker_argv(args.celery_args)
-        os.execv(argv[0], argv)
+        run_worker(args.background, args.celery_args)
     elif args.command == "migrate":
         migrate()
     elif args.command == "keys":

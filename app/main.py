@@ -18,7 +18,7 @@ from app.backbones.router import router as backbones_router
 from app.core.broker import broker_reachable
 from app.core.config import get_settings
 from app.core.db import get_engine
-from app.core.errors import AppError
+from app.core.errors import AppError, ErrorBody
 from app.core.limits import BodyTimeoutMiddleware
 from app.datasets.router import router as datasets_router
 from app.db.migrate import upgrade_to_head
@@ -44,12 +44,6 @@ def _allowed_methods(request: Request) -> list[str]:
     paths = request.app.openapi()["paths"]
     matching = [ops for template, ops in paths.items() if compile_path(template)[0].match(request.scope["path"])]
     return sorted({method.upper() for ops in matching for method in ops})
-
-
-class ErrorBody(BaseModel):
-    code: str
-    message: str
-    details: list[Any]
 
 
 class ErrorEnvelope(BaseModel):

@@ -1,12 +1,14 @@
 """A bounded chaos run: mixed uploads, jobs, predictions, alias moves, deletes, exports, pauses and
-cancels against the real service (uvicorn API, two Celery workers, redis-server with an append-only
-file), while a chaos thread SIGKILLs and restarts a random one of those processes. Then the service
-is left to settle and the invariants are checked straight on the database and the data directory:
+cancels against the real service (uvicorn API, two training workers, a background worker for
+ingests and exports, redis-server with an append-only file), while a chaos thread SIGKILLs and
+restarts a random one of those processes. Then the service is left to settle and the invariants
+are checked straight on the database and the data directory:
 
-- every job is finished (or held by a live worker);
+- every job is finished, every dataset ready or failed, every export ready or failed (none left
+  waiting or held);
 - every succeeded job has exactly one model, whose artifact exists (or the run deleted that model);
-- no file in datasets/, models/, exports/, jobs/ or staging/ that no row owns (once the sweeper's
-  orphan age has passed), and no row whose files are missing.
+- no file in datasets/, uploads/, models/, exports/, jobs/ or staging/ that no row owns (once the
+  sweeper's orphan age has passed), and no row whose files are missing.
 
     python bench/chaos.py [--seconds 120] [--seed 0]
 
@@ -59,6 +61,7 @@ class Service:
             "api": [*cli, "serve", "--port", str(self.port)],
             "worker-a": [*cli, "worker"],
             "worker-b": [*cli, "worker"],
+            "background": [*cli, "worker", "--background"],
         }  # fmt: skip
         self.processes: dict[str, subprocess.Popen] = {}
         key = subprocess.run([*cli, "keys", "create", "--tenant", "chaos", "--operator"], env=self.env, check=True,
@@ -150,7 +153,7 @@ def kill_and_restart(service: Service, rng: random.Random, stop: threading.Event
 def operate(http: httpx.Client, rng: random.Random, archive: Path, operations: Counter, deleted: set) -> None:
     """One random operation; its answer (or the transport failure while a process was down) is counted."""
     try:
-        datasets = [d["id"] for d in http.get("/v1/datasets").json()["data"]]
+        listed = http.get("/v1/datasets").json()["data"]
         jobs = http.get("/v1/jobs").json()["data"]
         models = http.get("/v1/models").json()["data"]
     except (httpx.TransportError, ValueError):
@@ -163,6 +166,10 @@ def operate(http: httpx.Client, rng: random.Random, archive: Path, operations: C
     )[0]
     if kind == "train" and sum(job["status"] in ("queued", "running") for job in jobs) >= MAX_ACTIVE_JOBS:
         kind = "predict"  # the workers are busy enough: the run stays about faults, not a backlog
+    datasets = [d["id"] for d in listed if d["status"] == "ready"]
+    if not datasets and any(d["status"] == "processing" for d in listed):
+        time.sleep(0.2)  # the first ingest is under way
+        return
     try:
         if kind == "upload" or not datasets:
             kind = "upload"
@@ -208,7 +215,11 @@ def settle_and_check(service: Service, http: httpx.Client, deleted_models: set) 
     deadline = time.monotonic() + 600
     while time.monotonic() < deadline:
         jobs = http.get("/v1/jobs", params={"limit": 1000}).json()["data"]
-        if all(job["status"] in ("succeeded", "failed", "cancelled") for job in jobs):
+        datasets = http.get("/v1/datasets", params={"limit": 1000}).json()["data"]
+        exports = [http.get(f"/v1/models/{m['id']}/exports/onnx").json().get("status")
+                   for m in http.get("/v1/models", params={"limit": 1000}).json()["data"]]  # fmt: skip
+        if (all(job["status"] in ("succeeded", "failed", "cancelled") for job in jobs)
+                and "processing" not in [d["status"] for d in datasets] + exports):  # fmt: skip
             break
         time.sleep(2)
     time.sleep(ORPHAN_AGE + 3 * SWEEP)  # the sweeper collects what the kills left behind
@@ -221,7 +232,8 @@ def check(data_dir: Path, deleted_models: set) -> list[str]:
     db = sqlite3.connect(data_dir / "visiontune.db")
     jobs = db.execute("SELECT id, status FROM jobs").fetchall()
     models = dict(db.execute("SELECT id, job_id FROM models").fetchall())
-    datasets = {row[0] for row in db.execute("SELECT id FROM datasets")}
+    datasets = dict(db.execute("SELECT id, status FROM datasets").fetchall())
+    exports = dict(db.execute("SELECT model_id, status FROM exports").fetchall())
     events = dict(db.execute(
         "SELECT job_id, json_extract(data, '$.model_id') FROM job_events WHERE json_extract(data, '$.model_id') IS NOT NULL"
     ).fetchall())  # fmt: skip
@@ -237,10 +249,20 @@ def check(data_dir: Path, deleted_models: set) -> list[str]:
     for model_id in models:
         if not (data_dir / "models" / model_id / "model.safetensors").exists():
             violations.append(f"model {model_id} has no artifact")
-    for dataset_id in datasets:
-        if not (data_dir / "datasets" / dataset_id).is_dir():
+    for dataset_id, status in datasets.items():
+        if status not in ("ready", "failed"):
+            violations.append(f"dataset {dataset_id} is still {status}")
+        if status == "ready" and not (data_dir / "datasets" / dataset_id).is_dir():
             violations.append(f"dataset {dataset_id} has no files")
-    owners = {"datasets": datasets, "models": set(models), "exports": set(models), "jobs": set(), "staging": set()}
+    for model_id, status in exports.items():
+        if status not in ("ready", "failed"):
+            violations.append(f"the export of {model_id} is still {status}")
+        if status == "ready" and not (data_dir / "exports" / model_id / "model.onnx").exists():
+            violations.append(f"the export of {model_id} has no file")
+    ready = {dataset_id for dataset_id, status in datasets.items() if status == "ready"}
+    exported = {model_id for model_id, status in exports.items() if status == "ready"}
+    owners = {"datasets": ready, "uploads": set(), "models": set(models), "exports": exported, "jobs": set(),
+              "staging": set()}  # fmt: skip
     for folder, owned in owners.items():
         directory = data_dir / folder
         for entry in directory.iterdir() if directory.is_dir() else []:

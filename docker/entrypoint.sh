@@ -2,6 +2,7 @@
 # Container entrypoint for the one VisionTune image.
 #   api [ARGS...]     run migrations, then serve the API on 0.0.0.0:${PORT:-8000}
 #   worker [ARGS...]  Celery worker on the training queue
+#   background [ARGS...]  Celery worker on the ingest and exports queues, at a lower CPU priority
 #   anything else     run as given (e.g. `visiontune migrate`, `sh`)
 # Each branch execs, so the server is PID 1's replacement and receives SIGTERM/SIGINT itself.
 set -eu
@@ -16,6 +17,9 @@ case "$role" in
         ;;
     worker)
         exec visiontune worker "$@"
+        ;;
+    background)
+        exec visiontune worker --background "$@"
         ;;
     *)
         exec "$role" "$@"

@@ -213,7 +213,7 @@ def _ping(client) -> bool:
 
 
 class Stack:
-    """A uvicorn API and a Celery worker sharing one data directory and broker."""
+    """A uvicorn API and Celery workers (training, background) sharing one data directory and broker."""
 
     def __init__(self, data_dir: Path, broker_url: str | None, log_dir: Path, env_extra: dict[str, str] | None = None):
         self.port = free_port()
@@ -243,9 +243,10 @@ class Stack:
         self.processes.append(Process("api", [*cli, "serve", "--port", str(self.port)], self.env, self.log_dir))
         wait_until(self._healthy, 60, "the API", processes=self.processes)
 
-    def start_worker(self, name: str = "worker") -> Process:
-        cli = [sys.executable, "-m", "app.cli"]
-        self.processes.append(Process(name, [*cli, "worker"], self.env, self.log_dir))
+    def start_worker(self, name: str = "worker", background: bool = False) -> Process:
+        """A training worker, or a background worker (ingests and exports)."""
+        argv = [sys.executable, "-m", "app.cli", "worker", *(["--background"] if background else [])]
+        self.processes.append(Process(name, argv, self.env, self.log_dir))
         return self.processes[-1]
 
     def _healthy(self) -> bool:
@@ -258,6 +259,31 @@ class Stack:
 
         return wait_until(finished, timeout, f"job {job_id}", interval=1.0, processes=self.processes)
 
+    def wait_dataset(self, dataset_id: str, timeout: float = 300) -> dict:
+        """The dataset once its ingest is over (ready or failed)."""
+
+        def finished():
+            dataset = self.http.get(f"/v1/datasets/{dataset_id}").json()
+            return dataset if dataset["status"] != "processing" else None
+
+        return wait_until(finished, timeout, f"dataset {dataset_id}", interval=0.5, processes=self.processes)
+
+    def upload(self, archive: Path) -> dict:
+        """POST an archive (streamed from disk) and wait for its ingest; the dataset, ready."""
+        with archive.open("rb") as file:
+            response = self.http.post("/v1/datasets", files={"file": (archive.name, file, "application/zip")})
+        assert response.status_code == 202, response.text
+        dataset = self.wait_dataset(response.json()["id"])
+        assert dataset["status"] == "ready", dataset
+        return dataset
+
+    def wait_export(self, model_id: str, timeout: float = 300) -> dict:
+        def finished():
+            export = self.http.get(f"/v1/models/{model_id}/exports/onnx").json()
+            return export if export["status"] != "processing" else None
+
+        return wait_until(finished, timeout, f"the export of {model_id}", interval=0.5, processes=self.processes)
+
     def stop(self) -> None:
         self.http.close()
         for process in reversed(self.processes):
@@ -269,4 +295,5 @@ def start_stack(tmp_path_factory, broker_url: str | None, **env) -> Stack:
     stack = Stack(root / "var", broker_url, root, env)
     stack.start_api()
     stack.start_worker()
+    stack.start_worker("background", background=True)
     return stack

@@ -29,7 +29,8 @@ def test_openapi_documents_every_endpoint(client):
         "/v1/jobs/{job_id}/events", "/v1/jobs/{job_id}/cancel", "/v1/models", "/v1/models/{model_id}",
         "/v1/models/{model_id}/download", "/v1/models/{model_id}/predict", "/healthz", "/readyz",
         "/v1/sweeps", "/v1/sweeps/{sweep_id}", "/v1/sweeps/{sweep_id}/promote", "/v1/models/{model_id}/embed",
-        "/v1/models/{model_id}/exports", "/v1/models/{model_id}/exports/onnx", "/v1/models/{name}/aliases/{alias}",
+        "/v1/models/{model_id}/exports", "/v1/models/{model_id}/exports/{format}",
+        "/v1/models/{model_id}/exports/{format}/download", "/v1/models/{name}/aliases/{alias}",
     ):
         assert path in paths, path
     assert "multipart/form-data" in paths["/v1/datasets"]["post"]["requestBody"]["content"]

@@ -1,8 +1,9 @@
-"""The Celery worker: `visiontune worker` (or `celery -A workers.celery_app worker -Q training`).
+"""The Celery worker: `visiontune worker` (training) or `visiontune worker --background` (ingests
+and exports); or `celery -A workers.celery_app worker -Q training`.
 
-Beside its pool it runs the jobs sweeper (app/jobs/dispatch.py: lost messages are sent again) and,
-on a warm shutdown (SIGTERM, as a deploy sends), releases the jobs its pool processes hold so that
-another worker resumes them at once instead of after the lease.
+Beside its pool it runs the sweeper (app/sweeper.py: lost messages are sent again) and, on a warm
+shutdown (SIGTERM, as a deploy sends), releases the work its pool processes hold so that another
+worker picks it up at once instead of after the lease.
 """
 
 import os
@@ -14,7 +15,7 @@ from pathlib import Path
 from celery.signals import worker_ready, worker_shutting_down
 
 from app.core.broker import get_celery
-from app.jobs.dispatch import release
+from app.core.outbox import release
 
 celery_app = get_celery()
 celery_app.conf.include = ["workers.tasks"]
@@ -28,13 +29,13 @@ def _start_sweeper(**_) -> None:
     # fork must not copy a database connection in the middle of a transaction (SQLite's in-process
     # lock bookkeeping comes along, and the child then waits on a lock nobody holds). Not a
     # multiprocessing child either: the pool's processes would inherit it and try to join it.
-    _sweeper = subprocess.Popen([sys.executable, "-m", "app.jobs.dispatch"])
+    _sweeper = subprocess.Popen([sys.executable, "-m", "app.sweeper"])
 
 
 @worker_shutting_down.connect
 def _release_jobs(**_) -> None:
     if _sweeper is not None:
         _sweeper.terminate()
-    # The pool processes are this process's children; a job's holder is "host:pid" of one of them.
+    # The pool processes are this process's children; a row's holder is "host:pid" of one of them.
     children = Path(f"/proc/{os.getpid()}/task/{os.getpid()}/children").read_text().split()
     release([f"{socket.gethostname()}:{pid}" for pid in children])

@@ -1,9 +1,11 @@
-"""Thin task bodies: load the job from the database and let app.jobs.runner do the work."""
+"""Thin task bodies: each loads its row from the database and lets the domain's runner do the work."""
 
 import logging
 
-from app.core.broker import FINETUNE_TASK
+from app.core.broker import EXPORT_TASK, FINETUNE_TASK, INGEST_TASK
+from app.datasets.runner import run_ingest
 from app.jobs import runner
+from app.models.runner import run_export
 from workers.celery_app import celery_app
 from workers.loader_context import PoolSafeForkContext
 
@@ -15,3 +17,17 @@ def run_finetune(job_id: str) -> str:
     outcome = runner.run_job(job_id, loader_context=PoolSafeForkContext())
     logger.info("job %s: %s", job_id, outcome.status)
     return outcome.status
+
+
+@celery_app.task(name=INGEST_TASK)
+def ingest_dataset(dataset_id: str) -> str:
+    outcome = run_ingest(dataset_id)
+    logger.info("dataset %s: %s", dataset_id, outcome)
+    return outcome
+
+
+@celery_app.task(name=EXPORT_TASK)
+def export_model(export_id: str) -> str:
+    outcome = run_export(export_id)
+    logger.info("export %s: %s", export_id, outcome)
+    return outcome

@@ -8,6 +8,8 @@ from celery import Celery
 from app.core.config import Settings, get_settings
 
 FINETUNE_TASK = "visiontune.run_finetune"
+INGEST_TASK = "visiontune.ingest_dataset"
+EXPORT_TASK = "visiontune.export_model"
 
 
 def make_celery(settings: Settings) -> Celery:
@@ -16,7 +18,13 @@ def make_celery(settings: Settings) -> Celery:
     celery = Celery("visiontune", broker=settings.broker_url)
     celery.conf.update(
         task_default_queue=settings.training_queue,
-        task_routes={FINETUNE_TASK: {"queue": settings.training_queue}},
+        # Training on its own queue (a worker per device, one job at a time); ingests and exports on
+        # theirs, taken by a background worker, so an upload never waits behind an hour of training.
+        task_routes={
+            FINETUNE_TASK: {"queue": settings.training_queue},
+            INGEST_TASK: {"queue": settings.ingest_queue},
+            EXPORT_TASK: {"queue": settings.export_queue},
+        },
         # The job's truth is in the database; the broker only carries "run job X".
         task_ignore_result=True,
         # One job at a time per worker process, and never lose one: acknowledge only when the
@@ -43,8 +51,8 @@ def get_celery() -> Celery:
     return make_celery(get_settings())
 
 
-def enqueue_finetune(job_id: str) -> None:
-    get_celery().send_task(FINETUNE_TASK, args=[job_id])
+def enqueue(task: str, row_id: str) -> None:
+    get_celery().send_task(task, args=[row_id])
 
 
 def broker_reachable() -> bool:

@@ -22,6 +22,11 @@ class Settings(BaseSettings):
         None, description="Local pretrained weights: <architecture>[.<tag>].safetensors files."
     )
     training_queue: str = "training"
+    ingest_queue: str = "ingest"
+    export_queue: str = "exports"
+    background_nice: int = Field(
+        10, ge=0, le=19, description="How much lower the CPU priority of `visiontune worker --background` is."
+    )
 
     # Upload limits.
     max_upload_bytes: int = 2 * 1024**3
@@ -62,7 +67,7 @@ class Settings(BaseSettings):
     )
 
     # A running job whose worker has not reported for this long is dispatched again by the
-    # sweeper (app/jobs/dispatch.py) and taken over by the worker that receives it.
+    # sweeper (app/sweeper.py) and taken over by the worker that receives it.
     job_lease_seconds: int = Field(120, gt=0)
     sweep_interval_seconds: float = Field(10.0, gt=0, description="How often each worker's sweeper looks for lost jobs.")
     orphan_max_age_seconds: float = Field(
@@ -94,6 +99,11 @@ class Settings(BaseSettings):
     @property
     def exports_dir(self) -> Path:
         return self.data_dir / "exports"
+
+    @property
+    def uploads_dir(self) -> Path:
+        """Archives received and waiting for their ingest (named after their dataset)."""
+        return self.data_dir / "uploads"
 
     @property
     def jobs_dir(self) -> Path:

@@ -2,6 +2,16 @@
 
 from typing import Any
 
+from pydantic import BaseModel
+
+
+class ErrorBody(BaseModel):
+    """What went wrong: in every error response, and on a dataset or export that failed."""
+
+    code: str
+    message: str
+    details: list[Any]
+
 
 class AppError(Exception):
     status_code = 400
@@ -14,6 +24,10 @@ class AppError(Exception):
         if code:
             self.code = code
         self.details = details or []
+
+    def as_dict(self) -> dict[str, Any]:
+        """The envelope's content, as it is also stored on work that failed in a worker."""
+        return {"code": self.code, "message": self.message, "details": self.details}
 
 
 class NotFound(AppError):

@@ -66,23 +66,34 @@ class _File:
     parts: tuple[str, ...]  # normalised path inside the archive
 
 
-def ingest_archive(archive: Path, destination: Path, limits: IngestLimits) -> IngestResult:
-    """Unpack `archive` into the new directory `destination`; on any error nothing is left behind."""
+def check_format(archive: Path) -> None:
+    """Refuse at once what is not a zip or tar archive at all (reads only its first bytes)."""
+    with _open_archive(archive):
+        pass
+
+
+def ingest_archive(
+    archive: Path, destination: Path, limits: IngestLimits, before_extract: Callable[[int], None] = lambda _: None
+) -> IngestResult:
+    """Unpack `archive` into the new directory `destination`; on any error nothing is left behind.
+    `before_extract` is told the declared uncompressed size of what will be written, once every
+    entry has been checked and before a byte is written (a storage quota may refuse it there)."""
     destination.mkdir(parents=True)  # must not exist: everything inside is ours to remove on failure
     try:
-        return _ingest(archive, destination, limits)
+        return _ingest(archive, destination, limits, before_extract)
     except BaseException:
         shutil.rmtree(destination, ignore_errors=True)
         raise
 
 
-def _ingest(archive: Path, destination: Path, limits: IngestLimits) -> IngestResult:
+def _ingest(archive: Path, destination: Path, limits: IngestLimits, before_extract: Callable[[int], None]) -> IngestResult:
     warnings: list[str] = []
     with _open_archive(archive) as members:
         entries = _list_within_limits(members, archive.stat().st_size, limits)
         files = _safe_files(entries)
         files = _drop_system_files(files, warnings)
         plan = _plan_layout(files, warnings)
+        before_extract(sum(placement.entry.size for placement in plan))
         _write(plan, destination, limits.max_uncompressed_bytes)
     rejected = _decode_all(plan, destination, limits.max_image_pixels)
     for name, reason in rejected.items():

@@ -1,6 +1,6 @@
 from typing import Annotated
 
-from fastapi import APIRouter, Depends, Query, Request, status
+from fastapi import APIRouter, Depends, Query, Request, Response, status
 from fastapi.concurrency import run_in_threadpool
 
 from app.core.auth import AnyKey, ReadKey, TrainKey
@@ -47,20 +47,24 @@ UPLOAD_SCHEMA = {
 
 @router.post(
     "",
-    status_code=status.HTTP_201_CREATED,
+    status_code=status.HTTP_202_ACCEPTED,
     response_model=DatasetOut,
     openapi_extra=UPLOAD_SCHEMA,
     max_body_size=OWN_BODY_LIMIT,  # max_upload_bytes, in receive_file
 )
-async def upload_dataset(request: Request, principal: TrainKey, session: SessionDep) -> Dataset:
+async def upload_dataset(request: Request, response: Response, principal: TrainKey, session: SessionDep) -> Dataset:
+    """The archive is stored and the dataset answered `processing`; a worker checks and unpacks it
+    (poll GET /v1/datasets/{id} until `ready` or `failed`)."""
     settings = get_settings()
     declared = request.headers.get("content-length", "")
     if declared.isdigit():  # refused before a byte of the body is read
         await run_in_threadpool(service.check_room, session, settings, principal.tenant_id, int(declared))
     upload = await receive_file(request, "file", settings.max_upload_bytes, settings.staging_dir)
-    return await run_in_threadpool(
+    dataset = await run_in_threadpool(
         service.create_dataset, session, settings, principal.tenant_id, upload, upload.fields.get("name")
     )
+    response.headers["Location"] = f"/v1/datasets/{dataset.id}"
+    return dataset
 
 
 @router.get("", response_model=DatasetList)

@@ -1,7 +1,8 @@
 """Datasets: an uploaded archive becomes a validated ImageFolder under data_dir/datasets/<id>.
 
-Ingestion happens in a staging directory; the dataset directory and its row appear together only
-once everything checked out, so a refused upload leaves neither behind.
+The API stores the archive (data_dir/uploads/<id>) and its `processing` row together, and sends
+the ingest to a worker (app/datasets/runner.py), which unpacks and decodes it in staging and
+makes the dataset `ready` or `failed`. A refused upload leaves neither files nor a row behind.
 """
 
 import os
@@ -10,11 +11,14 @@ from pathlib import Path
 
 from sqlalchemy.orm import Session
 
+from sqlalchemy import select
+
+from app.core import outbox
 from app.core.config import Settings
 from app.core.errors import Conflict
-from app.core.storage import ReceivedFile, out_of_space_is_507, remove_quietly, remove_unowned
+from app.core.storage import ReceivedFile, remove_quietly, remove_unowned, stale_entries
 from app.core.tenancy import Scoped
-from app.datasets.ingest import IngestLimits, ingest_archive
+from app.datasets.ingest import IngestLimits, check_format
 from app.db.tables import Dataset
 from app.jobs.usage import active_job_on_dataset
 from app.tenants.service import check_quota
@@ -45,37 +49,36 @@ def check_room(session: Session, settings: Settings, tenant_id: str, declared_bo
 def create_dataset(
     session: Session, settings: Settings, tenant_id: str, upload: ReceivedFile, name: str | None
 ) -> Dataset:
+    """Keep the received archive and queue its ingest: the dataset is `processing` until a worker
+    has checked and unpacked it. What is not an archive at all is refused here (415)."""
     dataset_id = f"ds_{secrets.token_hex(12)}"
-    staging = settings.staging_dir / dataset_id
-    final = dataset_dir(settings, dataset_id)
+    archive = upload_path(settings, dataset_id)
     try:
-        with out_of_space_is_507(staging):
-            result = ingest_archive(upload.path, staging, limits_from(settings))
+        check_format(upload.path)
         check_quota(session, settings, tenant_id, new_bytes=upload.size)
         dataset = Dataset(
             id=dataset_id,
             tenant_id=tenant_id,
             name=(name or Path(upload.filename).name.split(".")[0] or dataset_id)[:200],
-            status="ready",
-            num_images=result.num_images,
-            classes=result.classes,
-            has_val_split=result.has_val_split,
+            status="processing",
             sha256=upload.sha256,
+            archive_bytes=upload.size,
             size_bytes=upload.size,
-            warnings=result.warnings,
         )
-        final.parent.mkdir(parents=True, exist_ok=True)
-        os.replace(staging, final)
+        archive.parent.mkdir(parents=True, exist_ok=True)
+        os.replace(upload.path, archive)
         session.add(dataset)
         session.commit()
-        return dataset
     except BaseException:
         session.rollback()
-        remove_quietly(staging)
-        remove_quietly(final)
+        remove_quietly(archive)
         raise
     finally:
         remove_quietly(upload.path)
+    # Sent after the commit: the worker must find the row. If the broker is down, the sweeper
+    # sends it once the broker is back.
+    outbox.dispatch(session, outbox.INGEST, [dataset_id])
+    return dataset
 
 
 def get_dataset(session: Session, tenant_id: str, dataset_id: str) -> Dataset:
@@ -90,10 +93,22 @@ def dataset_dir(settings: Settings, dataset_id: str) -> Path:
     return settings.datasets_dir / dataset_id
 
 
+def upload_path(settings: Settings, dataset_id: str) -> Path:
+    return settings.uploads_dir / dataset_id
+
+
 def collect_orphans(session: Session, settings: Settings, older_than: float) -> list[str]:
-    """Remove dataset directories that no row owns (a process stopped between moving the files and
-    committing the row, or between deleting the row and the files); the names removed."""
-    return remove_unowned(session, Dataset, [settings.datasets_dir], older_than)
+    """Remove dataset directories and archives that no row owns (a process stopped between moving
+    the files and committing the row, or between deleting the row and the files), and archives
+    whose ingest is over; the names removed."""
+    removed = remove_unowned(session, Dataset, [settings.datasets_dir, settings.uploads_dir], older_than)
+    stale = stale_entries(settings.uploads_dir, older_than)
+    over = session.scalars(
+        select(Dataset.id).where(Dataset.id.in_([p.name for p in stale]), Dataset.status != "processing")
+    ).all()
+    for dataset_id in over:
+        remove_quietly(upload_path(settings, dataset_id))
+    return [*removed, *over]
 
 
 def delete_dataset(session: Session, settings: Settings, dataset: Dataset) -> None:
@@ -113,3 +128,4 @@ def delete_dataset(session: Session, settings: Settings, dataset: Dataset) -> No
             os.replace(trash, directory)
         raise
     remove_quietly(trash)
+    remove_quietly(upload_path(settings, dataset.id))  # an ingest that was still waiting

@@ -60,19 +60,31 @@ class ApiKey(Base):
 
 
 class Dataset(Base):
+    """An uploaded archive: `processing` until a worker has ingested it (app/datasets/runner.py),
+    then `ready` or `failed` with the reasons."""
+
     __tablename__ = "datasets"
 
     id: Mapped[str] = mapped_column(String(40), primary_key=True)
     tenant_id: Mapped[str] = mapped_column(ForeignKey("tenants.id", ondelete="RESTRICT"), index=True)
     name: Mapped[str] = mapped_column(String(200))
-    status: Mapped[str] = mapped_column(String(20))
-    num_images: Mapped[int] = mapped_column(Integer)
-    classes: Mapped[list[Any]] = mapped_column()  # [{"name", "train", "val"}] in label order
-    has_val_split: Mapped[bool] = mapped_column()
+    status: Mapped[str] = mapped_column(String(20), index=True)
+    num_images: Mapped[int] = mapped_column(Integer, default=0)
+    classes: Mapped[list[Any]] = mapped_column(default=list)  # [{"name", "train", "val"}] in label order
+    has_val_split: Mapped[bool] = mapped_column(default=False)
     sha256: Mapped[str] = mapped_column(String(64))
+    archive_bytes: Mapped[int] = mapped_column(BigInteger, default=0)  # the upload as received
+    # What it takes of the tenant's storage quota: the archive while it waits, its declared
+    # uncompressed size while it is extracted, the images kept once ready, nothing once failed.
     size_bytes: Mapped[int] = mapped_column(BigInteger)
-    warnings: Mapped[list[Any]] = mapped_column()
+    warnings: Mapped[list[Any]] = mapped_column(default=list)
+    error: Mapped[dict[str, Any] | None] = mapped_column(JSON)  # {"code", "message", "details"} once failed
+    # The outbox (app/core/outbox.py): the ingest's holder, its heartbeat, when its message was sent.
+    claimed_by: Mapped[str | None] = mapped_column(String(300))
+    heartbeat_at: Mapped[datetime | None] = mapped_column()
+    dispatched_at: Mapped[datetime | None] = mapped_column()
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    finished_at: Mapped[datetime | None] = mapped_column()
 
 
 class Sweep(Base):
@@ -112,7 +124,7 @@ class Job(Base):
     heartbeat_at: Mapped[datetime | None] = mapped_column()
     attempts: Mapped[int] = mapped_column(Integer, default=0)
     # When its message was last sent: the sweeper sends it again if it was never sent, or was
-    # sent long ago and the job is still queued (app/jobs/dispatch.py).
+    # sent long ago and the job is still queued (app/core/outbox.py).
     dispatched_at: Mapped[datetime | None] = mapped_column()
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
     started_at: Mapped[datetime | None] = mapped_column()
@@ -151,6 +163,28 @@ class Model(Base):
     preprocessing: Mapped[dict[str, Any]] = mapped_column()
     size_bytes: Mapped[int] = mapped_column(BigInteger)
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+class Export(Base):
+    """A model in another format (ONNX), built by a worker: `processing`, then `ready` with its
+    parity report or `failed` with the reasons. One per model and format, by the database."""
+
+    __tablename__ = "exports"
+    __table_args__ = (UniqueConstraint("model_id", "format", name="uq_exports_model_format"),)
+
+    id: Mapped[str] = mapped_column(String(40), primary_key=True)
+    tenant_id: Mapped[str] = mapped_column(ForeignKey("tenants.id", ondelete="RESTRICT"), index=True)
+    model_id: Mapped[str] = mapped_column(ForeignKey("models.id", ondelete="CASCADE"))
+    format: Mapped[str] = mapped_column(String(20))
+    status: Mapped[str] = mapped_column(String(20), index=True)
+    size_bytes: Mapped[int] = mapped_column(BigInteger, default=0)
+    parity: Mapped[dict[str, Any] | None] = mapped_column(JSON)
+    error: Mapped[dict[str, Any] | None] = mapped_column(JSON)
+    claimed_by: Mapped[str | None] = mapped_column(String(300))
+    heartbeat_at: Mapped[datetime | None] = mapped_column()
+    dispatched_at: Mapped[datetime | None] = mapped_column()
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    finished_at: Mapped[datetime | None] = mapped_column()
 
 
 class ModelName(Base):

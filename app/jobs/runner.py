@@ -1,6 +1,6 @@
 """Worker side of a job: claim it, train it, register its model. Called by workers/tasks.py.
 
-A message may arrive more than once (the sweeper in app/jobs/dispatch.py sends lost ones again,
+A message may arrive more than once (the sweeper in app/sweeper.py sends lost ones again,
 a broker redelivers). What to do is decided from the database alone:
 - queued            -> claim it and train;
 - running, holder alive (fresh heartbeat)   -> someone else is on it: drop the message (if that
@@ -14,11 +14,9 @@ released by a warm shutdown, taken over); the checkpoint stays unless the job wa
 """
 
 import logging
-import os
 import re
 import secrets
 import shutil
-import socket
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -30,12 +28,12 @@ from timm.models import split_model_name_tag
 
 from app.backbones.service import find_weights, split_backbone
 from app.core.config import Settings, get_settings
+from app.core.outbox import holder_gone, worker_identity
 from app.core.db import session_scope
 from app.core.errors import AppError, NotFound
 from app.db.tables import Job, Model, utcnow
 from app.datasets.service import get_dataset
 from app.jobs.service import add_event, data_split, fail
-from app.jobs.dispatch import holder_gone
 from app.ml.backbone import build_model, preprocessing_of
 from app.ml.export import save_artifact
 from app.ml.spec import Hyperparameters, resolve_for_device
@@ -54,10 +52,6 @@ class Outcome:
 class JobStopped(Exception):
     """The job stopped running under this worker while it trained it: cancelled, paused, released
     by this worker's warm shutdown, or taken over by another worker."""
-
-
-def worker_identity() -> str:
-    return f"{socket.gethostname()}:{os.getpid()}"
 
 
 def run_job(job_id: str, loader_context=None) -> Outcome:

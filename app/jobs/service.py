@@ -12,13 +12,13 @@ from sqlalchemy import select, update
 from sqlalchemy.orm import Session
 
 from app.backbones.service import split_backbone
+from app.core import outbox
 from app.core.config import Settings
 from app.core.errors import Conflict, NotFound
 from app.core.tenancy import Scoped
 from app.datasets.service import dataset_dir, get_dataset
 from app.db.tables import Dataset, Job, JobEvent, Sweep, utcnow
 from app.jobs.schemas import JobCreate, JobError, JobOut, Progress
-from app.jobs.dispatch import dispatch
 from app.jobs.usage import ACTIVE, WAITING
 from app.ml.data import Sample, split_samples
 from app.ml.spec import Hyperparameters, choose_strategy, resolve, total_epochs
@@ -84,7 +84,7 @@ def create_jobs(
     session.commit()
     # Enqueue only after the commit: a worker that receives the message must find the job. If the
     # broker is down, the jobs stay queued and the sweeper sends them once it is back.
-    dispatch(session, [job.id for job, _ in created])
+    outbox.dispatch(session, outbox.TRAINING, [job.id for job, _ in created])
     return [job for job, _ in created]
 
 
@@ -157,7 +157,7 @@ def resume_job(session: Session, settings: Settings, job: Job) -> Job:
     check_quota(session, settings, job.tenant_id, new_jobs=1)
     job = _transition(session, job, "queued", ("paused",), "job_not_paused", "resumed: queued again",
                       claimed_by=None, dispatched_at=None)  # fmt: skip
-    dispatch(session, [job.id])
+    outbox.dispatch(session, outbox.TRAINING, [job.id])
     return job
 
 

@@ -1,11 +1,9 @@
 """/v1/models: the registry (models, versions, aliases, downloads, exports). HTTP to
 `app.models.service`; predictions are in `app.serving.router`."""
 
-from functools import partial
-from typing import Annotated
+from typing import Annotated, Literal
 
 from fastapi import APIRouter, Query, Request, Response, status
-from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import FileResponse
 from sqlalchemy.orm import Session
 from starlette.background import BackgroundTask
@@ -15,13 +13,13 @@ from app.core.config import get_settings
 from app.core.db import SessionDep
 from app.core.ids import AliasName, ModelName
 from app.core.storage import remove_quietly
-from app.db.tables import Model
-from app.jobs.service import validation_images
+from app.db.tables import Export, Model
 from app.models import service
 from app.models.dependencies import ModelDep
 from app.models.schemas import AliasOut, AliasUpdate, ExportCreate, ExportOut, ModelList, ModelOut
 
 router = APIRouter(prefix="/v1/models", tags=["models"])
+ExportFormat = Literal["onnx"]
 
 
 def _out(session: Session, model: Model) -> ModelOut:
@@ -60,29 +58,31 @@ def download_model(model: ModelDep, _: ReadKey) -> FileResponse:
 
 @router.post(
     "/{model_id}/exports",
-    status_code=status.HTTP_201_CREATED,
+    status_code=status.HTTP_202_ACCEPTED,
     response_model=ExportOut,
-    responses={200: {"model": ExportOut, "description": "The model already had this export: returned as is"}},
+    responses={200: {"model": ExportOut, "description": "The model already has this export (ready or in the making)"}},
 )
-async def create_export(
-    model: ModelDep, body: ExportCreate, principal: TrainKey, session: SessionDep, request: Request, response: Response
-) -> dict:
-    """ONNX with the normalisation and calibration inside; kept only if onnxruntime matches PyTorch
-    on the validation images (top-1 agreement 100%, probabilities within 1e-4)."""
-    settings = get_settings()
-    images = partial(validation_images, session, settings, principal.tenant_id, model.job_id)
-    export, created = await run_in_threadpool(service.export_onnx, settings, model, images)
-    if created:
-        request.app.state.serving.unload(model.id)  # the next prediction may run on the export
-    else:
+def create_export(model: ModelDep, body: ExportCreate, _: TrainKey, session: SessionDep, response: Response) -> Export:
+    """Queue an ONNX export for a worker (normalisation and calibration inside); it is kept only if
+    onnxruntime matches PyTorch on the validation images (top-1 agreement 100%, probabilities
+    within 1e-4). Poll GET /v1/models/{ref}/exports/onnx. A model has one export per format: asking
+    again returns it (200), and a failed one is tried again."""
+    export, queued = service.request_export(session, model, body.format)
+    if not queued:
         response.status_code = status.HTTP_200_OK
+    response.headers["Location"] = f"/v1/models/{model.id}/exports/{export.format}"
     return export
 
 
-@router.get("/{model_id}/exports/onnx", response_class=FileResponse)
-def download_export(model: ModelDep, _: ReadKey) -> FileResponse:
-    path = service.existing_onnx(get_settings(), model)
-    return FileResponse(path, media_type="application/octet-stream", filename=f"{model.id}.onnx")
+@router.get("/{model_id}/exports/{format}", response_model=ExportOut)
+def get_export(model: ModelDep, format: ExportFormat, _: ReadKey, session: SessionDep) -> Export:
+    return service.get_export(session, model, format)
+
+
+@router.get("/{model_id}/exports/{format}/download", response_class=FileResponse)
+def download_export(model: ModelDep, format: ExportFormat, _: ReadKey, session: SessionDep) -> FileResponse:
+    path = service.existing_onnx(get_settings(), session, model)
+    return FileResponse(path, media_type="application/octet-stream", filename=f"{model.id}.{format}")
 
 
 @router.delete("/{model_id}", status_code=status.HTTP_204_NO_CONTENT)

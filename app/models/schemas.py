@@ -3,6 +3,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from app.core.errors import ErrorBody
 from app.core.ids import BIGINT_MAX
 
 
@@ -34,14 +35,22 @@ class ExportCreate(BaseModel):
 
 
 class ExportOut(BaseModel):
-    model_config = ConfigDict(protected_namespaces=())
+    model_config = ConfigDict(protected_namespaces=(), from_attributes=True)
 
+    id: str
     model_id: str
     format: Literal["onnx"]
+    status: Literal["processing", "ready", "failed"] = Field(
+        description="processing: a worker is building and checking it; ready: download it from "
+        "/v1/models/{ref}/exports/{format}/download; failed: `error` says why (POST again to retry)."
+    )
     size_bytes: int
-    parity: dict[str, Any] = Field(
+    parity: dict[str, Any] | None = Field(
         description="On the model's validation images: images, max_abs_prob_diff, top1_agreement, passed, opset."
     )
+    error: ErrorBody | None
+    created_at: datetime
+    finished_at: datetime | None
 
 
 class AliasUpdate(BaseModel):

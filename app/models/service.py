@@ -2,16 +2,14 @@
 
 Rows in the database; artifacts under data_dir/models/<id> (timm's own layout), exports under
 data_dir/exports/<id>. A model is registered by one typed call (`register_model`) from the worker
-that trained it; everything else here answers the API.
+that trained it; an export is requested here and built by a worker (app/models/runner.py);
+everything else here answers the API.
 """
 
-import json
 import os
 import secrets
 import shutil
-import socket
 import tempfile
-import time
 import zipfile
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -22,19 +20,18 @@ from sqlalchemy import select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
+from app.core import outbox
 from app.core.config import Settings
 from app.core.db import session_scope
-from app.core.errors import Conflict, Invalid, NotFound
-from app.core.leases import drop_lease, take_lease
+from app.core.errors import Conflict
 from app.core.storage import remove_quietly, remove_unowned
 from app.core.tenancy import Scoped
-from app.db.tables import Model, ModelAlias, ModelName, utcnow
-from app.ml import onnx_export
+from app.db.tables import Export, Model, ModelAlias, ModelName, utcnow
 
 models = Scoped(Model, "model")
 aliases = Scoped(ModelAlias, "alias")
+exports = Scoped(Export, "export")
 REGISTER_ATTEMPTS = 5  # concurrent registrations of one name race for its next version number
-EXPORT_WAIT_SECONDS = 600  # the longest an export may take before a waiting request gives up
 
 
 @dataclass(frozen=True)
@@ -207,59 +204,45 @@ def collect_orphans(session: Session, settings: Settings, older_than: float) -> 
     return remove_unowned(session, Model, [settings.models_dir, settings.exports_dir], older_than)
 
 
-def existing_onnx(settings: Settings, model: Model) -> Path:
+def get_export(session: Session, model: Model, format: str) -> Export:
+    return exports.first(session, model.tenant_id, f"{model.id}/{format}", Export.model_id == model.id,
+                         Export.format == format)  # fmt: skip
+
+
+def request_export(session: Session, model: Model, format: str) -> tuple[Export, bool]:
+    """The model's export in `format`, queued for a worker if it has none yet (or its last attempt
+    failed); the flag says if it was queued now. One export per model and format: of concurrent
+    requests, one inserts the row (the database's unique constraint) and the others get it."""
+    export = session.scalar(exports.select(model.tenant_id).where(Export.model_id == model.id, Export.format == format))
+    if export is None:
+        export = Export(id=f"export_{secrets.token_hex(12)}", tenant_id=model.tenant_id, model_id=model.id,
+                        format=format, status="processing")  # fmt: skip
+        session.add(export)
+        try:
+            session.commit()
+        except IntegrityError:  # a concurrent request made it first
+            session.rollback()
+            return get_export(session, model, format), False
+    elif export.status == "failed":
+        retried = session.execute(
+            update(Export)
+            .where(Export.id == export.id, Export.status == "failed")
+            .values(status="processing", error=None, parity=None, claimed_by=None, dispatched_at=None, finished_at=None)
+        ).rowcount
+        session.commit()
+        session.refresh(export)
+        if not retried:
+            return export, False
+    else:
+        return export, False
+    outbox.dispatch(session, outbox.EXPORT, [export.id])
+    return export, True
+
+
+def existing_onnx(settings: Settings, session: Session, model: Model) -> Path:
+    export = get_export(session, model, "onnx")
     path = onnx_file(settings, model.id)
-    if not path.exists():
-        raise NotFound(f"Model '{model.id}' has no ONNX export yet: POST /v1/models/{model.id}/exports.",
-                       code="export_not_found")  # fmt: skip
+    if export.status != "ready" or not path.exists():
+        raise Conflict(f"The ONNX export of model '{model.id}' is {export.status}, not ready: GET "
+                       f"/v1/models/{model.id}/exports/onnx says why.", code="export_not_ready")
     return path
-
-
-def export_onnx(settings: Settings, model: Model, validation_images: Callable[[], list[Path]]) -> tuple[dict, bool]:
-    """Export to ONNX and check parity on the model's own validation images (asked for only when
-    needed: the job that trained the model knows them); refuse on mismatch. A model is immutable,
-    so an export that exists is returned as is; the flag says if it is new. One export per model
-    even under concurrent requests, from any API process: a lease in the database lets one make
-    it while the others wait for it."""
-    lease, holder = f"export:{model.id}", f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(4)}"
-    deadline = time.monotonic() + EXPORT_WAIT_SECONDS
-    while True:
-        if (done := _existing_export(settings, model)) is not None:
-            return done, False
-        with session_scope() as session:
-            if take_lease(session, lease, holder, EXPORT_WAIT_SECONDS):
-                break
-        if time.monotonic() > deadline:
-            raise Conflict(f"Model '{model.id}' is being exported by another request; try again.", code="export_busy")
-        time.sleep(0.5)
-    try:
-        if (done := _existing_export(settings, model)) is not None:  # made while this request waited
-            return done, False
-        directory = exports_dir(settings, model.id)
-        images = validation_images()
-        directory.mkdir(parents=True, exist_ok=True)
-        report = onnx_export.export_onnx(artifact_dir(settings, model.id), directory / "model.onnx", images)
-        if not report.passed:
-            raise Invalid(
-                f"ONNX export refused: top-1 agreement {report.top1_agreement:.4f} (needs 1.0), max probability "
-                f"difference {report.max_abs_prob_diff:.2e} (needs <= 1e-4) on {report.images} validation images.",
-                code="parity_failed",
-                details=[report.as_dict()],
-            )
-        (directory / "parity.json").write_text(json.dumps(report.as_dict()))  # written last: marks the export done
-        return _export_out(model, directory, report.as_dict()), True
-    finally:
-        with session_scope() as session:
-            drop_lease(session, lease, holder)
-
-
-def _existing_export(settings: Settings, model: Model) -> dict | None:
-    directory = exports_dir(settings, model.id)
-    if not (directory / "parity.json").exists():
-        return None
-    return _export_out(model, directory, json.loads((directory / "parity.json").read_text()))
-
-
-def _export_out(model: Model, directory: Path, parity: dict) -> dict:
-    return {"model_id": model.id, "format": "onnx", "size_bytes": (directory / "model.onnx").stat().st_size,
-            "parity": parity}  # fmt: skip

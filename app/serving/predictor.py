@@ -48,6 +48,7 @@ class LoadedModel:
     batcher: MicroBatcher
     device: torch.device  # where the PyTorch classifier runs; pixels arrive and results leave on the CPU
     timings: dict[str, float] | None = None  # seconds per runtime, when `auto` timed them at load
+    export_may_come: bool = False  # loaded with no export while onnxruntime was allowed: one may appear
 
     @property
     def runtime(self) -> str:
@@ -88,17 +89,21 @@ class ModelCache:
     def nbytes(self) -> int:
         return sum(m.nbytes for m in self._models.values())
 
-    def cached(self, model_id: str) -> LoadedModel | None:
+    def cached(self, model_id: str, onnx_file: Path) -> LoadedModel | None:
         """The model if it is loaded (marked as just used); never waits for a load, so the event
-        loop may call it."""
+        loop may call it. A model loaded before its export existed is dropped once the export
+        appears (a worker built it), so that the next load can choose its runtime again."""
         with self._lock:
-            if model_id in self._models:
+            loaded = self._models.get(model_id)
+            if loaded is not None:
                 self._models.move_to_end(model_id)
-                return self._models[model_id]
-        return None
+        if loaded is not None and loaded.export_may_come and onnx_file.exists():
+            self.evict(model_id)  # requests that hold it still get their answers
+            return None
+        return loaded
 
     def get(self, model_id: str, directory: Path, onnx_file: Path) -> LoadedModel:
-        if (loaded := self.cached(model_id)) is not None:
+        if (loaded := self.cached(model_id, onnx_file)) is not None:
             return loaded
         with self._lock:
             load_lock = self._loading.setdefault(model_id, threading.Lock())
@@ -147,6 +152,7 @@ class ModelCache:
             batcher=None,  # set below: it needs the bound method
             device=self.device,
         )
+        loaded.export_may_come = self.runtime != "torch" and not onnx_file.exists()
         if self.runtime != "torch" and onnx_file.exists():
             options = onnxruntime.SessionOptions()
             options.intra_op_num_threads = torch.get_num_threads()

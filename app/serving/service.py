@@ -108,7 +108,7 @@ class Serving:
         return Answer(body, _timing(started))
 
     def unload(self, model_id: str) -> None:
-        """Drop a model from this process's cache (deleted, or it has a new runtime to choose from)."""
+        """Drop a model from this process's cache (it was deleted)."""
         self.cache.evict(model_id)
 
     @asynccontextmanager
@@ -125,8 +125,9 @@ class Serving:
 
     async def _prepare(self, model: Model, images: Images) -> tuple[LoadedModel, torch.Tensor]:
         # `cached` never waits, so the event loop may call it; a load goes to a thread.
-        loaded = self.cache.cached(model.id) or await run_in_threadpool(
-            self.cache.get, model.id, artifact_dir(self.settings, model.id), onnx_file(self.settings, model.id)
+        export = onnx_file(self.settings, model.id)
+        loaded = self.cache.cached(model.id, export) or await run_in_threadpool(
+            self.cache.get, model.id, artifact_dir(self.settings, model.id), export
         )
         batch = await anyio.to_thread.run_sync(
             predictor.preprocess, loaded, images, self.settings.max_image_pixels, limiter=self.preprocess_limiter

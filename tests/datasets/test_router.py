@@ -1,5 +1,8 @@
-"""POST /v1/datasets over HTTP: good uploads, and bad ones refused with a 4xx that names the
-problem, leaving no dataset row and no files behind, with the server still serving.
+"""POST /v1/datasets over HTTP: the archive is accepted (202 `processing`) and a worker ingests it
+(here the worker's own code, run in this process). Good uploads become `ready`; bad ones are
+refused with a 4xx at once when the request itself is wrong (not an archive, too large, not
+multipart), or `failed` with an error that names the problem when their content is; either way no
+files are left behind, and the server keeps serving.
 
 Images are small synthetic ones made with Pillow: the point is the upload path, not the pictures.
 """
@@ -11,6 +14,7 @@ from PIL import Image
 
 from tests.archives import solid_image as jpeg
 from tests.archives import zip_bytes
+from tests.uploads import ingest
 
 
 def two_classes(n=5) -> dict[str, bytes]:
@@ -21,19 +25,28 @@ def post(client, data: bytes, filename="data.zip", **form):
     return client.post("/v1/datasets", files={"file": (filename, data, "application/octet-stream")}, data=form)
 
 
-def assert_nothing_stored(client, data_dir):
-    assert client.get("/v1/datasets").json()["data"] == []
-    for folder in ("datasets", "staging"):
+def assert_nothing_stored(client, data_dir, rows: int = 0):
+    assert len(client.get("/v1/datasets").json()["data"]) == rows
+    for folder in ("datasets", "staging", "uploads"):
         path = data_dir / folder
         assert not path.exists() or list(path.iterdir()) == [], f"left behind in {folder}: {list(path.iterdir())}"
     assert client.get("/healthz").status_code == 200
 
 
 def test_upload_list_get_delete(client, settings_env):
-    response = post(client, zip_bytes(two_classes() | {"dogs/notes.txt": b"not an image"}), name="pets")
-    assert response.status_code == 201, response.text
-    dataset = response.json()
+    archive = zip_bytes(two_classes() | {"dogs/notes.txt": b"not an image"})
+    response = post(client, archive, name="pets")
+    assert response.status_code == 202, response.text
+    assert response.headers["location"] == f"/v1/datasets/{response.json()['id']}"
+    accepted = response.json()
+    assert accepted["status"] == "processing" and accepted["archive_bytes"] == accepted["size_bytes"] == len(archive)
+    dataset = ingest(client, response)
     assert dataset["name"] == "pets" and dataset["status"] == "ready" and dataset["num_images"] == 10
+    assert dataset["error"] is None and dataset["finished_at"]
+    # The quota now counts the images kept, not the archive.
+    images = sum(p.stat().st_size for p in (settings_env / "datasets" / dataset["id"]).rglob("*") if p.is_file())
+    assert dataset["size_bytes"] == images and dataset["archive_bytes"] == len(archive)
+    assert not (settings_env / "uploads" / dataset["id"]).exists()  # the archive is gone once ingested
     assert dataset["classes"] == [{"name": "cats", "train": 5, "val": 0}, {"name": "dogs", "train": 5, "val": 0}]
     assert any("notes.txt" in warning for warning in dataset["warnings"])
     assert len(dataset["sha256"]) == 64
@@ -45,14 +58,13 @@ def test_upload_list_get_delete(client, settings_env):
     assert_nothing_stored(client, settings_env)
 
 
-BAD_UPLOADS = {
-    "not_an_archive": (b"just some text, not an archive", 415),
-    "unsafe_archive": (zip_bytes(two_classes() | {"../evil.jpg": jpeg()}), 422),
-    "compression_bomb": (zip_bytes(two_classes() | {"cats/zeros.jpg": bytes(60 * 1024 * 1024)}), 422),
-    "no_images": (zip_bytes({"cats/a.txt": b"x", "dogs/b.txt": b"y"}), 422),
-    "single_class": (zip_bytes({f"cats/{i}.jpg": jpeg() for i in range(6)}), 422),
-    "class_too_small": (zip_bytes(two_classes() | {"birds/0.jpg": jpeg()}), 422),
-    "image_too_large": (zip_bytes(two_classes() | {"cats/huge.png": b""}), 422),  # filled in below
+BAD_UPLOADS = {  # each is accepted, then its ingest fails with this error code
+    "unsafe_archive": zip_bytes(two_classes() | {"../evil.jpg": jpeg()}),
+    "compression_bomb": zip_bytes(two_classes() | {"cats/zeros.jpg": bytes(60 * 1024 * 1024)}),
+    "no_images": zip_bytes({"cats/a.txt": b"x", "dogs/b.txt": b"y"}),
+    "single_class": zip_bytes({f"cats/{i}.jpg": jpeg() for i in range(6)}),
+    "class_too_small": zip_bytes(two_classes() | {"birds/0.jpg": jpeg()}),
+    "image_too_large": b"",  # filled in below
 }
 
 
@@ -63,30 +75,52 @@ def _pixel_bomb_png() -> bytes:
     return buffer.getvalue()
 
 
+def test_what_is_not_an_archive_is_refused_at_once(client, settings_env):
+    response = post(client, b"just some text, not an archive")
+    assert response.status_code == 415 and response.json()["error"]["code"] == "not_an_archive"
+    assert_nothing_stored(client, settings_env)
+
+
 @pytest.mark.parametrize("code", sorted(BAD_UPLOADS))
-def test_bad_upload_is_refused_and_nothing_is_stored(client, settings_env, code):
-    data, status = BAD_UPLOADS[code]
+def test_bad_upload_fails_naming_the_problem_and_nothing_is_stored(client, settings_env, code):
+    data = BAD_UPLOADS[code]
     if code == "image_too_large":
         data = zip_bytes(two_classes() | {"cats/huge.png": _pixel_bomb_png()})
-    response = post(client, data)
-    assert response.status_code == status, response.text
-    error = response.json()["error"]
-    assert error["code"] == code and error["message"]
+    dataset = ingest(client, post(client, data))
+    assert dataset["status"] == "failed" and dataset["size_bytes"] == 0, dataset
+    assert dataset["error"]["code"] == code and dataset["error"]["message"]
+    assert_nothing_stored(client, settings_env, rows=1)  # the failed row says why; no files
+    jobs = client.post("/v1/jobs", json={"dataset_id": dataset["id"], "backbone": "mobilenetv2_100"})
+    assert jobs.status_code == 409 and jobs.json()["error"]["code"] == "dataset_not_ready"
+    assert client.delete(f"/v1/datasets/{dataset['id']}").status_code == 204
     assert_nothing_stored(client, settings_env)
 
 
 def test_error_messages_name_the_problem(client, settings_env):
-    assert "../evil.jpg" in post(client, BAD_UPLOADS["unsafe_archive"][0]).json()["error"]["message"]
-    assert "birds" in post(client, BAD_UPLOADS["class_too_small"][0]).json()["error"]["message"]
-    assert "huge.png" in post(client, zip_bytes(two_classes() | {"cats/huge.png": _pixel_bomb_png()})).json()["error"]["message"]
+    def error(data: bytes) -> str:
+        return ingest(client, post(client, data))["error"]["message"]
+
+    assert "../evil.jpg" in error(BAD_UPLOADS["unsafe_archive"])
+    assert "birds" in error(BAD_UPLOADS["class_too_small"])
+    assert "huge.png" in error(zip_bytes(two_classes() | {"cats/huge.png": _pixel_bomb_png()}))
+
+
+def test_a_dataset_still_processing_takes_no_job_and_can_be_deleted(client, settings_env):
+    accepted = post(client, zip_bytes(two_classes())).json()
+    jobs = client.post("/v1/jobs", json={"dataset_id": accepted["id"], "backbone": "mobilenetv2_100"})
+    assert jobs.status_code == 409 and jobs.json()["error"]["code"] == "dataset_not_ready"
+    assert client.delete(f"/v1/datasets/{accepted['id']}").status_code == 204
+    from app.datasets.runner import run_ingest
+
+    assert run_ingest(accepted["id"]) == "not_held"  # its message, arriving late, does nothing
+    assert_nothing_stored(client, settings_env)
 
 
 def test_truncated_image_is_skipped_with_a_warning(client, settings_env):
     good = two_classes()
-    response = post(client, zip_bytes(good | {"cats/broken.jpg": jpeg()[:200]}))
-    assert response.status_code == 201, response.text
-    assert response.json()["num_images"] == len(good)
-    assert any("broken.jpg" in warning for warning in response.json()["warnings"])
+    dataset = ingest(client, post(client, zip_bytes(good | {"cats/broken.jpg": jpeg()[:200]})))
+    assert dataset["status"] == "ready" and dataset["num_images"] == len(good)
+    assert any("broken.jpg" in warning for warning in dataset["warnings"])
 
 
 @pytest.fixture

@@ -33,13 +33,6 @@ def stack(tmp_path_factory, redis_url):
     stack.stop()
 
 
-def upload(stack, archive: Path) -> dict:
-    with archive.open("rb") as file:
-        response = stack.http.post("/v1/datasets", files={"file": (archive.name, file, "application/zip")})
-    assert response.status_code == 201, response.text
-    return response.json()
-
-
 def create_job(stack, dataset_id: str, **fields) -> dict:
     response = stack.http.post("/v1/jobs", json={"dataset_id": dataset_id, "backbone": "mobilenetv2_100", **fields})
     assert response.status_code == 202, response.text
@@ -61,7 +54,7 @@ def val_images(per_class: int) -> list[tuple[Path, str]]:
 
 @pytest.fixture(scope="module")
 def probe(stack, hymenoptera_zip) -> dict:
-    dataset = upload(stack, hymenoptera_zip)
+    dataset = stack.upload(hymenoptera_zip)
     assert dataset["classes"] == [
         {"name": "ants", "train": 124, "val": 70},
         {"name": "bees", "train": 121, "val": 83},
@@ -129,7 +122,7 @@ def test_duplicated_message_for_finished_job_creates_no_second_model(stack, prob
 
 @pytest.fixture(scope="module")
 def small_dataset(stack, small_hymenoptera_zip) -> dict:
-    return upload(stack, small_hymenoptera_zip)
+    return stack.upload(small_hymenoptera_zip)
 
 
 def test_full_fine_tune_loss_falls(stack, small_dataset):
@@ -342,14 +335,16 @@ def test_onnx_export_matches_pytorch_on_validation_images(stack, probe, tmp_path
     assert before.headers["X-Runtime"] == "torch"  # no export yet
     assert stack.http.get(f"{url}/onnx").status_code == 404
     response = stack.http.post(url, json={"format": "onnx"})
-    assert response.status_code == 201, response.text
-    parity = response.json()["parity"]
+    assert response.status_code == 202, response.text
+    export = stack.wait_export(probe["model_id"])  # built by the background worker
+    assert export["status"] == "ready", export
+    parity = export["parity"]
     assert parity["passed"] and parity["images"] == 153 and parity["top1_agreement"] == 1.0
     assert parity["max_abs_prob_diff"] <= 1e-4
     again = stack.http.post(url, json={"format": "onnx"})  # a model is immutable: its export is kept
-    assert again.status_code == 200 and again.json() == response.json()
-    # The next prediction loads the model again and may run on the export (the faster runtime,
-    # timed at load): either way the answers stay the same.
+    assert again.status_code == 200 and again.json() == export
+    # The API notices the new export: the next prediction loads the model again and may run on it
+    # (the faster runtime, timed at load); either way the answers stay the same.
     after = stack.http.post(f"/v1/models/{probe['model_id']}/predict", files=files)
     assert after.status_code == 200 and after.headers["X-Runtime"] in ("torch", "onnxruntime")
     for old, new in zip(before.json()["predictions"], after.json()["predictions"], strict=True):
@@ -357,7 +352,7 @@ def test_onnx_export_matches_pytorch_on_validation_images(stack, probe, tmp_path
         assert [l["score"] for l in old["labels"]] == pytest.approx([l["score"] for l in new["labels"]], abs=1e-4)
 
     onnx_file = tmp_path / "model.onnx"
-    onnx_file.write_bytes(stack.http.get(f"{url}/onnx").content)
+    onnx_file.write_bytes(stack.http.get(f"{url}/onnx/download").content)
     session = onnxruntime.InferenceSession(str(onnx_file), providers=["CPUExecutionProvider"])
     pixels = np.random.default_rng(0).random((2, 3, 224, 224), dtype=np.float32)
     (probabilities,) = session.run(None, {"pixels": pixels})

@@ -1,5 +1,6 @@
 """A disk that fills up while an upload arrives: 507 naming the problem, no row, no partial files,
-and the server keeps serving. The data directory is a real, small tmpfs where the machine lets
+and the server keeps serving; or while its ingest extracts it: the dataset fails with the same
+error, and nothing of it is left. The data directory is a real, small tmpfs where the machine lets
 tests mount one (root on these machines); elsewhere the same code path is driven by a write that
 fails with ENOSPC after writing part of the file."""
 
@@ -11,6 +12,7 @@ import pytest
 
 from tests.archives import colour_dataset_zip, zip_tree
 from tests.conftest import HYMENOPTERA
+from tests.uploads import upload, upload_ready
 
 TMPFS_BYTES = 2 * 1024**2
 
@@ -51,12 +53,41 @@ def test_an_upload_that_fills_the_disk_is_507_and_leaves_nothing(small_disk, cli
     assert response.status_code == 507, response.text
     error = response.json()["error"]
     assert error["code"] == "insufficient_storage" and "no room" in error["message"]
-    assert client.get("/v1/datasets").json()["data"] == []  # no row
+    assert client.get("/v1/datasets").json()["data"] == []  # no row (refused before one was made)
     settings = client.app.state.serving.settings
     assert [p for p in settings.staging_dir.rglob("*") if p.is_file()] == []  # no partial file
 
     # The server keeps serving: a small upload fits and is accepted.
     if small_disk:
-        small = client.post("/v1/datasets", files={"file": ("colours.zip", colour_dataset_zip())})
-        assert small.status_code == 201, small.text
+        assert upload_ready(client, colour_dataset_zip())["num_images"] == 10
+    assert client.get("/healthz").status_code == 200
+
+
+def test_a_disk_that_fills_during_the_ingest_fails_the_dataset_and_leaves_nothing(
+    small_disk, client, tmp_path, monkeypatch
+):
+    """The archive fits; its extracted images do not (JPEGs barely compress, so they need about
+    as much room again)."""
+    archive = zip_tree(HYMENOPTERA, tmp_path / "fits.zip", per_class={"train": 4, "val": 2})
+    assert TMPFS_BYTES / 2 < archive.stat().st_size < TMPFS_BYTES * 0.9
+    if not small_disk:  # no tmpfs here: the extraction's writes fail with ENOSPC once past the same size
+        from app.datasets import ingest
+
+        real_read = ingest._read_chunks
+        written = [0]
+
+        def read_until_full(entry):
+            for chunk in real_read(entry):
+                written[0] += len(chunk)
+                if written[0] + archive.stat().st_size > TMPFS_BYTES:
+                    raise OSError(errno.ENOSPC, "No space left on device")
+                yield chunk
+
+        monkeypatch.setattr(ingest, "_read_chunks", read_until_full)
+    dataset = upload(client, archive.read_bytes(), "fits.zip")
+    assert dataset["status"] == "failed" and dataset["error"]["code"] == "insufficient_storage", dataset
+    assert dataset["size_bytes"] == 0  # it holds none of the tenant's quota
+    settings = client.app.state.serving.settings
+    for directory in (settings.staging_dir, settings.uploads_dir, settings.datasets_dir):
+        assert not directory.exists() or [p for p in directory.rglob("*") if p.is_file()] == [], directory
     assert client.get("/healthz").status_code == 200

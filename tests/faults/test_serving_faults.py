@@ -14,6 +14,7 @@ import pytest
 from app.jobs.runner import run_job
 from tests.archives import zip_tree
 from tests.conftest import HYMENOPTERA, Stack
+from tests.uploads import upload_ready
 
 pytestmark = pytest.mark.e2e
 LOAD_SECONDS = 30
@@ -23,7 +24,7 @@ IMAGES = [p.read_bytes() for label in ("ants", "bees") for p in sorted((HYMENOPT
 
 def test_five_models_through_a_two_model_cache_with_deletes_and_exports(client, settings_env, tmp_path):
     archive = zip_tree(HYMENOPTERA, tmp_path / "small.zip", per_class={"train": 8, "val": 4})
-    dataset = client.post("/v1/datasets", files={"file": ("small.zip", archive.read_bytes())}).json()
+    dataset = upload_ready(client, archive.read_bytes(), "small.zip")
     models = []
     for seed in range(5):  # real models, trained by the worker's own code in this process
         job = client.post("/v1/jobs", json={"dataset_id": dataset["id"], "backbone": "mobilenetv2_100",

@@ -65,6 +65,7 @@ def make_stack(tmp_path):
         stack = Stack(tmp_path / "var", broker_url, tmp_path, {**FAST_SWEEP, **env})
         stacks.append(stack)
         stack.start_api()
+        stack.start_worker("background", background=True)  # ingests uploads; the faults hit training workers
         return stack
 
     yield make
@@ -74,9 +75,7 @@ def make_stack(tmp_path):
 
 def upload_small(stack: Stack, tmp_path: Path) -> str:
     archive = zip_tree(HYMENOPTERA, tmp_path / "small.zip", per_class={"train": 12, "val": 8})
-    response = stack.http.post("/v1/datasets", files={"file": ("small.zip", archive.read_bytes())})
-    assert response.status_code == 201, response.text
-    return response.json()["id"]
+    return stack.upload(archive)["id"]
 
 
 def create_job(stack: Stack, dataset_id: str, **fields) -> dict:
@@ -232,3 +231,29 @@ def test_pause_frees_the_worker_and_resume_ends_where_an_uninterrupted_run_would
     straight_model = stack.http.get(f"/v1/models/{uninterrupted['model_id']}").json()
     assert paused_model["metrics"]["val_accuracy"] == straight_model["metrics"]["val_accuracy"]
     assert paused_model["metrics"]["val_loss"] == pytest.approx(straight_model["metrics"]["val_loss"], abs=1e-6)
+
+
+def test_the_api_killed_and_restarted_mid_job(make_stack, tmp_path):
+    """SIGKILL the API (its whole process group) while a job trains, and start it again: the job
+    goes on, its events keep coming, and the model it makes answers predictions."""
+    stack = make_stack(None)
+    stack.start_worker()
+    created = create_job(stack, upload_small(stack, tmp_path), hyperparameters={"epochs": 4, "batch_size": 8})
+    past_first_epoch(stack, created["id"])
+    seen = stack.http.get(f"/v1/jobs/{created['id']}/events").json()["data"][-1]["id"]
+    api = next(process for process in stack.processes if process.name == "api")
+    api.kill_group()
+    stack.processes.remove(api)
+    api.stop()
+    with pytest.raises(httpx.TransportError):
+        stack.http.get("/healthz")
+    time.sleep(2)
+    stack.start_api()  # same data directory and port
+
+    final = stack.wait_job(created["id"], timeout=600)
+    assert final["status"] == "succeeded" and final["attempts"] == 1, final  # the worker never noticed
+    later = stack.http.get(f"/v1/jobs/{created['id']}/events", params={"after": seen}).json()["data"]
+    assert [e["type"] for e in later].count("epoch") >= 1 and later[-1]["message"].startswith("succeeded")
+    image = sorted((HYMENOPTERA / "val" / "bees").iterdir())[0]
+    predicted = stack.http.post(f"/v1/models/{final['model_id']}/predict", files={"files": (image.name, image.read_bytes())})
+    assert predicted.status_code == 200 and predicted.json()["predictions"][0]["labels"], predicted.text

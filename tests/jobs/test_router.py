@@ -5,13 +5,12 @@ import pytest
 
 from app.jobs import runner
 from tests.archives import colour_dataset_zip
+from tests.uploads import upload_ready
 
 
 @pytest.fixture
 def dataset_id(client) -> str:
-    response = client.post("/v1/datasets", files={"file": ("colors.zip", colour_dataset_zip())})
-    assert response.status_code == 201, response.text
-    return response.json()["id"]
+    return upload_ready(client, colour_dataset_zip(), "colors.zip")["id"]
 
 
 def test_unknown_backbone_names_the_closest_timm_models(client, dataset_id):

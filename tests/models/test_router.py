@@ -12,8 +12,10 @@ import pytest
 import timm
 
 from app.jobs.runner import run_job
+from app.models.runner import run_export
 from tests.archives import zip_tree
 from tests.conftest import HYMENOPTERA
+from tests.uploads import upload_ready
 
 NAME = "pets"
 
@@ -32,9 +34,7 @@ def train(client, dataset_id: str, seed: int) -> dict:
 @pytest.fixture
 def dataset_id(client, tmp_path) -> str:
     archive = zip_tree(HYMENOPTERA, tmp_path / "small.zip", per_class={"train": 6, "val": 5})
-    response = client.post("/v1/datasets", files={"file": ("small.zip", archive.read_bytes())})
-    assert response.status_code == 201, response.text
-    return response.json()["id"]
+    return upload_ready(client, archive.read_bytes(), "small.zip")["id"]
 
 
 def test_versions_aliases_and_delete(client, settings_env, dataset_id):
@@ -107,14 +107,20 @@ def test_download_and_onnx_export(client, dataset_id, tmp_path):
     assert missing.status_code == 404 and missing.json()["error"]["code"] == "export_not_found"
     assert client.post(f"{url}/exports", json={"format": "tflite"}).status_code == 422
     created = client.post(f"{url}/exports", json={"format": "onnx"})
-    assert created.status_code == 201, created.text
-    export = created.json()
+    assert created.status_code == 202, created.text
+    assert created.json()["status"] == "processing" and created.headers["location"] == f"{url}/exports/onnx"
+    assert client.post(f"{url}/exports", json={"format": "onnx"}).json()["id"] == created.json()["id"]  # one export
+    assert client.get(f"{url}/exports/onnx/download").json()["error"]["code"] == "export_not_ready"
+    assert run_export(created.json()["id"]) == "ready"  # the worker's own code, in this process
+    assert run_export(created.json()["id"]) == "not_held"  # a duplicate message does nothing
+    export = client.get(f"{url}/exports/onnx").json()
+    assert export["status"] == "ready" and export["error"] is None
     assert export["model_id"] == model["id"] and export["format"] == "onnx" and export["size_bytes"] > 1_000_000
     assert export["parity"]["passed"] and export["parity"]["images"] == 10  # the job's validation images
     again = client.post(f"{url}/exports", json={"format": "onnx"})
     assert again.status_code == 200 and again.json() == export
     onnx_file = tmp_path / "model.onnx"
-    onnx_file.write_bytes(client.get(f"{url}/exports/onnx").content)
+    onnx_file.write_bytes(client.get(f"{url}/exports/onnx/download").content)
     metadata = {prop.key: prop.value for prop in onnx.load(str(onnx_file)).metadata_props}
     assert metadata["label_names"] == '["ants", "bees"]'
 

@@ -170,13 +170,13 @@ def test_cache_evicts_least_recently_used_models_past_its_byte_budget(tmp_path):
 def test_concurrent_first_requests_load_a_model_once(tmp_path):
     (directory,) = _artifacts(tmp_path, 1)
     cache = ModelCache(max_bytes=10**12, max_batch_size=1, max_wait_ms=0)
-    assert cache.cached("m0") is None
+    assert cache.cached("m0", tmp_path / "none.onnx") is None
     requests = 8
     loads, real_load, real_cached = [], cache._load, cache.cached
     misses, all_missed, lock = [], threading.Event(), threading.Lock()
 
-    def counted_cached(model_id):
-        found = real_cached(model_id)
+    def counted_cached(model_id, onnx_file):
+        found = real_cached(model_id, onnx_file)
         if found is None:
             with lock:
                 misses.append(model_id)
@@ -196,7 +196,7 @@ def test_concurrent_first_requests_load_a_model_once(tmp_path):
     with ThreadPoolExecutor(requests) as pool:
         served = list(pool.map(lambda _: cache.get("m0", directory, tmp_path / "none.onnx"), range(requests)))
     assert len(misses) == requests and len(loads) == 1
-    assert all(model is served[0] for model in served) and real_cached("m0") is served[0]
+    assert all(model is served[0] for model in served) and real_cached("m0", tmp_path / "none.onnx") is served[0]
 
 
 def test_an_evicted_model_is_freed(tmp_path):

@@ -1,10 +1,11 @@
 """Sweep validation, in-process: a bad sweep is refused whole, with nothing queued."""
 
 from tests.archives import colour_dataset_zip
+from tests.uploads import upload_ready
 
 
 def test_unknown_backbone_refuses_the_whole_sweep(client):
-    dataset_id = client.post("/v1/datasets", files={"file": ("colors.zip", colour_dataset_zip())}).json()["id"]
+    dataset_id = upload_ready(client, colour_dataset_zip(), "colors.zip")["id"]
     response = client.post("/v1/sweeps", json={"dataset_id": dataset_id, "backbones": ["mobilenetv2_100", "resnet5"]})
     assert response.status_code == 422 and "resnet50" in response.json()["error"]["message"]
     assert client.get("/v1/jobs").json()["data"] == [] and client.get("/v1/sweeps").json()["data"] == []

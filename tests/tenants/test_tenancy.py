@@ -1,14 +1,18 @@
 """Tenants, keys, scopes and quotas, in-process with a real trained model: another tenant's ids
 answer 404 on every endpoint, keys are stored only as hashes, quotas refuse with nothing stored."""
 
+import random
 import re
+import zipfile
 
 import pytest
 
 from app.db.tables import Dataset, Job
 from app.jobs.runner import run_job
+from app.models.runner import run_export
 from tests.archives import zip_tree
 from tests.conftest import HYMENOPTERA
+from tests.uploads import ingest
 
 IMAGE = sorted((HYMENOPTERA / "val" / "bees").iterdir())[0]
 
@@ -26,14 +30,19 @@ def new_tenant(client, name: str, scopes=("admin",), **quotas) -> tuple[dict, di
     return tenant.json(), {"Authorization": f"Bearer {key.json()['key']}"}
 
 
-def upload(client, headers, archive):
+def post_archive(client, headers, archive):
     return client.post("/v1/datasets", headers=headers, files={"file": ("small.zip", archive.read_bytes())})
+
+
+def upload(client, headers, archive) -> dict:
+    """The dataset, accepted and ingested (by the worker's own code, in this process)."""
+    return ingest(client, post_archive(client, headers, archive))
 
 
 def test_every_endpoint_answers_404_for_another_tenants_ids(client, archive):
     _, alice = new_tenant(client, "alice")
     _, bob = new_tenant(client, "bob")
-    dataset = upload(client, alice, archive).json()
+    dataset = upload(client, alice, archive)
     job = client.post("/v1/jobs", headers=alice, json={"dataset_id": dataset["id"], "backbone": "mobilenetv2_100",
                                                        "strategy": "linear_probe", "model_name": "pets"}).json()  # fmt: skip
     run_job(job["id"])  # the worker's own code, in this process
@@ -42,8 +51,10 @@ def test_every_endpoint_answers_404_for_another_tenants_ids(client, archive):
     assert client.put("/v1/models/pets/aliases/production", headers=alice, json={"version": 1}).status_code == 200
     sweep = client.post("/v1/sweeps", headers=alice, json={"dataset_id": dataset["id"], "backbones": ["mobilenetv2_100"]}).json()
     alice_key = client.get("/v1/keys", headers=alice).json()["data"][0]["id"]
+    export = client.post(f"/v1/models/{model['model_id']}/exports", headers=alice, json={"format": "onnx"}).json()
+    assert run_export(export["id"]) == "ready"
     alice_ids = {"dataset_id": dataset["id"], "job_id": job["id"], "sweep_id": sweep["id"], "name": "pets",
-                 "alias": "production", "key_id": alice_key}  # fmt: skip
+                 "alias": "production", "key_id": alice_key, "format": "onnx"}  # fmt: skip
     model_refs = [model["model_id"], "pets@1", "pets@production"]
     bodies = {
         "/predict": {"files": {"files": (IMAGE.name, IMAGE.read_bytes())}},
@@ -77,7 +88,7 @@ def test_every_endpoint_answers_404_for_another_tenants_ids(client, archive):
         assert client.get(listing, headers=alice).json()["data"] != []
         probes += 1
     print(f"cross-tenant probes: {probes} over {len(probed_routes)} endpoint methods, 0 answered other than 404")
-    assert len(probed_routes) >= 16  # every endpoint with an id in its path
+    assert len(probed_routes) >= 18  # every endpoint with an id in its path
     # Nothing of alice's changed: bob's deletes, cancels, pauses, key revocations and alias moves were all 404s.
     assert client.get("/v1/keys", headers=alice).json()["data"][0]["revoked_at"] is None
     assert client.get(f"/v1/models/{model['model_id']}", headers=alice).json()["aliases"] == ["production"]
@@ -96,7 +107,7 @@ def test_keys_are_shown_once_stored_hashed_scoped_and_revocable(client, settings
 
     reader = {"Authorization": f"Bearer {key}"}
     assert client.get("/v1/datasets", headers=reader).status_code == 200
-    refused = upload(client, reader, archive)
+    refused = post_archive(client, reader, archive)
     assert refused.status_code == 403 and "'train'" in refused.json()["error"]["message"]
     assert client.get("/v1/admin/tenants", headers=reader).status_code == 403
     assert client.get("/v1/me", headers=reader).json()["key"]["scopes"] == ["read"]
@@ -112,7 +123,7 @@ def test_quotas_refuse_with_the_quota_named_and_nothing_stored(client, settings_
     from app.core.db import session_scope
 
     tenant, headers = new_tenant(client, "small", max_concurrent_jobs=1, max_models=5)
-    dataset = upload(client, headers, archive).json()
+    dataset = upload(client, headers, archive)
     job = {"dataset_id": dataset["id"], "backbone": "mobilenetv2_100", "strategy": "linear_probe"}
     assert client.post("/v1/jobs", headers=headers, json=job).status_code == 202
     second = client.post("/v1/jobs", headers=headers, json=job)
@@ -125,7 +136,7 @@ def test_quotas_refuse_with_the_quota_named_and_nothing_stored(client, settings_
     # Stored bytes: the next upload would pass the limit, so it is refused and leaves nothing.
     client.patch(f"/v1/admin/tenants/{tenant['id']}", json={"max_stored_bytes": dataset["size_bytes"] + 10})
     datasets_before = sorted((settings_env / "datasets").iterdir())
-    over = upload(client, headers, archive)
+    over = post_archive(client, headers, archive)
     assert over.status_code == 429 and "max_stored_bytes" in over.json()["error"]["message"]
     assert sorted((settings_env / "datasets").iterdir()) == datasets_before
     with session_scope() as session:
@@ -146,3 +157,19 @@ def test_quotas_refuse_with_the_quota_named_and_nothing_stored(client, settings_
     me = client.get("/v1/me", headers=headers).json()["tenant"]
     assert me["usage"] == {"stored_bytes": dataset["size_bytes"], "concurrent_jobs": 1, "models": 0}
     assert me["limits"]["max_concurrent_jobs"] == 1
+
+
+def test_the_storage_quota_is_checked_again_on_the_uncompressed_size(client, settings_env, tmp_path):
+    """An archive that fits the quota as sent, but not once unpacked, fails before its ingest
+    writes a byte of it. (Four-letter random text: it deflates about four times, well under the
+    compression-bomb limit, and is real data a zip holds; it is dropped later as not an image.)"""
+    text = "".join(random.Random(0).choice("acgt") for _ in range(2_000_000)).encode()
+    archive = zip_tree(HYMENOPTERA, tmp_path / "dna.zip", per_class={"train": 3, "val": 2})
+    with zipfile.ZipFile(archive, "a", compression=zipfile.ZIP_DEFLATED) as opened:
+        opened.writestr("ants/sequence.txt", text)
+    tenant, headers = new_tenant(client, "tight", max_stored_bytes=archive.stat().st_size + 100_000)
+    dataset = upload(client, headers, archive)
+    assert dataset["status"] == "failed" and dataset["error"]["code"] == "quota_exceeded", dataset
+    assert "max_stored_bytes" in dataset["error"]["message"] and dataset["size_bytes"] == 0
+    assert not (settings_env / "datasets" / dataset["id"]).exists()
+    assert client.get("/v1/me", headers=headers).json()["tenant"]["usage"]["stored_bytes"] == 0

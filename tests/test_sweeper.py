@@ -8,9 +8,10 @@ from datetime import timedelta
 from app.core.config import get_settings
 from app.core.db import session_scope
 from app.core.leases import drop_lease, take_lease
-from app.db.tables import Job, utcnow
-from app.jobs import dispatch
+from app.db.tables import Dataset, Job, utcnow
+from app import sweeper
 from tests.archives import colour_dataset_zip
+from tests.uploads import upload_ready
 
 
 def test_one_holder_at_a_time_until_the_lease_runs_out(client):
@@ -26,7 +27,7 @@ def test_one_holder_at_a_time_until_the_lease_runs_out(client):
 
 def test_the_sweeper_sends_lost_jobs_again_and_leaves_the_rest(client):
     settings = get_settings()
-    dataset = client.post("/v1/datasets", files={"file": ("c.zip", colour_dataset_zip())}).json()
+    dataset = upload_ready(client, colour_dataset_zip())
     ids = [client.post("/v1/jobs", json={"dataset_id": dataset["id"], "backbone": "mobilenetv2_100",
                                          "strategy": "linear_probe"}).json()["id"] for _ in range(4)]  # fmt: skip
     never_sent, sent_long_ago, orphaned, healthy = ids
@@ -38,14 +39,25 @@ def test_the_sweeper_sends_lost_jobs_again_and_leaves_the_rest(client):
             {"status": "running", "claimed_by": "elsewhere:1", "heartbeat_at": long_ago, "dispatched_at": long_ago})
         session.query(Job).filter(Job.id == healthy).update(
             {"status": "running", "claimed_by": "elsewhere:2", "heartbeat_at": utcnow(), "dispatched_at": long_ago})
-    assert sorted(dispatch.sweep(settings, "sweeper-1")) == sorted([never_sent, sent_long_ago, orphaned])
-    assert dispatch.sweep(settings, "sweeper-2") == []  # the lease: one sweeper at a time
-    assert dispatch.sweep(settings, "sweeper-1") == []  # sent just now: not again
+    # Ingests are rows too: one whose message never went out, one whose worker vanished mid-way,
+    # and one being ingested right now.
+    waiting, abandoned, busy = (
+        client.post("/v1/datasets", files={"file": ("c.zip", colour_dataset_zip())}).json()["id"] for _ in range(3)
+    )
+    with session_scope() as session:
+        session.query(Dataset).filter(Dataset.id == waiting).update({"dispatched_at": None})
+        session.query(Dataset).filter(Dataset.id == abandoned).update(
+            {"claimed_by": "elsewhere:3", "heartbeat_at": long_ago, "dispatched_at": long_ago})
+        session.query(Dataset).filter(Dataset.id == busy).update(
+            {"claimed_by": "elsewhere:4", "heartbeat_at": utcnow(), "dispatched_at": long_ago})
+    assert sorted(sweeper.sweep(settings, "sweeper-1")) == sorted([never_sent, sent_long_ago, orphaned, waiting, abandoned])
+    assert sweeper.sweep(settings, "sweeper-2") == []  # the lease: one sweeper at a time
+    assert sweeper.sweep(settings, "sweeper-1") == []  # sent just now: not again
 
 
 def test_files_no_row_owns_are_collected_once_old_enough(client):
     settings = get_settings()
-    dataset = client.post("/v1/datasets", files={"file": ("c.zip", colour_dataset_zip())}).json()
+    dataset = upload_ready(client, colour_dataset_zip())
     job = client.post("/v1/jobs", json={"dataset_id": dataset["id"], "backbone": "mobilenetv2_100"}).json()
     old = time.time() - 7200
     paths = {
@@ -56,6 +68,8 @@ def test_files_no_row_owns_are_collected_once_old_enough(client):
         "queued job's checkpoint": settings.jobs_dir / job["id"],
         "unknown job's checkpoint": settings.jobs_dir / "job_orphan",
         "staging leftover": settings.staging_dir / "upload-orphan",
+        "orphan archive": settings.uploads_dir / "ds_gone",
+        "ingested dataset's archive": settings.uploads_dir / dataset["id"],
     }
     for name, path in paths.items():
         path.mkdir(parents=True, exist_ok=True)
@@ -63,7 +77,8 @@ def test_files_no_row_owns_are_collected_once_old_enough(client):
     young = settings.models_dir / "model_young"  # being moved into place right now
     young.mkdir()
     with session_scope() as session:
-        removed = dispatch.collect_orphans(session, settings, older_than=3600)
-    assert sorted(removed) == sorted(["ds_orphan", "model_orphan", "model_orphan", "job_orphan", "upload-orphan"])
+        removed = sweeper.collect_orphans(session, settings, older_than=3600)
+    assert sorted(removed) == sorted(["ds_orphan", "model_orphan", "model_orphan", "job_orphan", "upload-orphan",
+                                      "ds_gone", dataset["id"]])  # fmt: skip
     kept = {name for name, path in paths.items() if path.exists()}
     assert kept == {"owned dataset", "queued job's checkpoint"} and young.exists()

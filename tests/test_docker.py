@@ -1,0 +1,34 @@
+"""The container files, checked without a Docker engine (none runs on these machines): the compose
+file parses, every VisionTune service runs a role the entrypoint knows, and the entrypoint is
+valid shell that hands each role to the right `visiontune` command."""
+
+import subprocess
+
+import yaml
+
+from tests.conftest import REPO
+
+ENTRYPOINT = REPO / "docker" / "entrypoint.sh"
+
+
+def roles(role: str, stub_dir) -> str:
+    """What the entrypoint runs for a role, with a stub `visiontune` on PATH that prints its arguments."""
+    stub = stub_dir / "visiontune"
+    stub.write_text('#!/bin/sh\necho "visiontune $*"\n')
+    stub.chmod(0o755)
+    env = {"PATH": f"{stub_dir}:/usr/bin:/bin"}
+    return subprocess.run(["sh", str(ENTRYPOINT), role], env=env, capture_output=True, text=True, check=True).stdout
+
+
+def test_every_service_runs_a_role_the_entrypoint_knows(tmp_path):
+    compose = yaml.safe_load((REPO / "docker-compose.yml").read_text())
+    services = compose["services"]
+    assert {"api", "worker", "background", "redis"} <= set(services)
+    assert subprocess.run(["sh", "-n", str(ENTRYPOINT)]).returncode == 0
+    commands = {name: service["command"][0] for name, service in services.items() if name != "redis"}
+    assert commands == {"api": "api", "worker": "worker", "background": "background"}
+    assert roles("worker", tmp_path).strip() == "visiontune worker"
+    assert roles("background", tmp_path).strip() == "visiontune worker --background"
+    assert roles("api", tmp_path).splitlines() == ["visiontune migrate", "visiontune serve --host 0.0.0.0 --port 8000"]
+    for name in ("worker", "background"):  # both wait for the API, which has run the migrations
+        assert services[name]["depends_on"]["api"]["condition"] == "service_healthy"
