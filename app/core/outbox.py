@@ -95,7 +95,7 @@ def lost(session: Session, work: Work, redispatch_seconds: float, lease_seconds:
     now = utcnow()
     table = work.table
     rows = session.execute(
-        select(table.id, table.status, table.claimed_by, table.heartbeat_at, table.dispatched_at).where(work.unfinished())
+        select(table.id, table.claimed_by, table.heartbeat_at, table.dispatched_at).where(work.unfinished())
     ).all()
     stale_dispatch, recent = now - timedelta(seconds=redispatch_seconds), now - timedelta(seconds=lease_seconds)
     found = []
@@ -140,12 +140,13 @@ def still_held(work: Work, row_id: str, me: str):
 
 
 @contextmanager
-def heartbeat(work: Work, row_id: str, me: str, staging: Path) -> Iterator[threading.Event]:
+def heartbeat(work: Work, row_id: str, me: str, staging: Path) -> Iterator[None]:
     """Beat for a held row every HEARTBEAT_SECONDS from a thread while the body runs (ingest and
-    export do their work in library calls with no hook to report from); the event is set once the
-    row is no longer ours (deleted, or taken over), and the body may stop early. Each beat also
-    touches the work's `staging` directory, so that the sweeper never takes it for a leftover."""
-    done, gone = threading.Event(), threading.Event()
+    export do their work in library calls with no hook to report from), until the row is no
+    longer ours (deleted, or taken over: the body's final conditional write then does nothing).
+    Each beat also touches the work's `staging` directory, so that the sweeper never takes it for
+    a leftover."""
+    done = threading.Event()
 
     def beat() -> None:
         while not done.wait(HEARTBEAT_SECONDS):
@@ -161,13 +162,12 @@ def heartbeat(work: Work, row_id: str, me: str, staging: Path) -> Iterator[threa
                 logger.warning("heartbeat for %s failed", row_id, exc_info=True)
                 continue
             if not held:
-                gone.set()
                 return
 
     thread = threading.Thread(target=beat, name=f"heartbeat-{row_id}", daemon=True)
     thread.start()
     try:
-        yield gone
+        yield
     finally:
         done.set()
         thread.join()

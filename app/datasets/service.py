@@ -9,9 +9,8 @@ import os
 import secrets
 from pathlib import Path
 
-from sqlalchemy.orm import Session
-
 from sqlalchemy import select
+from sqlalchemy.orm import Session
 
 from app.core import outbox
 from app.core.config import Settings

@@ -28,9 +28,9 @@ from timm.models import split_model_name_tag
 
 from app.backbones.service import find_weights, split_backbone
 from app.core.config import Settings, get_settings
-from app.core.outbox import holder_gone, worker_identity
 from app.core.db import session_scope
 from app.core.errors import AppError, NotFound
+from app.core.outbox import holder_gone, worker_identity
 from app.db.tables import Job, Model, utcnow
 from app.datasets.service import get_dataset
 from app.jobs.service import add_event, data_split, fail

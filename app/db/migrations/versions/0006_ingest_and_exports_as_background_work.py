@@ -55,7 +55,6 @@ def upgrade() -> None:
     op.execute("UPDATE datasets SET archive_bytes = size_bytes")
 
 
-
 def downgrade() -> None:
     with op.batch_alter_table('datasets', schema=None) as batch_op:
         batch_op.drop_index(batch_op.f('ix_datasets_status'))
