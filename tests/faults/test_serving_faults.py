@@ -17,7 +17,7 @@ from tests.conftest import HYMENOPTERA, Stack
 from tests.uploads import upload_ready
 
 pytestmark = pytest.mark.e2e
-LOAD_SECONDS = 30
+LOAD_SECONDS = 60  # as the issue asks; the export is built and picked up within it
 DEADLINE_S = 20  # the server's own prediction deadline; clients wait far longer, to see a hang
 IMAGES = [p.read_bytes() for label in ("ants", "bees") for p in sorted((HYMENOPTERA / "val" / label).iterdir())[:8]]
 
@@ -38,6 +38,7 @@ def test_five_models_through_a_two_model_cache_with_deletes_and_exports(client, 
                                                  "VISIONTUNE_PREDICT_TIMEOUT_S": str(DEADLINE_S)})  # fmt: skip
     try:
         stack.start_api()
+        stack.start_worker("background", background=True)  # builds the export
         outcomes, deleted, exported = asyncio.run(_load(stack, models))
     finally:
         stack.stop()
@@ -54,7 +55,7 @@ def test_five_models_through_a_two_model_cache_with_deletes_and_exports(client, 
         scores = [label["score"] for label in body["predictions"][0]["labels"]]
         assert {label["label"] for label in body["predictions"][0]["labels"]} == {"ants", "bees"}
         assert abs(sum(scores) - 1) < 1e-4
-    assert exported == 201
+    assert exported == "ready"
 
 
 async def _load(stack: Stack, models: list[str]) -> tuple[list, str, int]:
@@ -64,11 +65,15 @@ async def _load(stack: Stack, models: list[str]) -> tuple[list, str, int]:
     deleted, victim, to_export = models[4], models[4], models[3]
     changes: dict[str, int] = {}
 
-    def change_models():  # mid-run: an export (evicts that model) and a delete (evicts and removes)
+    def change_models():  # mid-run: an export (once a worker has built it, the API loads that model
+        # again to choose its runtime, evicting the loaded one) and a delete (evicts and removes)
         time.sleep(LOAD_SECONDS / 3)
         with httpx.Client(base_url=stack.url, headers=stack.http.headers, timeout=600) as http:
-            changes["export"] = http.post(f"/v1/models/{to_export}/exports", json={"format": "onnx"}).status_code
+            assert http.post(f"/v1/models/{to_export}/exports", json={"format": "onnx"}).status_code == 202
             changes["delete"] = http.delete(f"/v1/models/{victim}").status_code
+            while (export := http.get(f"/v1/models/{to_export}/exports/onnx").json())["status"] == "processing":
+                time.sleep(0.5)
+            changes["export"] = export["status"]
 
     async def client_loop(http: httpx.AsyncClient) -> None:
         while time.monotonic() < stop:
