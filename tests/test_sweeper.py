@@ -5,13 +5,19 @@ import os
 import time
 from datetime import timedelta
 
+import pytest
+
 from app.core.config import get_settings
 from app.core.db import session_scope
 from app.core.leases import drop_lease, take_lease
 from app.db.tables import Dataset, Job, utcnow
 from app import sweeper
 from tests.archives import colour_dataset_zip
+from tests.conftest import BOTH_DATABASES
 from tests.uploads import upload_ready
+
+# On SQLite and on a real PostgreSQL server.
+pytestmark = pytest.mark.parametrize("database_url", BOTH_DATABASES, indirect=True)
 
 
 def test_one_holder_at_a_time_until_the_lease_runs_out(client):
