@@ -87,9 +87,9 @@ def empty_hub_cache(tmp_path_factory) -> Iterator[None]:
 
 
 def _clear_caches() -> None:
-    from app.core import broker, config, db
+    from app.core import broker, config, db, objects
 
-    for cached in (config.get_settings, db.get_engine, db._session_factory, broker.get_celery):
+    for cached in (config.get_settings, db.get_engine, db._session_factory, broker.get_celery, objects.get_store):
         cached.cache_clear()
 
 
@@ -113,7 +113,7 @@ def settings_env(tmp_path, monkeypatch, database_url) -> Path:
     data_dir = tmp_path / "var"
     monkeypatch.setenv("VISIONTUNE_DATA_DIR", str(data_dir))
     monkeypatch.setenv("VISIONTUNE_WEIGHTS_DIR", str(WEIGHTS_DIR))
-    for name in ("VISIONTUNE_DATABASE_URL", "VISIONTUNE_BROKER_URL"):
+    for name in ("VISIONTUNE_DATABASE_URL", "VISIONTUNE_BROKER_URL", "VISIONTUNE_STORAGE_URL"):
         monkeypatch.delenv(name, raising=False)
     if database_url:
         monkeypatch.setenv("VISIONTUNE_DATABASE_URL", database_url)
@@ -283,6 +283,53 @@ def postgres_database(postgres_server) -> Iterator[str]:
     yield f"{postgres_server}/{name}"
     with psycopg.connect(admin, autocommit=True) as connection:
         connection.execute(f"DROP DATABASE {name} WITH (FORCE)")
+
+
+class S3Server:
+    """moto's S3 server: the real S3 HTTP API on 127.0.0.1 (no Docker); `env` configures a client
+    exactly as the standard AWS variables would on a real deployment."""
+
+    def __init__(self, log_dir: Path):
+        self.port = free_port()
+        self.env = {"AWS_ENDPOINT_URL": f"http://127.0.0.1:{self.port}", "AWS_ACCESS_KEY_ID": "test",
+                    "AWS_SECRET_ACCESS_KEY": "test", "AWS_DEFAULT_REGION": "us-east-1"}  # fmt: skip
+        server = [str(Path(sys.executable).with_name("moto_server")), "-H", "127.0.0.1", "-p", str(self.port)]
+        self.process = Process("moto", server, dict(os.environ), log_dir)
+        wait_until(self._answers, 60, "the S3 server", processes=[self.process])
+
+    def _answers(self) -> bool:
+        try:
+            return httpx.get(self.env["AWS_ENDPOINT_URL"], timeout=2).status_code < 500
+        except httpx.TransportError:
+            return False
+
+    def new_bucket(self) -> str:
+        """A fresh bucket; its name."""
+        import boto3
+
+        name = f"test-{secrets.token_hex(6)}"
+        boto3.client("s3", endpoint_url=self.env["AWS_ENDPOINT_URL"], aws_access_key_id="test",
+                     aws_secret_access_key="test", region_name="us-east-1").create_bucket(Bucket=name)  # fmt: skip
+        return name
+
+
+@pytest.fixture(scope="session")
+def s3_server(tmp_path_factory) -> Iterator[S3Server]:
+    server = S3Server(tmp_path_factory.mktemp("moto"))
+    yield server
+    server.process.stop()
+
+
+@pytest.fixture
+def s3_storage(s3_server, settings_env, monkeypatch) -> str:
+    """This test's settings on a fresh bucket of the S3 server; the STORAGE_URL. (Ask for it
+    before `client`, so that the app starts on it.)"""
+    for name, value in s3_server.env.items():
+        monkeypatch.setenv(name, value)
+    url = f"s3://{s3_server.new_bucket()}/visiontune"
+    monkeypatch.setenv("VISIONTUNE_STORAGE_URL", url)
+    _clear_caches()
+    return url
 
 
 def _ping(client) -> bool:

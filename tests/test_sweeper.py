@@ -66,8 +66,10 @@ def test_files_no_row_owns_are_collected_once_old_enough(client):
     dataset = upload_ready(client, colour_dataset_zip())
     job = client.post("/v1/jobs", json={"dataset_id": dataset["id"], "backbone": "mobilenetv2_100"}).json()
     old = time.time() - 7200
+    with session_scope() as session:
+        images = settings.data_dir / session.get(Dataset, dataset["id"]).content_key  # datasets/<sha256>
     paths = {
-        "owned dataset": settings.datasets_dir / dataset["id"],
+        "owned dataset": images,
         "orphan dataset": settings.datasets_dir / "ds_orphan",
         "orphan artifact": settings.models_dir / "model_orphan",
         "orphan export": settings.exports_dir / "model_orphan",
