@@ -100,7 +100,11 @@ def _ready(settings: Settings, dataset_id: str, me: str, result: IngestResult, s
             raise NotHeld
         if not final.is_dir():
             final.parent.mkdir(parents=True, exist_ok=True)
-            os.replace(staging, final)
+            try:
+                os.replace(staging, final)
+            except OSError:  # the same images, ingested for another upload at this very moment
+                if not final.is_dir():
+                    raise
             store.put_tree(key)
         session.commit()
     store.delete(upload_key(dataset_id))
