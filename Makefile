@@ -1,6 +1,6 @@
 # Two commands do all set-up on a fresh machine:
 #   make run    install, then run the API and its workers on embedded defaults (no external server)
-#   make test   install (redis-server too), then run the whole test suite
+#   make test   install (redis-server and postgresql too), then run the whole test suite
 #   make test-fast   install, then only the in-process tests (`pytest -m "not e2e"`: no redis-server,
 #               uvicorn or celery processes)
 VENV ?= .venv
@@ -14,7 +14,7 @@ ifneq ($(wildcard $(SHARED)/weights),)
 export VISIONTUNE_WEIGHTS_DIR ?= $(abspath $(SHARED)/weights)
 endif
 
-.PHONY: install run test test-fast redis-server bench
+.PHONY: install run test test-fast redis-server postgresql bench
 
 $(VENV)/.installed: pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -29,7 +29,11 @@ run: install
 redis-server:
 	@command -v redis-server >/dev/null || (apt-get update && apt-get install -y redis-server)
 
-test: install redis-server
+# The tests start their own PostgreSQL server (Debian keeps its programs in /usr/lib/postgresql/*/bin).
+postgresql:
+	@ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || (apt-get update && apt-get install -y postgresql)
+
+test: install redis-server postgresql
 	$(VENV)/bin/lint-imports
 	$(VENV)/bin/pytest
 

@@ -20,6 +20,7 @@ from app.core.config import get_settings
 from app.core.db import get_engine
 from app.core.errors import AppError, ErrorBody
 from app.core.limits import BodyTimeoutMiddleware
+from app.core.objects import get_store
 from app.datasets.router import router as datasets_router
 from app.db.migrate import upgrade_to_head
 from app.jobs.router import router as jobs_router
@@ -148,11 +149,14 @@ def create_app() -> FastAPI:
         except Exception:
             database = False
         broker = broker_reachable()
-        ready = database and broker
-        return JSONResponse(
-            status_code=200 if ready else 503,
-            content={"status": "ready" if ready else "not_ready", "database": database, "broker": broker},
-        )
+        try:
+            get_store().check()
+            storage, reason = True, None
+        except Exception as exc:  # unreachable, refused credentials, no such bucket or directory
+            storage, reason = False, str(exc)
+        ready = database and broker and storage
+        content = {"status": "ready" if ready else "not_ready", "database": database, "broker": broker, "storage": storage}
+        return JSONResponse(status_code=200 if ready else 503, content=content | ({"storage_error": reason} if reason else {}))
 
     return app
 

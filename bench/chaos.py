@@ -233,6 +233,7 @@ def check(data_dir: Path, deleted_models: set) -> list[str]:
     jobs = db.execute("SELECT id, status FROM jobs").fetchall()
     models = dict(db.execute("SELECT id, job_id FROM models").fetchall())
     datasets = dict(db.execute("SELECT id, status FROM datasets").fetchall())
+    content = dict(db.execute("SELECT id, content_key FROM datasets WHERE status = 'ready'").fetchall())
     exports = dict(db.execute("SELECT model_id, status FROM exports").fetchall())
     events = dict(db.execute(
         "SELECT job_id, json_extract(data, '$.model_id') FROM job_events WHERE json_extract(data, '$.model_id') IS NOT NULL"
@@ -252,14 +253,14 @@ def check(data_dir: Path, deleted_models: set) -> list[str]:
     for dataset_id, status in datasets.items():
         if status not in ("ready", "failed"):
             violations.append(f"dataset {dataset_id} is still {status}")
-        if status == "ready" and not (data_dir / "datasets" / dataset_id).is_dir():
+        if status == "ready" and not (data_dir / content[dataset_id]).is_dir():
             violations.append(f"dataset {dataset_id} has no files")
     for model_id, status in exports.items():
         if status not in ("ready", "failed"):
             violations.append(f"the export of {model_id} is still {status}")
         if status == "ready" and not (data_dir / "exports" / model_id / "model.onnx").exists():
             violations.append(f"the export of {model_id} has no file")
-    ready = {dataset_id for dataset_id, status in datasets.items() if status == "ready"}
+    ready = {key.removeprefix("datasets/") for key in content.values()}  # datasets/<sha256>, shared by equal uploads
     exported = {model_id for model_id, status in exports.items() if status == "ready"}
     owners = {"datasets": ready, "uploads": set(), "models": set(models), "exports": exported, "jobs": set(),
               "staging": set()}  # fmt: skip

@@ -2,12 +2,15 @@
 and real server processes (redis-server, uvicorn, celery worker) on free ports."""
 
 import contextlib
+import glob
 import os
+import secrets
 import signal
 import shutil
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -84,20 +87,36 @@ def empty_hub_cache(tmp_path_factory) -> Iterator[None]:
 
 
 def _clear_caches() -> None:
-    from app.core import broker, config, db
+    from app.core import broker, config, db, objects
 
-    for cached in (config.get_settings, db.get_engine, db._session_factory, broker.get_celery):
+    for cached in (config.get_settings, db.get_engine, db._session_factory, broker.get_celery, objects.get_store):
         cached.cache_clear()
 
 
+# For tests that run on both databases: @pytest.mark.parametrize("database_url", BOTH_DATABASES,
+# indirect=True). The PostgreSQL runs start a server, so they are e2e (`make test-fast` skips them).
+BOTH_DATABASES = ["sqlite", pytest.param("postgresql", marks=pytest.mark.e2e)]
+
+
 @pytest.fixture
-def settings_env(tmp_path, monkeypatch) -> Path:
-    """Point the in-process settings at a fresh data directory (embedded SQLite DB and broker)."""
+def database_url(request) -> str:
+    """"" for the embedded SQLite default, or a fresh database on the test PostgreSQL server."""
+    if getattr(request, "param", "sqlite") == "postgresql":
+        return request.getfixturevalue("postgres_database")
+    return ""
+
+
+@pytest.fixture
+def settings_env(tmp_path, monkeypatch, database_url) -> Path:
+    """Point the in-process settings at a fresh data directory (embedded SQLite DB and broker, or
+    the PostgreSQL database of `database_url`)."""
     data_dir = tmp_path / "var"
     monkeypatch.setenv("VISIONTUNE_DATA_DIR", str(data_dir))
     monkeypatch.setenv("VISIONTUNE_WEIGHTS_DIR", str(WEIGHTS_DIR))
-    for name in ("VISIONTUNE_DATABASE_URL", "VISIONTUNE_BROKER_URL"):
+    for name in ("VISIONTUNE_DATABASE_URL", "VISIONTUNE_BROKER_URL", "VISIONTUNE_STORAGE_URL"):
         monkeypatch.delenv(name, raising=False)
+    if database_url:
+        monkeypatch.setenv("VISIONTUNE_DATABASE_URL", database_url)
     _isolate_hub(monkeypatch, tmp_path)  # a fresh, empty Hub cache for each test
     _clear_caches()
     yield data_dir
@@ -203,6 +222,114 @@ def redis_url(tmp_path_factory) -> Iterator[str]:
     wait_until(lambda: _ping(client), 20, "redis-server", processes=[process])
     yield f"redis://127.0.0.1:{port}/0"
     process.stop()
+
+
+def _postgres_program(name: str) -> str:
+    """Debian keeps PostgreSQL's server programs off PATH, under /usr/lib/postgresql/<version>/bin."""
+    found = shutil.which(name) or next(iter(sorted(glob.glob(f"/usr/lib/postgresql/*/bin/{name}"), reverse=True)), None)
+    if found is None:
+        pytest.fail("PostgreSQL is not installed (apt-get install -y postgresql)")
+    return found
+
+
+def _as_postgres_user(argv: list[str]) -> list[str]:
+    """PostgreSQL refuses to run as root: as root, run it as the `postgres` user Debian's package makes."""
+    return ["runuser", "-u", "postgres", "--", *argv] if os.geteuid() == 0 else argv
+
+
+@pytest.fixture(scope="session")
+def postgres_server() -> Iterator[str]:
+    """A real PostgreSQL server for this test session: a private data directory, a free port on
+    127.0.0.1, fsync off (a test server); the SQLAlchemy URL of its server, without a database."""
+    root = Path(tempfile.mkdtemp(prefix="visiontune-postgres-"))
+    root.chmod(0o755)
+    data = root / "data"
+    data.mkdir()
+    if os.geteuid() == 0:
+        shutil.chown(data, "postgres", "postgres")
+    initdb = _as_postgres_user([_postgres_program("initdb"), "-D", str(data), "-U", "postgres", "--auth=trust",
+                                "-E", "UTF8", "--no-sync"])  # fmt: skip
+    subprocess.run(initdb, check=True, capture_output=True)
+    port = free_port()
+    server = _as_postgres_user([_postgres_program("postgres"), "-D", str(data), "-p", str(port), "-k", str(data),
+                                "-c", "listen_addresses=127.0.0.1", "-c", "fsync=off", "-c", "max_connections=300"])  # fmt: skip
+    process = Process("postgres", server, dict(os.environ), root)
+    url = f"postgresql+psycopg://postgres@127.0.0.1:{port}"
+    wait_until(lambda: _postgres_answers(port), 60, "postgres", processes=[process])
+    yield url
+    process.stop()
+    shutil.rmtree(root, ignore_errors=True)
+
+
+def _postgres_answers(port: int) -> bool:
+    import psycopg
+
+    try:
+        psycopg.connect(f"postgresql://postgres@127.0.0.1:{port}/postgres", connect_timeout=2).close()
+        return True
+    except psycopg.OperationalError:
+        return False
+
+
+@pytest.fixture
+def postgres_database(postgres_server) -> Iterator[str]:
+    """A fresh, empty database on the test server, dropped afterwards; its SQLAlchemy URL."""
+    import psycopg
+
+    name = f"test_{secrets.token_hex(6)}"
+    admin = postgres_server.replace("postgresql+psycopg", "postgresql") + "/postgres"
+    with psycopg.connect(admin, autocommit=True) as connection:
+        connection.execute(f"CREATE DATABASE {name}")
+    yield f"{postgres_server}/{name}"
+    with psycopg.connect(admin, autocommit=True) as connection:
+        connection.execute(f"DROP DATABASE {name} WITH (FORCE)")
+
+
+class S3Server:
+    """moto's S3 server: the real S3 HTTP API on 127.0.0.1 (no Docker); `env` configures a client
+    exactly as the standard AWS variables would on a real deployment."""
+
+    def __init__(self, log_dir: Path):
+        self.port = free_port()
+        self.env = {"AWS_ENDPOINT_URL": f"http://127.0.0.1:{self.port}", "AWS_ACCESS_KEY_ID": "test",
+                    "AWS_SECRET_ACCESS_KEY": "test", "AWS_DEFAULT_REGION": "us-east-1"}  # fmt: skip
+        server = [str(Path(sys.executable).with_name("moto_server")), "-H", "127.0.0.1", "-p", str(self.port)]
+        self.process = Process("moto", server, dict(os.environ), log_dir)
+        wait_until(self._answers, 60, "the S3 server", processes=[self.process])
+
+    def _answers(self) -> bool:
+        try:
+            return httpx.get(self.env["AWS_ENDPOINT_URL"], timeout=2).status_code < 500
+        except httpx.TransportError:
+            return False
+
+    def new_bucket(self) -> str:
+        """A fresh bucket; its name."""
+        import boto3
+
+        name = f"test-{secrets.token_hex(6)}"
+        boto3.client("s3", endpoint_url=self.env["AWS_ENDPOINT_URL"], aws_access_key_id="test",
+                     aws_secret_access_key="test", region_name="us-east-1").create_bucket(Bucket=name)  # fmt: skip
+        return name
+
+
+@pytest.fixture(scope="session")
+def s3_server(tmp_path_factory) -> Iterator[S3Server]:
+    server = S3Server(tmp_path_factory.mktemp("moto"))
+    yield server
+    server.process.stop()
+
+
+@pytest.fixture
+def s3_storage(s3_server, settings_env, monkeypatch) -> str:
+    """This test's settings on a fresh bucket of the S3 server; the STORAGE_URL. (Ask for it
+    before `client`, so that the app starts on it.)"""
+    for name, value in s3_server.env.items():
+        monkeypatch.setenv(name, value)
+    url = f"s3://{s3_server.new_bucket()}/visiontune"
+    monkeypatch.setenv("VISIONTUNE_STORAGE_URL", url)
+    _clear_caches()
+    return url
 
 
 def _ping(client) -> bool:

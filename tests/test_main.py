@@ -3,7 +3,7 @@
 
 def test_health_and_readiness(client):
     assert client.get("/healthz").json() == {"status": "ok"}
-    assert client.get("/readyz").json() == {"status": "ready", "database": True, "broker": True}
+    assert client.get("/readyz").json() == {"status": "ready", "database": True, "broker": True, "storage": True}
 
 
 def test_readiness_reports_an_unreachable_broker(settings_env, monkeypatch):
@@ -19,7 +19,7 @@ def test_readiness_reports_an_unreachable_broker(settings_env, monkeypatch):
     with TestClient(create_app()) as client:
         response = client.get("/readyz")
     assert response.status_code == 503
-    assert response.json() == {"status": "not_ready", "database": True, "broker": False}
+    assert response.json() == {"status": "not_ready", "database": True, "broker": False, "storage": True}
 
 
 def test_openapi_documents_every_endpoint(client):

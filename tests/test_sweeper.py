@@ -5,13 +5,19 @@ import os
 import time
 from datetime import timedelta
 
+import pytest
+
 from app.core.config import get_settings
 from app.core.db import session_scope
 from app.core.leases import drop_lease, take_lease
 from app.db.tables import Dataset, Job, utcnow
 from app import sweeper
 from tests.archives import colour_dataset_zip
+from tests.conftest import BOTH_DATABASES
 from tests.uploads import upload_ready
+
+# On SQLite and on a real PostgreSQL server.
+pytestmark = pytest.mark.parametrize("database_url", BOTH_DATABASES, indirect=True)
 
 
 def test_one_holder_at_a_time_until_the_lease_runs_out(client):
@@ -60,8 +66,10 @@ def test_files_no_row_owns_are_collected_once_old_enough(client):
     dataset = upload_ready(client, colour_dataset_zip())
     job = client.post("/v1/jobs", json={"dataset_id": dataset["id"], "backbone": "mobilenetv2_100"}).json()
     old = time.time() - 7200
+    with session_scope() as session:
+        images = settings.data_dir / session.get(Dataset, dataset["id"]).content_key  # datasets/<sha256>
     paths = {
-        "owned dataset": settings.datasets_dir / dataset["id"],
+        "owned dataset": images,
         "orphan dataset": settings.datasets_dir / "ds_orphan",
         "orphan artifact": settings.models_dir / "model_orphan",
         "orphan export": settings.exports_dir / "model_orphan",

@@ -18,6 +18,16 @@ class Settings(BaseSettings):
         description="Celery broker URL, e.g. redis://redis:6379/0. Empty means the embedded "
         "SQLite broker (kombu's SQLAlchemy transport) in data_dir, so no external server is needed.",
     )
+    storage_url: str = Field(
+        "", description="Where durable bytes live: file:///DIR or s3://bucket/prefix (S3-compatible, configured by the "
+        "standard AWS_* variables); empty means the data directory itself. See app/core/objects.py."
+    )
+    dataset_cache_bytes: int = Field(
+        20 * 1024**3, gt=0, description="With a remote store: local copies of datasets a worker keeps (LRU beyond)."
+    )
+    artifact_cache_bytes: int = Field(
+        10 * 1024**3, gt=0, description="With a remote store: local copies of model artifacts and exports (LRU beyond)."
+    )
     weights_dir: Path | None = Field(
         None, description="Local pretrained weights: <architecture>[.<tag>].safetensors files."
     )

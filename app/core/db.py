@@ -1,5 +1,6 @@
 """Engine and sessions. The database is the source of truth for datasets, jobs, events and models."""
 
+import os
 from collections.abc import Iterator
 from contextlib import contextmanager
 from functools import lru_cache
@@ -25,7 +26,11 @@ def make_engine(url: str) -> Engine:
             cursor.close()
 
         return engine
-    return create_engine(url, pool_pre_ping=True)
+    engine = create_engine(url, pool_pre_ping=True)
+    # A forked process (Celery's pool, DataLoader workers) must not use its parent's connections:
+    # it drops the inherited pool without closing the parent's sockets and opens its own.
+    os.register_at_fork(after_in_child=lambda: engine.dispose(close=False))
+    return engine
 
 
 @lru_cache

@@ -7,6 +7,7 @@ leaves only its staging directory; the sweeper sends the ingest again and the ne
 it over from the archive.
 """
 
+import hashlib
 import logging
 import os
 import secrets
@@ -18,9 +19,10 @@ from app.core import outbox
 from app.core.config import Settings, get_settings
 from app.core.db import session_scope
 from app.core.errors import AppError
+from app.core.objects import get_store
 from app.core.storage import out_of_space_is_507, remove_quietly
 from app.datasets.ingest import IngestResult, ingest_archive
-from app.datasets.service import dataset_dir, limits_from, upload_path
+from app.datasets.service import limits_from, upload_key, upload_path
 from app.db.tables import Dataset, utcnow
 from app.tenants.service import check_quota
 
@@ -38,11 +40,14 @@ def run_ingest(dataset_id: str) -> str:
         if not outbox.claim(session, outbox.INGEST, dataset_id, me, settings.job_lease_seconds):
             return "not_held"
     staging = settings.staging_dir / f"ingest-{dataset_id}-{secrets.token_hex(4)}"
+    archive = upload_path(settings, dataset_id)
     try:
         with outbox.heartbeat(outbox.INGEST, dataset_id, me, staging):
+            if not archive.exists():  # received by an API on another machine
+                get_store().get(upload_key(dataset_id), archive)
             with out_of_space_is_507(staging):
                 result = ingest_archive(
-                    upload_path(settings, dataset_id), staging, limits_from(settings),
+                    archive, staging, limits_from(settings),
                     before_extract=lambda size: _reserve(settings, dataset_id, me, size),
                 )  # fmt: skip
             _ready(settings, dataset_id, me, result, staging)
@@ -76,29 +81,44 @@ def _reserve(settings: Settings, dataset_id: str, me: str, uncompressed: int) ->
 
 
 def _ready(settings: Settings, dataset_id: str, me: str, result: IngestResult, staging: Path) -> None:
-    """The row and the files together: the conditional update first (it holds the row), then the
-    move into place, then the commit; a failed commit takes the files back out."""
-    final = dataset_dir(settings, dataset_id)
+    """The images go to the object store under a key named after their content, complete before
+    the row points at them: the conditional update first (it holds the row), then the objects,
+    then the commit. Identical content already stored is shared, not stored twice."""
+    key = f"datasets/{_content_sha256(staging)}"
+    final, store = settings.data_dir / key, get_store()
     with session_scope() as session:
         held = session.execute(
             update(Dataset)
             .where(*outbox.still_held(outbox.INGEST, dataset_id, me))
             .values(
-                status="ready", num_images=result.num_images, classes=result.classes,
+                status="ready", content_key=key, num_images=result.num_images, classes=result.classes,
                 has_val_split=result.has_val_split, warnings=result.warnings, size_bytes=_tree_bytes(staging),
                 finished_at=utcnow(),
             )
         ).rowcount  # fmt: skip
         if not held:
             raise NotHeld
-        final.parent.mkdir(parents=True, exist_ok=True)
-        os.replace(staging, final)
-        try:
-            session.commit()
-        except BaseException:
-            remove_quietly(final)
-            raise
+        if not final.is_dir():
+            final.parent.mkdir(parents=True, exist_ok=True)
+            try:
+                os.replace(staging, final)
+            except OSError:  # the same images, ingested for another upload at this very moment
+                if not final.is_dir():
+                    raise
+            store.put_tree(key)
+        session.commit()
+    store.delete(upload_key(dataset_id))
     remove_quietly(upload_path(settings, dataset_id))
+
+
+def _content_sha256(directory: Path) -> str:
+    """One digest of every file's path and bytes: equal only for the same images in the same places."""
+    digest = hashlib.sha256()
+    for path in sorted(p for p in directory.rglob("*") if p.is_file()):
+        digest.update(path.relative_to(directory).as_posix().encode() + b"\0")
+        with path.open("rb") as file:
+            digest.update(hashlib.file_digest(file, "sha256").digest())
+    return digest.hexdigest()
 
 
 def _failed(settings: Settings, dataset_id: str, me: str, error: AppError) -> str:
@@ -111,6 +131,7 @@ def _failed(settings: Settings, dataset_id: str, me: str, error: AppError) -> st
         session.commit()
     if not held:
         return "dropped"
+    get_store().delete(upload_key(dataset_id))
     remove_quietly(upload_path(settings, dataset_id))
     logger.info("dataset %s failed: %s", dataset_id, error.message)
     return "failed"

@@ -7,6 +7,7 @@ makes the dataset `ready` or `failed`. A refused upload leaves neither files nor
 
 import os
 import secrets
+from contextlib import suppress
 from pathlib import Path
 
 from sqlalchemy import select
@@ -14,6 +15,7 @@ from sqlalchemy.orm import Session
 
 from app.core import outbox
 from app.core.config import Settings
+from app.core.objects import get_store, local_copy
 from app.core.errors import Conflict
 from app.core.storage import ReceivedFile, remove_quietly, remove_unowned, stale_entries
 from app.core.tenancy import Scoped
@@ -51,7 +53,7 @@ def create_dataset(
     """Keep the received archive and queue its ingest: the dataset is `processing` until a worker
     has checked and unpacked it. What is not an archive at all is refused here (415)."""
     dataset_id = f"ds_{secrets.token_hex(12)}"
-    archive = upload_path(settings, dataset_id)
+    archive, store = upload_path(settings, dataset_id), get_store()
     try:
         check_format(upload.path)
         check_quota(session, settings, tenant_id, new_bytes=upload.size)
@@ -66,14 +68,19 @@ def create_dataset(
         )
         archive.parent.mkdir(parents=True, exist_ok=True)
         os.replace(upload.path, archive)
+        store.put(upload_key(dataset_id), archive)  # complete before the row points at it
         session.add(dataset)
         session.commit()
     except BaseException:
         session.rollback()
         remove_quietly(archive)
+        with suppress(Exception):
+            store.delete(upload_key(dataset_id))
         raise
     finally:
         remove_quietly(upload.path)
+    if not store.is_local:
+        remove_quietly(archive)  # the ingest worker fetches it from the store
     # Sent after the commit: the worker must find the row. If the broker is down, the sweeper
     # sends it once the broker is back.
     outbox.dispatch(session, outbox.INGEST, [dataset_id])
@@ -88,19 +95,32 @@ def list_datasets(session: Session, tenant_id: str, limit: int) -> list[Dataset]
     return datasets.list(session, tenant_id, limit)
 
 
-def dataset_dir(settings: Settings, dataset_id: str) -> Path:
-    return settings.datasets_dir / dataset_id
+def local_dataset(settings: Settings, dataset: Dataset) -> Path:
+    """The dataset's images on this machine (a local copy of the object store's, fetched on
+    first use with a remote store)."""
+    return local_copy(dataset.content_key, settings.dataset_cache_bytes)
+
+
+def upload_key(dataset_id: str) -> str:
+    return f"uploads/{dataset_id}"
 
 
 def upload_path(settings: Settings, dataset_id: str) -> Path:
-    return settings.uploads_dir / dataset_id
+    return settings.data_dir / upload_key(dataset_id)
 
 
 def collect_orphans(session: Session, settings: Settings, older_than: float) -> list[str]:
     """Remove dataset directories and archives that no row owns (a process stopped between moving
     the files and committing the row, or between deleting the row and the files), and archives
     whose ingest is over; the names removed."""
-    removed = remove_unowned(session, Dataset, [settings.datasets_dir, settings.uploads_dir], older_than)
+    removed = remove_unowned(session, Dataset, [settings.uploads_dir], older_than)
+    stale = stale_entries(settings.datasets_dir, older_than)
+    owned = set(session.scalars(select(Dataset.content_key).where(
+        Dataset.content_key.in_([f"datasets/{p.name}" for p in stale]))))  # fmt: skip
+    for path in stale:
+        if f"datasets/{path.name}" not in owned:
+            remove_quietly(path)
+            removed.append(path.name)
     stale = stale_entries(settings.uploads_dir, older_than)
     over = session.scalars(
         select(Dataset.id).where(Dataset.id.in_([p.name for p in stale]), Dataset.status != "processing")
@@ -113,18 +133,13 @@ def collect_orphans(session: Session, settings: Settings, older_than: float) -> 
 def delete_dataset(session: Session, settings: Settings, dataset: Dataset) -> None:
     if active := active_job_on_dataset(session, dataset.id):
         raise Conflict(f"Dataset '{dataset.id}' is in use by active job '{active}'.", code="dataset_in_use")
-    # Move the files aside first, so that a failed commit leaves the dataset whole.
-    trash = settings.staging_dir / f"deleted-{dataset.id}"
-    directory = dataset_dir(settings, dataset.id)
-    trash.parent.mkdir(parents=True, exist_ok=True)
-    if directory.exists():
-        os.replace(directory, trash)
-    try:
-        session.delete(dataset)
-        session.commit()
-    except BaseException:
-        if trash.exists():
-            os.replace(trash, directory)
-        raise
-    remove_quietly(trash)
-    remove_quietly(upload_path(settings, dataset.id))  # an ingest that was still waiting
+    key = dataset.content_key
+    session.delete(dataset)
+    session.commit()
+    # The row is gone first: its objects then belong to nobody, and a failure below leaves only
+    # files that the sweeper collects. Identical uploads share their images: the last one takes them.
+    if key and not session.scalar(select(Dataset.id).where(Dataset.content_key == key).limit(1)):
+        get_store().delete(key)
+        remove_quietly(settings.data_dir / key)
+    get_store().delete(upload_key(dataset.id))  # an ingest that was still waiting
+    remove_quietly(upload_path(settings, dataset.id))

@@ -7,4 +7,5 @@ from app.db.tables import Dataset
 
 
 def stored_bytes(session: Session, tenant_id: str) -> int:
-    return session.scalar(select(func.coalesce(func.sum(Dataset.size_bytes), 0)).where(Dataset.tenant_id == tenant_id))
+    # int(): PostgreSQL sums a bigint column as numeric (a Decimal here).
+    return int(session.scalar(select(func.coalesce(func.sum(Dataset.size_bytes), 0)).where(Dataset.tenant_id == tenant_id)))

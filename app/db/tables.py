@@ -73,6 +73,9 @@ class Dataset(Base):
     classes: Mapped[list[Any]] = mapped_column(default=list)  # [{"name", "train", "val"}] in label order
     has_val_split: Mapped[bool] = mapped_column(default=False)
     sha256: Mapped[str] = mapped_column(String(64))
+    # Once ready: the object-store prefix of its images, named after their content, so a dataset
+    # version is immutable and identical uploads share one copy ("datasets/<sha256>").
+    content_key: Mapped[str | None] = mapped_column(String(100), index=True)
     archive_bytes: Mapped[int] = mapped_column(BigInteger, default=0)  # the upload as received
     # What it takes of the tenant's storage quota: the archive while it waits, its declared
     # uncompressed size while it is extracted, the images kept once ready, nothing once failed.

@@ -18,7 +18,9 @@ import re
 import secrets
 import shutil
 import time
+from contextlib import suppress
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -30,6 +32,7 @@ from app.backbones.service import find_weights, split_backbone
 from app.core.config import Settings, get_settings
 from app.core.db import session_scope
 from app.core.errors import AppError, NotFound
+from app.core.objects import get_store
 from app.core.outbox import holder_gone, worker_identity
 from app.db.tables import Job, Model, utcnow
 from app.datasets.service import get_dataset
@@ -37,7 +40,7 @@ from app.jobs.service import add_event, data_split, fail
 from app.ml.backbone import build_model, preprocessing_of
 from app.ml.export import save_artifact
 from app.ml.spec import Hyperparameters, resolve_for_device
-from app.ml.train import TrainResult, fine_tune, pick_device
+from app.ml.train import CHECKPOINT_NAME, TrainResult, fine_tune, pick_device
 from app.models.service import NewModel, register_model
 
 logger = logging.getLogger(__name__)
@@ -70,7 +73,7 @@ def run_job(job_id: str, loader_context=None) -> Outcome:
         with session_scope() as session:
             add_event(session, job_id, "worker_stopped", f"{me} stopped training: {stop}")
             if session.get(Job, job_id).status == "cancelled":
-                shutil.rmtree(settings.jobs_dir / job_id, ignore_errors=True)
+                _drop_checkpoint(settings, job_id)
         return Outcome("stopped")
     except AppError as error:
         _fail(job_id, error.code, error.message, me)
@@ -119,11 +122,21 @@ def _claim(job_id: str, me: str, settings: Settings) -> Outcome | None:
         return None
 
 
-class _DatabaseReporter:
-    """Heartbeats, cancellation checks and per-epoch events, written to the job's rows."""
+def checkpoint_key(job_id: str) -> str:
+    return f"jobs/{job_id}/{CHECKPOINT_NAME}"
 
-    def __init__(self, job_id: str, me: str):
-        self.job_id, self.me = job_id, me
+
+def _drop_checkpoint(settings: Settings, job_id: str) -> None:
+    get_store().delete(f"jobs/{job_id}")
+    shutil.rmtree(settings.jobs_dir / job_id, ignore_errors=True)
+
+
+class _DatabaseReporter:
+    """Heartbeats, cancellation checks and per-epoch events, written to the job's rows; each
+    epoch's checkpoint goes to the object store, so that any worker, on any machine, can resume."""
+
+    def __init__(self, job_id: str, me: str, work_dir: Path):
+        self.job_id, self.me, self.work_dir = job_id, me, work_dir
         self._last_check = 0.0
 
     def check(self) -> None:
@@ -137,6 +150,7 @@ class _DatabaseReporter:
             f"epoch {record['epoch']}/{record['epochs']}: train_loss {record['train_loss']:.4f}, "
             f"val_accuracy {record['val_accuracy']:.4f}"
         )
+        get_store().put(checkpoint_key(self.job_id), self.work_dir / CHECKPOINT_NAME)
         self._beat({"epoch": record["epoch"], "metrics": record}, event=("epoch", message, record))
 
     def _beat(self, values: dict[str, Any], event: tuple[str, str, dict] | None = None) -> None:
@@ -192,12 +206,15 @@ def _train(job_id: str, me: str, settings: Settings, loader_context) -> None:
         architecture, len(class_names), weights_file=weights_file, drop_path_rate=hp.drop_path_rate, img_size=hp.img_size
     )
     work_dir = settings.jobs_dir / job_id
+    if not (work_dir / CHECKPOINT_NAME).exists():  # resumed on another machine: its last checkpoint
+        with suppress(FileNotFoundError):
+            get_store().get(checkpoint_key(job_id), work_dir / CHECKPOINT_NAME)
     result = fine_tune(
         model, train_samples, val_samples, class_names, strategy, hp, seed, work_dir,
-        _DatabaseReporter(job_id, me), device, loader_context,
+        _DatabaseReporter(job_id, me, work_dir), device, loader_context,
     )  # fmt: skip
     _register(job_id, me, settings, result, job.tenant_id, model_name, dataset.id, backbone, class_names)
-    shutil.rmtree(work_dir, ignore_errors=True)
+    _drop_checkpoint(settings, job_id)
 
 
 def _register(

@@ -16,7 +16,7 @@ from app.core import outbox
 from app.core.config import Settings
 from app.core.errors import Conflict, NotFound
 from app.core.tenancy import Scoped
-from app.datasets.service import dataset_dir, get_dataset
+from app.datasets.service import get_dataset, local_dataset
 from app.db.tables import Dataset, Job, JobEvent, Sweep, utcnow
 from app.jobs.schemas import JobCreate, JobError, JobOut, Progress
 from app.jobs.usage import ACTIVE, WAITING
@@ -108,7 +108,7 @@ def data_split(session: Session, settings: Settings, job: Job) -> tuple[list[Sam
     check of its model all read this one split."""
     dataset = get_dataset(session, job.tenant_id, job.dataset_id or "")
     class_names = [c["name"] for c in dataset.classes]
-    return split_samples(dataset_dir(settings, dataset.id), class_names, dataset.has_val_split,
+    return split_samples(local_dataset(settings, dataset), class_names, dataset.has_val_split,
                          job.hyperparameters["val_fraction"], job.seed)  # fmt: skip
 
 

@@ -22,7 +22,8 @@ from app.core.storage import remove_quietly
 from app.db.tables import Export, Model, utcnow
 from app.jobs.service import validation_images
 from app.ml import onnx_export
-from app.models.service import artifact_dir, exports_dir
+from app.core.objects import get_store
+from app.models.service import export_key, exports_dir, local_artifact
 
 logger = logging.getLogger(__name__)
 
@@ -43,7 +44,7 @@ def run_export(export_id: str) -> str:
             with session_scope() as session:
                 images = validation_images(session, settings, model.tenant_id, model.job_id)
             staging.mkdir(parents=True)
-            report = onnx_export.export_onnx(artifact_dir(settings, model.id), staging / "model.onnx", images)
+            report = onnx_export.export_onnx(local_artifact(settings, model.id), staging / "model.onnx", images)
             if not report.passed:
                 raise Invalid(
                     f"ONNX export refused: top-1 agreement {report.top1_agreement:.4f} (needs 1.0), max probability "
@@ -80,6 +81,7 @@ def _finish(export_id: str, me: str, staging, model_id: str, **values) -> str:
             remove_quietly(final)  # an export made before exports had rows (migration 0006)
             final.parent.mkdir(parents=True, exist_ok=True)
             os.replace(staging, final)
+            get_store().put_tree(export_key(model_id))  # complete before the row says ready
         try:
             session.commit()
         except BaseException:

@@ -12,6 +12,7 @@ import shutil
 import tempfile
 import zipfile
 from collections.abc import Callable
+from contextlib import suppress
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -24,6 +25,7 @@ from app.core import outbox
 from app.core.config import Settings
 from app.core.db import session_scope
 from app.core.errors import Conflict
+from app.core.objects import get_store, local_copy
 from app.core.storage import remove_quietly, remove_unowned
 from app.core.tenancy import Scoped
 from app.db.tables import Export, Model, ModelAlias, ModelName, utcnow
@@ -55,11 +57,12 @@ def register_model(settings: Settings, new: NewModel, finish: Callable[[Session,
     there registers nothing). The unique job_id makes a second model of one job impossible; the
     unique (tenant, name, version) makes concurrent registrations of one name retry."""
     model_id = f"model_{secrets.token_hex(12)}"
-    final = artifact_dir(settings, model_id)
+    final, store = artifact_dir(settings, model_id), get_store()
     final.parent.mkdir(parents=True, exist_ok=True)
     os.replace(new.artifact, final)
     size = sum(f.stat().st_size for f in final.iterdir())
     try:
+        store.put_tree(artifact_key(model_id))  # complete before the row points at it
         for attempt in range(REGISTER_ATTEMPTS):
             try:
                 with session_scope() as session:
@@ -72,7 +75,12 @@ def register_model(settings: Settings, new: NewModel, finish: Callable[[Session,
         raise AssertionError("unreachable")
     except BaseException:
         shutil.rmtree(final, ignore_errors=True)
+        with suppress(Exception):
+            store.delete(artifact_key(model_id))
         raise
+    finally:
+        if not store.is_local:
+            shutil.rmtree(final, ignore_errors=True)  # the API fetches it from the store when it serves it
 
 
 def _next_version(session: Session, tenant_id: str, name: str) -> int:
@@ -161,16 +169,37 @@ def delete_alias(session: Session, tenant_id: str, name: str, alias: str) -> Non
     session.commit()
 
 
+def artifact_key(model_id: str) -> str:
+    return f"models/{model_id}"
+
+
+def export_key(model_id: str) -> str:
+    return f"exports/{model_id}"
+
+
 def artifact_dir(settings: Settings, model_id: str) -> Path:
-    return settings.models_dir / model_id
+    return settings.data_dir / artifact_key(model_id)
 
 
 def exports_dir(settings: Settings, model_id: str) -> Path:
-    return settings.exports_dir / model_id
+    return settings.data_dir / export_key(model_id)
 
 
-def onnx_file(settings: Settings, model_id: str) -> Path:
-    return exports_dir(settings, model_id) / "model.onnx"
+def local_artifact(settings: Settings, model_id: str) -> Path:
+    """The model's artifact on this machine (fetched from the object store on first use)."""
+    return local_copy(artifact_key(model_id), settings.artifact_cache_bytes)
+
+
+def export_ready(model_id: str) -> bool:
+    with session_scope() as session:
+        return session.scalar(select(Export.id).where(Export.model_id == model_id, Export.status == "ready")) is not None
+
+
+def local_onnx(settings: Settings, model_id: str) -> Path | None:
+    """The model's ONNX file on this machine if its export is ready, else None."""
+    if not export_ready(model_id):
+        return None
+    return local_copy(export_key(model_id), settings.artifact_cache_bytes) / "model.onnx"
 
 
 def zip_artifact(settings: Settings, model: Model) -> Path:
@@ -180,7 +209,7 @@ def zip_artifact(settings: Settings, model: Model) -> Path:
     os.close(handle)
     # Stored, not deflated: safetensors weights barely compress.
     with zipfile.ZipFile(name, "w", compression=zipfile.ZIP_STORED) as archive:
-        for path in sorted(artifact_dir(settings, model.id).iterdir()):
+        for path in sorted(local_artifact(settings, model.id).iterdir()):
             archive.write(path, arcname=f"{model.id}/{path.name}")
     return Path(name)
 
@@ -194,8 +223,9 @@ def delete_model(session: Session, settings: Settings, model: Model) -> None:
                        "delete the alias first.", code="model_has_aliases", details=[{"aliases": pointing}])  # fmt: skip
     session.delete(session.merge(model))
     session.commit()
-    remove_quietly(artifact_dir(settings, model.id))
-    remove_quietly(exports_dir(settings, model.id))
+    for key in (artifact_key(model.id), export_key(model.id)):
+        get_store().delete(key)
+        remove_quietly(settings.data_dir / key)
 
 
 def collect_orphans(session: Session, settings: Settings, older_than: float) -> list[str]:
@@ -241,8 +271,8 @@ def request_export(session: Session, model: Model, format: str) -> tuple[Export,
 
 def existing_onnx(settings: Settings, session: Session, model: Model) -> Path:
     export = get_export(session, model, "onnx")
-    path = onnx_file(settings, model.id)
-    if export.status != "ready" or not path.exists():
+    path = local_onnx(settings, model.id)
+    if path is None:
         raise Conflict(f"The ONNX export of model '{model.id}' is {export.status}, not ready: GET "
                        f"/v1/models/{model.id}/exports/onnx says why.", code="export_not_ready")
     return path

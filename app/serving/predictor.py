@@ -89,21 +89,18 @@ class ModelCache:
     def nbytes(self) -> int:
         return sum(m.nbytes for m in self._models.values())
 
-    def cached(self, model_id: str, onnx_file: Path) -> LoadedModel | None:
+    def cached(self, model_id: str) -> LoadedModel | None:
         """The model if it is loaded (marked as just used); never waits for a load, so the event
-        loop may call it. A model loaded before its export existed is dropped once the export
-        appears (a worker built it), so that the next load can choose its runtime again."""
+        loop may call it."""
         with self._lock:
-            loaded = self._models.get(model_id)
-            if loaded is not None:
+            if model_id in self._models:
                 self._models.move_to_end(model_id)
-        if loaded is not None and loaded.export_may_come and onnx_file.exists():
-            self.evict(model_id)  # requests that hold it still get their answers
-            return None
-        return loaded
+                return self._models[model_id]
+        return None
 
-    def get(self, model_id: str, directory: Path, onnx_file: Path) -> LoadedModel:
-        if (loaded := self.cached(model_id, onnx_file)) is not None:
+    def get(self, model_id: str, directory: Path, onnx_file: Path | None) -> LoadedModel:
+        """`onnx_file`: the model's parity-checked export, if it has one."""
+        if (loaded := self.cached(model_id)) is not None:
             return loaded
         with self._lock:
             load_lock = self._loading.setdefault(model_id, threading.Lock())
@@ -133,7 +130,7 @@ class ModelCache:
             del evicted
             release_memory()
 
-    def _load(self, directory: Path, onnx_file: Path) -> LoadedModel:
+    def _load(self, directory: Path, onnx_file: Path | None) -> LoadedModel:
         model = load_artifact(directory).eval()
         for parameter in model.parameters():
             parameter.requires_grad_(False)
@@ -152,8 +149,8 @@ class ModelCache:
             batcher=None,  # set below: it needs the bound method
             device=self.device,
         )
-        loaded.export_may_come = self.runtime != "torch" and not onnx_file.exists()
-        if self.runtime != "torch" and onnx_file.exists():
+        loaded.export_may_come = self.runtime != "torch" and onnx_file is None
+        if self.runtime != "torch" and onnx_file is not None:
             options = onnxruntime.SessionOptions()
             options.intra_op_num_threads = torch.get_num_threads()
             # No busy-waiting between forward passes: spinning threads take the CPU that the

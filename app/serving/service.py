@@ -24,9 +24,11 @@ from app.core.config import Settings
 from app.core.errors import DeadlineExceeded, Invalid
 from app.core.storage import capped_body, parse_multipart
 from app.db.tables import Model
-from app.models.service import artifact_dir, onnx_file
+from app.models.service import export_ready, local_artifact, local_onnx
 from app.serving import predictor
 from app.serving.predictor import LoadedModel, ModelCache
+
+EXPORT_CHECK_SECONDS = 5.0
 from app.serving.schemas import EmbeddingResponse, ImagesBody, PredictionResponse
 
 Images = list[tuple[str, bytes]]  # (filename, file bytes)
@@ -74,6 +76,7 @@ class Serving:
             predictor.serving_device(settings.serving_device),
         )
         self.preprocess_limiter = predictor.preprocess_limiter()
+        self._export_checked: dict[str, float] = {}
 
     async def predict(self, model: Model, images: Images, top_k: int | None, threshold: float | None) -> Answer:
         """Top-k labels with calibrated probabilities per image (None under `threshold`)."""
@@ -107,6 +110,19 @@ class Serving:
         )
         return Answer(body, _timing(started))
 
+    def _load(self, model_id: str) -> LoadedModel:
+        directory = local_artifact(self.settings, model_id)  # fetched from the object store on first use
+        return self.cache.get(model_id, directory, local_onnx(self.settings, model_id))
+
+    async def _export_appeared(self, model_id: str) -> bool:
+        """Whether a worker has finished an export of a model loaded without one: asked of the
+        database at most every EXPORT_CHECK_SECONDS per model, not on every request."""
+        now = time.monotonic()
+        if now - self._export_checked.get(model_id, 0.0) < EXPORT_CHECK_SECONDS:
+            return False
+        self._export_checked[model_id] = now
+        return await run_in_threadpool(export_ready, model_id)
+
     def unload(self, model_id: str) -> None:
         """Drop a model from this process's cache (it was deleted)."""
         self.cache.evict(model_id)
@@ -125,10 +141,12 @@ class Serving:
 
     async def _prepare(self, model: Model, images: Images) -> tuple[LoadedModel, torch.Tensor]:
         # `cached` never waits, so the event loop may call it; a load goes to a thread.
-        export = onnx_file(self.settings, model.id)
-        loaded = self.cache.cached(model.id, export) or await run_in_threadpool(
-            self.cache.get, model.id, artifact_dir(self.settings, model.id), export
-        )
+        loaded = self.cache.cached(model.id)
+        if loaded is not None and loaded.export_may_come and await self._export_appeared(model.id):
+            self.cache.evict(model.id)  # load it again to choose its runtime; requests holding it still get answers
+            loaded = None
+        if loaded is None:
+            loaded = await run_in_threadpool(self._load, model.id)
         batch = await anyio.to_thread.run_sync(
             predictor.preprocess, loaded, images, self.settings.max_image_pixels, limiter=self.preprocess_limiter
         )

@@ -44,7 +44,9 @@ def test_upload_list_get_delete(client, settings_env):
     assert dataset["name"] == "pets" and dataset["status"] == "ready" and dataset["num_images"] == 10
     assert dataset["error"] is None and dataset["finished_at"]
     # The quota now counts the images kept, not the archive.
-    images = sum(p.stat().st_size for p in (settings_env / "datasets" / dataset["id"]).rglob("*") if p.is_file())
+    (stored,) = (settings_env / "datasets").iterdir()  # named after the content: datasets/<sha256>
+    assert len(stored.name) == 64
+    images = sum(p.stat().st_size for p in stored.rglob("*") if p.is_file())
     assert dataset["size_bytes"] == images and dataset["archive_bytes"] == len(archive)
     assert not (settings_env / "uploads" / dataset["id"]).exists()  # the archive is gone once ingested
     assert dataset["classes"] == [{"name": "cats", "train": 5, "val": 0}, {"name": "dogs", "train": 5, "val": 0}]
@@ -55,6 +57,17 @@ def test_upload_list_get_delete(client, settings_env):
     assert [d["id"] for d in client.get("/v1/datasets").json()["data"]] == [dataset["id"]]
     assert client.delete(f"/v1/datasets/{dataset['id']}").status_code == 204
     assert client.get(f"/v1/datasets/{dataset['id']}").status_code == 404
+    assert_nothing_stored(client, settings_env)
+
+
+def test_identical_uploads_share_their_images_until_the_last_is_deleted(client, settings_env):
+    archive = zip_bytes(two_classes())
+    first, second = (ingest(client, post(client, archive)) for _ in range(2))
+    assert first["status"] == second["status"] == "ready" and first["id"] != second["id"]
+    (stored,) = (settings_env / "datasets").iterdir()  # one copy, named after its content
+    assert client.delete(f"/v1/datasets/{first['id']}").status_code == 204
+    assert stored.is_dir()  # still the second one's
+    assert client.delete(f"/v1/datasets/{second['id']}").status_code == 204
     assert_nothing_stored(client, settings_env)
 
 

@@ -1,5 +1,7 @@
-"""Alembic migrations: they build exactly the tables the ORM declares, and they go both ways."""
+"""Alembic migrations: they build exactly the tables the ORM declares, on SQLite and PostgreSQL,
+and they go both ways."""
 
+import pytest
 from alembic import command
 from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
@@ -7,10 +9,12 @@ from alembic.migration import MigrationContext
 from app.core.db import make_engine
 from app.db.migrate import alembic_config, upgrade_to_head
 from app.db.tables import Base
+from tests.conftest import BOTH_DATABASES
 
 
-def test_migrations_match_the_tables_and_downgrade_cleanly(tmp_path):
-    url = f"sqlite:///{tmp_path / 'db.sqlite'}"
+@pytest.mark.parametrize("database_url", BOTH_DATABASES, indirect=True)
+def test_migrations_match_the_tables_and_downgrade_cleanly(tmp_path, database_url):
+    url = database_url or f"sqlite:///{tmp_path / 'db.sqlite'}"
     upgrade_to_head(url)
     engine = make_engine(url)
     with engine.connect() as connection:

@@ -119,13 +119,16 @@ def resumed_within(stack: Stack, job_id: str, since: float, seconds: float) -> d
     return final
 
 
-@pytest.mark.parametrize("broker", ["redis", "embedded"])
-def test_a_worker_that_vanishes_mid_epoch_is_replaced_within_the_lease(redis_server, make_stack, tmp_path, broker):
+@pytest.mark.parametrize("broker", ["redis", "embedded", "redis+postgresql"])
+def test_a_worker_that_vanishes_mid_epoch_is_replaced_within_the_lease(redis_server, make_stack, tmp_path, broker,
+                                                                      request):  # fmt: skip
     """SIGKILL the whole worker (Celery's main process, its pool process and its data loaders), as
     when a machine is lost. On Redis a second worker stands idle; the embedded broker never hands
-    out a taken message again, and a worker is started after the loss."""
-    server = redis_server if broker == "redis" else None
-    stack = make_stack(server.url if server else None)
+    out a taken message again, and a worker is started after the loss. The job's claim, heartbeats
+    and takeover run on SQLite, or on a real PostgreSQL server."""
+    server = redis_server if broker.startswith("redis") else None
+    database = {"VISIONTUNE_DATABASE_URL": request.getfixturevalue("postgres_database")} if "postgresql" in broker else {}
+    stack = make_stack(server.url if server else None, **database)
     workers = [stack.start_worker("worker-a")]
     if server:
         workers.append(stack.start_worker("worker-b"))

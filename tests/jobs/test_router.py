@@ -6,6 +6,10 @@ import pytest
 from app.jobs import runner
 from tests.archives import colour_dataset_zip
 from tests.uploads import upload_ready
+from tests.conftest import BOTH_DATABASES
+
+# On SQLite and on a real PostgreSQL server.
+pytestmark = pytest.mark.parametrize("database_url", BOTH_DATABASES, indirect=True)
 
 
 @pytest.fixture

@@ -14,10 +14,12 @@ import timm
 from app.jobs.runner import run_job
 from app.models.runner import run_export
 from tests.archives import zip_tree
-from tests.conftest import HYMENOPTERA
+from tests.conftest import BOTH_DATABASES, HYMENOPTERA
 from tests.uploads import upload_ready
 
 NAME = "pets"
+# On SQLite and on a real PostgreSQL server.
+pytestmark = pytest.mark.parametrize("database_url", BOTH_DATABASES, indirect=True)
 
 
 def train(client, dataset_id: str, seed: int) -> dict:

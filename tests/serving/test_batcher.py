@@ -157,7 +157,7 @@ def _artifacts(tmp_path, count: int) -> list:
 
 def test_cache_evicts_least_recently_used_models_past_its_byte_budget(tmp_path):
     directories = _artifacts(tmp_path, 3)
-    no_export = tmp_path / "none.onnx"
+    no_export = None
     one = ModelCache(max_bytes=10**12, max_batch_size=1, max_wait_ms=0).get("m0", directories[0], no_export).nbytes
     cache = ModelCache(max_bytes=int(2.5 * one), max_batch_size=1, max_wait_ms=0)
     first = cache.get("m0", directories[0], no_export)
@@ -170,13 +170,13 @@ def test_cache_evicts_least_recently_used_models_past_its_byte_budget(tmp_path):
 def test_concurrent_first_requests_load_a_model_once(tmp_path):
     (directory,) = _artifacts(tmp_path, 1)
     cache = ModelCache(max_bytes=10**12, max_batch_size=1, max_wait_ms=0)
-    assert cache.cached("m0", tmp_path / "none.onnx") is None
+    assert cache.cached("m0") is None
     requests = 8
     loads, real_load, real_cached = [], cache._load, cache.cached
     misses, all_missed, lock = [], threading.Event(), threading.Lock()
 
-    def counted_cached(model_id, onnx_file):
-        found = real_cached(model_id, onnx_file)
+    def counted_cached(model_id):
+        found = real_cached(model_id)
         if found is None:
             with lock:
                 misses.append(model_id)
@@ -194,14 +194,14 @@ def test_concurrent_first_requests_load_a_model_once(tmp_path):
 
     cache.cached, cache._load = counted_cached, counted_load
     with ThreadPoolExecutor(requests) as pool:
-        served = list(pool.map(lambda _: cache.get("m0", directory, tmp_path / "none.onnx"), range(requests)))
+        served = list(pool.map(lambda _: cache.get("m0", directory, None), range(requests)))
     assert len(misses) == requests and len(loads) == 1
-    assert all(model is served[0] for model in served) and real_cached("m0", tmp_path / "none.onnx") is served[0]
+    assert all(model is served[0] for model in served) and real_cached("m0") is served[0]
 
 
 def test_an_evicted_model_is_freed(tmp_path):
     directories = _artifacts(tmp_path, 2)
-    no_export = tmp_path / "none.onnx"
+    no_export = None
 
     async def scenario() -> tuple[bool, list[str]]:
         cache = ModelCache(max_bytes=1, max_batch_size=4, max_wait_ms=1)  # room for one model at a time
@@ -245,7 +245,7 @@ def test_onnxruntime_serves_the_same_probabilities_as_pytorch(tmp_path):
     # auto times both on this machine and keeps the faster; without an export it can only be PyTorch.
     auto = ModelCache(10**12, 8, 0, "auto").get("m", directory, onnx_file)
     assert set(auto.timings) == {"torch", "onnxruntime"} and auto.runtime == min(auto.timings, key=auto.timings.get)
-    assert ModelCache(10**12, 8, 0, "onnxruntime").get("m", directory, tmp_path / "none.onnx").runtime == "torch"
+    assert ModelCache(10**12, 8, 0, "onnxruntime").get("m", directory, None).runtime == "torch"
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU (CI has none; run on a GPU machine)")
@@ -256,7 +256,7 @@ def test_the_gpu_serves_the_same_probabilities_as_the_cpu(tmp_path):
     files = [(p.name, p.read_bytes()) for p in sorted((HYMENOPTERA / "val" / "bees").iterdir())[:8]]
     served = {}
     for device in ("cpu", "cuda"):
-        loaded = ModelCache(10**12, 8, 0, "torch", device).get("m", directory, tmp_path / "none.onnx")
+        loaded = ModelCache(10**12, 8, 0, "torch", device).get("m", directory, None)
         assert next(loaded.classifier.parameters()).device.type == device
         pixels = preprocess(loaded, files, max_pixels=10**8)
         together = loaded.probabilities(pixels)

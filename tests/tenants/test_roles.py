@@ -7,6 +7,10 @@ import re
 import pytest
 
 from app.cli import main as cli
+from tests.conftest import BOTH_DATABASES
+
+# On SQLite and on a real PostgreSQL server.
+pytestmark = pytest.mark.parametrize("database_url", BOTH_DATABASES, indirect=True)
 
 
 def tenant_with_key(client, name: str, scopes: list[str]) -> tuple[dict, dict, str]:
