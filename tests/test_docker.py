@@ -23,12 +23,32 @@ def roles(role: str, stub_dir) -> str:
 def test_every_service_runs_a_role_the_entrypoint_knows(tmp_path):
     compose = yaml.safe_load((REPO / "docker-compose.yml").read_text())
     services = compose["services"]
-    assert {"api", "worker", "background", "redis"} <= set(services)
+    assert {"api", "worker", "background", "redis", "postgres", "minio", "minio-bucket"} <= set(services)
     assert subprocess.run(["sh", "-n", str(ENTRYPOINT)]).returncode == 0
-    commands = {name: service["command"][0] for name, service in services.items() if name != "redis"}
+    ours = {name: service for name, service in services.items() if service.get("image") == "visiontune:latest"}
+    commands = {name: service["command"][0] for name, service in ours.items()}
     assert commands == {"api": "api", "worker": "worker", "background": "background"}
     assert roles("worker", tmp_path).strip() == "visiontune worker"
     assert roles("background", tmp_path).strip() == "visiontune worker --background"
     assert roles("api", tmp_path).splitlines() == ["visiontune migrate", "visiontune serve --host 0.0.0.0 --port 8000"]
     for name in ("worker", "background"):  # both wait for the API, which has run the migrations
         assert services[name]["depends_on"]["api"]["condition"] == "service_healthy"
+
+
+def test_the_compose_services_share_nothing_but_urls():
+    """PostgreSQL, Redis and the bucket the one-shot service creates; each VisionTune container
+    with a cache volume of its own."""
+    services = yaml.safe_load((REPO / "docker-compose.yml").read_text())["services"]
+    ours = {name: service for name, service in services.items() if service.get("image") == "visiontune:latest"}
+    assert set(ours) == {"api", "worker", "background"}
+    for service in ours.values():
+        env = service["environment"]
+        assert env["VISIONTUNE_DATABASE_URL"].startswith("postgresql+psycopg://") and "@postgres:" in env["VISIONTUNE_DATABASE_URL"]
+        assert env["VISIONTUNE_BROKER_URL"].startswith("redis://redis:")
+        assert env["AWS_ENDPOINT_URL"] == "http://minio:9000"
+        bucket = env["VISIONTUNE_STORAGE_URL"].removeprefix("s3://").split("/")[0]
+        assert f"store/{bucket}" in services["minio-bucket"]["entrypoint"][-1]
+        assert env["AWS_ACCESS_KEY_ID"] == services["minio"]["environment"]["MINIO_ROOT_USER"]
+    caches = [service["volumes"][0].split(":")[0] for service in ours.values()]
+    assert len(set(caches)) == 3, caches  # no shared data directory
+    assert services["api"]["depends_on"]["minio-bucket"]["condition"] == "service_completed_successfully"

@@ -10,7 +10,7 @@ import pytest
 from app.core.objects import S3Store, StorageUnavailable, get_store
 from app.datasets.runner import run_ingest
 from app.jobs.runner import run_job
-from tests.archives import zip_tree
+from tests.archives import colour_dataset_zip, zip_tree
 from tests.conftest import HYMENOPTERA, free_port
 
 pytestmark = pytest.mark.e2e  # an S3 server process
@@ -97,3 +97,27 @@ def test_upload_to_prediction_with_nothing_durable_on_local_disk(s3_storage, s3_
     assert client.delete(f"/v1/models/{model_id}").status_code == 204
     assert client.delete(f"/v1/datasets/{dataset_id}").status_code == 204
     assert bucket_keys(s3_server, s3_storage) == []  # deleting a dataset or model deletes its objects
+
+
+def test_an_upload_the_store_refuses_is_503_and_leaves_nothing(s3_server, settings_env, monkeypatch):
+    """The store answers but refuses the write (here: its bucket is gone): 503 naming the store,
+    no dataset row, no file kept, and the server goes on serving."""
+    from fastapi.testclient import TestClient
+
+    from app.cli import create_key
+    from app.main import create_app
+    from tests.conftest import _clear_caches
+
+    for name, value in s3_server.env.items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.setenv("VISIONTUNE_STORAGE_URL", "s3://no-such-bucket/visiontune")
+    _clear_caches()
+    with TestClient(create_app()) as client:
+        client.headers["Authorization"] = f"Bearer {create_key('default', ['admin'], 'tests')}"
+        response = client.post("/v1/datasets", files={"file": ("c.zip", colour_dataset_zip())})
+        assert response.status_code == 503, response.text
+        assert response.json()["error"]["code"] == "storage_unavailable" and "no-such-bucket" in response.json()["error"]["message"]
+        assert client.get("/v1/datasets").json()["data"] == []
+        assert client.get("/healthz").status_code == 200
+    kept = [p for folder in ("uploads", "staging", "datasets") for p in (settings_env / folder).rglob("*") if p.is_file()]
+    assert kept == []
