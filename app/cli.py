@@ -3,6 +3,7 @@ exports), up (the API and both workers, for local use), migrate, keys."""
 
 import argparse
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -29,10 +30,19 @@ def worker_argv(background: bool = False, extra: list[str] | None = None) -> lis
 
 def run_worker(background: bool, extra: list[str]) -> None:
     migrate()
+    settings = get_settings()
     if background:
         # Below the API's CPU priority: on a small machine an ingest then takes the cores the API
         # leaves idle, not the ones predictions need.
-        os.nice(get_settings().background_nice)
+        os.nice(settings.background_nice)
+    elif settings.worker_metrics_port:
+        # Each job runs in a pool process of its own: they write their metrics to this directory,
+        # and the worker's main process serves them all (prometheus-client's multiprocess mode;
+        # the variable must be set before any of them imports prometheus-client).
+        directory = settings.data_dir / "metrics" / f"worker-{os.getpid()}"
+        shutil.rmtree(directory, ignore_errors=True)
+        directory.mkdir(parents=True)
+        os.environ["PROMETHEUS_MULTIPROC_DIR"] = str(directory)
     argv = worker_argv(background, extra)
     os.execv(argv[0], argv)
 

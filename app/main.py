@@ -8,22 +8,27 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel
 from sqlalchemy import text
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.routing import compile_path
 
+from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, CollectorRegistry, generate_latest, start_http_server
+from prometheus_client.registry import Collector
+
 from app.backbones.router import router as backbones_router
-from app.core.broker import broker_reachable
+from app.core import metrics
+from app.core.broker import broker_reachable, queue_depths
 from app.core.config import get_settings
-from app.core.db import get_engine
+from app.core.db import get_engine, session_scope
 from app.core.errors import AppError, ErrorBody
 from app.core.limits import BodyTimeoutMiddleware
 from app.core.objects import get_store
 from app.datasets.router import router as datasets_router
 from app.db.migrate import upgrade_to_head
 from app.jobs.router import router as jobs_router
+from app.jobs.usage import jobs_by_status
 from app.models.router import router as models_router
 from app.serving.router import router as serving_router
 from app.serving.service import Serving
@@ -80,6 +85,9 @@ async def lifespan(app: FastAPI):
         directory.mkdir(exist_ok=True)
     await run_in_threadpool(upgrade_to_head, settings.database_url)
     app.state.serving = Serving(settings)
+    metrics_server = None
+    if settings.metrics_enabled and settings.metrics_port is not None:
+        metrics_server, _ = start_http_server(settings.metrics_port, registry=app.state.metrics)
     # What is imported and built by now (PyTorch, timm, onnxruntime, FastAPI: hundreds of thousands
     # of objects) lives as long as the process: set it aside from the garbage collector. Otherwise
     # every few hundred predictions a full collection walks all of it holding the GIL, and every
@@ -87,7 +95,28 @@ async def lifespan(app: FastAPI):
     gc.freeze()
     yield
     gc.unfreeze()
+    if metrics_server is not None:
+        metrics_server.shutdown()
     get_engine().dispose()
+
+
+def _jobs_by_status() -> dict[str, int]:
+    with session_scope() as session:
+        return jobs_by_status(session)
+
+
+def metrics_registry() -> CollectorRegistry:
+    """This process's metrics and the ones read at scrape time, in one registry."""
+    state = metrics.StateCollector(_jobs_by_status, queue_depths)
+
+    class Everything(Collector):
+        def collect(self):
+            yield from REGISTRY.collect()
+            yield from state.collect()
+
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(Everything())
+    return registry
 
 
 def create_app() -> FastAPI:
@@ -104,6 +133,16 @@ def create_app() -> FastAPI:
     app.add_middleware(BodyTimeoutMiddleware, idle_timeout=settings.body_idle_timeout_s,
                        total_timeout=settings.body_timeout_s)  # fmt: skip
     app.state.key_lookup = lookup_key  # app.core.auth asks the tenants domain who a key is
+    if settings.metrics_enabled:
+        app.add_middleware(metrics.HttpMetrics)
+        app.state.metrics = metrics_registry()
+        if settings.metrics_port is None:
+
+            @app.get("/metrics", include_in_schema=False)
+            def prometheus_metrics() -> Response:
+                """Prometheus text format; no tenant key (it names no tenant's objects)."""
+                return Response(generate_latest(app.state.metrics), media_type=CONTENT_TYPE_LATEST)
+
     routers = (datasets_router, backbones_router, jobs_router, models_router, serving_router, sweeps_router, tenants_router)
     for router in routers:
         app.include_router(router)

@@ -13,8 +13,10 @@ import sys
 from pathlib import Path
 
 from celery.signals import worker_ready, worker_shutting_down
+from prometheus_client import CollectorRegistry, multiprocess, start_http_server
 
 from app.core.broker import get_celery
+from app.core.config import get_settings
 from app.core.outbox import release
 
 celery_app = get_celery()
@@ -30,6 +32,15 @@ def _start_sweeper(**_) -> None:
     # lock bookkeeping comes along, and the child then waits on a lock nobody holds). Not a
     # multiprocessing child either: the pool's processes would inherit it and try to join it.
     _sweeper = subprocess.Popen([sys.executable, "-m", "app.sweeper"])
+
+
+@worker_ready.connect
+def _serve_metrics(**_) -> None:
+    settings = get_settings()
+    if settings.worker_metrics_port and os.environ.get("PROMETHEUS_MULTIPROC_DIR"):  # set by `visiontune worker`
+        registry = CollectorRegistry()
+        multiprocess.MultiProcessCollector(registry)
+        start_http_server(settings.worker_metrics_port, registry=registry)
 
 
 @worker_shutting_down.connect

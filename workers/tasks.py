@@ -2,6 +2,7 @@
 
 import logging
 
+from app.core import metrics
 from app.core.broker import EXPORT_TASK, FINETUNE_TASK, INGEST_TASK
 from app.datasets.runner import run_ingest
 from app.jobs import runner
@@ -15,6 +16,7 @@ logger = logging.getLogger(__name__)
 @celery_app.task(name=FINETUNE_TASK)
 def run_finetune(job_id: str) -> str:
     outcome = runner.run_job(job_id, loader_context=PoolSafeForkContext())
+    metrics.JOBS_FINISHED.labels(outcome.status).inc()
     logger.info("job %s: %s", job_id, outcome.status)
     return outcome.status
 

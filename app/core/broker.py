@@ -38,6 +38,9 @@ def make_celery(settings: Settings) -> Celery:
         task_serializer="json",
         accept_content=["json"],
         worker_hijack_root_logger=False,
+        # Task events, so that Flower (or `celery events`) can watch the workers through the broker.
+        worker_send_task_events=True,
+        task_send_sent_event=True,
     )
     if settings.broker_url.startswith(("redis", "rediss")):
         # How long a message taken by a worker that vanished stays invisible before redelivery.
@@ -53,6 +56,19 @@ def get_celery() -> Celery:
 
 def enqueue(task: str, row_id: str) -> None:
     get_celery().send_task(task, args=[row_id])
+
+
+def queue_depths() -> dict[str, int]:
+    """Messages waiting in each of our queues (a queue the broker has never seen holds none)."""
+    settings, depths = get_settings(), {}
+    with get_celery().connection_for_read() as connection:
+        channel = connection.default_channel
+        for queue in (settings.training_queue, settings.ingest_queue, settings.export_queue):
+            try:
+                depths[queue] = channel.queue_declare(queue=queue, passive=True).message_count
+            except connection.channel_errors:
+                depths[queue] = 0
+    return depths
 
 
 def broker_reachable() -> bool:

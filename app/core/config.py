@@ -71,6 +71,13 @@ class Settings(BaseSettings):
     predict_timeout_s: float = Field(
         60.0, gt=0, description="A prediction not answered this long after its body arrived gets 504."
     )
+    metrics_enabled: bool = Field(True, description="Serve Prometheus metrics (GET /metrics, or METRICS_PORT).")
+    metrics_port: int | None = Field(
+        None, ge=1, le=65535, description="Serve the API's metrics on this port instead of GET /metrics."
+    )
+    worker_metrics_port: int | None = Field(
+        None, ge=1, le=65535, description="A training worker's own metrics (epochs, images/s, jobs) on this port."
+    )
     api_workers: int = Field(1, ge=1, description="API processes of `visiontune serve`, each with its own model cache.")
     serving_device: Literal["auto", "cpu", "cuda"] = Field(
         "auto", description="Where PyTorch serves models: auto = the GPU when there is one (onnxruntime runs on the CPU)."

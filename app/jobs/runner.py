@@ -29,6 +29,7 @@ from sqlalchemy.orm import Session
 from timm.models import split_model_name_tag
 
 from app.backbones.service import find_weights, split_backbone
+from app.core import metrics, outbox
 from app.core.config import Settings, get_settings
 from app.core.db import session_scope
 from app.core.errors import AppError, NotFound
@@ -138,6 +139,7 @@ class _DatabaseReporter:
     def __init__(self, job_id: str, me: str, work_dir: Path):
         self.job_id, self.me, self.work_dir = job_id, me, work_dir
         self._last_check = 0.0
+        self._epoch_started = time.monotonic()
 
     def check(self) -> None:
         if time.monotonic() - self._last_check < HEARTBEAT_SECONDS:
@@ -150,7 +152,12 @@ class _DatabaseReporter:
             f"epoch {record['epoch']}/{record['epochs']}: train_loss {record['train_loss']:.4f}, "
             f"val_accuracy {record['val_accuracy']:.4f}"
         )
-        get_store().put(checkpoint_key(self.job_id), self.work_dir / CHECKPOINT_NAME)
+        # Sending a checkpoint to a remote store takes a while: the job keeps beating meanwhile.
+        with outbox.heartbeat(outbox.TRAINING, self.job_id, self.me, self.work_dir):
+            get_store().put(checkpoint_key(self.job_id), self.work_dir / CHECKPOINT_NAME)
+        metrics.EPOCH_SECONDS.observe(time.monotonic() - self._epoch_started)
+        metrics.TRAIN_IMAGES_PER_SECOND.set(record["images_per_second"])
+        self._epoch_started = time.monotonic()
         self._beat({"epoch": record["epoch"], "metrics": record}, event=("epoch", message, record))
 
     def _beat(self, values: dict[str, Any], event: tuple[str, str, dict] | None = None) -> None:
@@ -213,7 +220,8 @@ def _train(job_id: str, me: str, settings: Settings, loader_context) -> None:
         model, train_samples, val_samples, class_names, strategy, hp, seed, work_dir,
         _DatabaseReporter(job_id, me, work_dir), device, loader_context,
     )  # fmt: skip
-    _register(job_id, me, settings, result, job.tenant_id, model_name, dataset.id, backbone, class_names)
+    with outbox.heartbeat(outbox.TRAINING, job_id, me, work_dir):  # saving and sending the model takes a while
+        _register(job_id, me, settings, result, job.tenant_id, model_name, dataset.id, backbone, class_names)
     _drop_checkpoint(settings, job_id)
 
 

@@ -10,6 +10,11 @@ WAITING = (*ACTIVE, "paused")  # not finished: still needs its dataset, may stil
 TERMINAL = ("succeeded", "failed", "cancelled")
 
 
+def jobs_by_status(session: Session) -> dict[str, int]:
+    """Every tenant's jobs, counted by status (for the metrics)."""
+    return dict(session.execute(select(Job.status, func.count()).group_by(Job.status)).all())
+
+
 def active_jobs(session: Session, tenant_id: str) -> int:
     query = select(func.count()).select_from(Job).where(Job.tenant_id == tenant_id, Job.status.in_(ACTIVE))
     return session.scalar(query)

@@ -27,6 +27,7 @@ import torch
 from PIL import Image, UnidentifiedImageError
 from timm.data import resolve_model_data_config
 
+from app.core import metrics
 from app.core.errors import Invalid, UnsupportedMedia
 from app.ml import onnx_export
 from app.ml.backbone import CalibratedClassifier, load_artifact, pixel_transform
@@ -115,6 +116,9 @@ class ModelCache:
                 evicted = []
                 while self.nbytes > self.max_bytes and len(self._models) > 1:
                     evicted.append(self._models.popitem(last=False)[1])
+                metrics.CACHE_LOADS.inc()
+                metrics.CACHE_EVICTIONS.inc(len(evicted))
+                metrics.CACHE_BYTES.set(self.nbytes)
             if evicted:
                 for model in evicted:
                     model.batcher.close()
@@ -125,7 +129,9 @@ class ModelCache:
     def evict(self, model_id: str) -> None:
         with self._lock:
             evicted = self._models.pop(model_id, None)
+            metrics.CACHE_BYTES.set(self.nbytes)
         if evicted is not None:
+            metrics.CACHE_EVICTIONS.inc()
             evicted.batcher.close()
             del evicted
             release_memory()
@@ -236,6 +242,8 @@ async def predict(
     """Top-k (label, calibrated probability) per image, None where the best is below threshold;
     and the size of the forward pass that served them."""
     probabilities, batch_size = await loaded.batcher.submit(pixels)
+    metrics.PREDICTED_IMAGES.labels(loaded.runtime).inc(len(pixels))
+    metrics.BATCH_SIZE.observe(batch_size)  # the forward pass that served this request
     scores, indices = probabilities.topk(top_k, dim=1)
     results: list[list[tuple[str, float]] | None] = []
     for row_scores, row_indices in zip(scores.tolist(), indices.tolist(), strict=True):

@@ -28,7 +28,7 @@ pytestmark = pytest.mark.e2e
 
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory, redis_url):
-    stack = start_stack(tmp_path_factory, redis_url)
+    stack = start_stack(tmp_path_factory, redis_url, VISIONTUNE_WORKER_METRICS_PORT=str(free_port()))
     yield stack
     stack.stop()
 
@@ -427,3 +427,29 @@ def test_versions_and_moving_an_alias_under_load(stack, small_dataset):
     assert stack.http.get(f"/v1/models/{by_version[2]}").status_code == 404
     assert stack.http.get("/v1/models/ants-bees@1").json()["id"] == by_version[1]
     assert not (stack.data_dir / "models" / by_version[2]).exists()
+
+
+def test_the_api_and_the_worker_serve_their_metrics(stack, probe):
+    """Prometheus text from both: the API's predictions and model cache, and the training
+    worker's epochs and jobs (written by its pool processes, served by its main process)."""
+    import httpx
+    from prometheus_client.parser import text_string_to_metric_families
+
+    def scrape(url: str) -> dict[str, float]:
+        text = httpx.get(url, timeout=30).text
+        totals: dict[str, float] = {}
+        for family in text_string_to_metric_families(text):
+            for sample in family.samples:
+                key = sample.name + "".join(f"|{k}={v}" for k, v in sorted(sample.labels.items()) if k != "le")
+                totals[key] = totals.get(key, 0) + sample.value
+        return totals
+
+    image = val_images(1)[0][0]
+    assert stack.http.post(f"/v1/models/{probe['model_id']}/predict", files={"files": (image.name, image.read_bytes())}).status_code == 200
+    api = scrape(f"{stack.url}/metrics")
+    assert sum(v for k, v in api.items() if k.startswith("visiontune_predicted_images_total")) >= 1
+    assert api["visiontune_model_cache_loads_total"] >= 1 and api["visiontune_model_cache_bytes"] > 1_000_000
+    assert api["visiontune_jobs|status=succeeded"] >= 1
+    worker = scrape(f"http://127.0.0.1:{stack.env['VISIONTUNE_WORKER_METRICS_PORT']}/metrics")
+    assert worker["visiontune_worker_jobs_total|outcome=succeeded"] >= 1
+    assert worker["visiontune_epoch_seconds_count"] >= 1 and worker["visiontune_train_images_per_second"] > 0
