@@ -3,7 +3,10 @@ mobilenetv2_100 on hymenoptera, through the real service: `visiontune up` (API +
 the embedded broker, or on Redis with --broker redis://...), real HTTP, real weights, default
 settings ("strategy": "auto" picks the linear probe for this dataset).
 
-    python bench/e2e_linear_probe.py [--broker URL] [--backbone mobilenetv2_100]
+    python bench/e2e_linear_probe.py [--broker URL] [--backbone mobilenetv2_100] [--distributed]
+
+With --distributed, the same run is made again on PostgreSQL, Redis and an S3 store (moto's
+server, all on 127.0.0.1), and the ratio of the two upload -> served times is printed.
 
 Prints one block of figures, and beside them the hand-written frozen-backbone baseline (the
 PyTorch transfer-learning tutorial recipe with timm, bench/handwritten.py) timed in the same run.
@@ -21,46 +24,67 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.handwritten import HYMENOPTERA, WEIGHTS, frozen_tutorial  # noqa: E402
-from bench.running import running, wait_for_job, zip_hymenoptera  # noqa: E402
+from bench.running import distributed_backends, running, wait_for_dataset, wait_for_job, zip_hymenoptera  # noqa: E402
+
+
+def upload_to_served(root: Path, archive: Path, backbone: str, environment: dict[str, str], **settings) -> dict:
+    """One run through the real service: seconds of each step, and the job."""
+    with running("up", root / "var", environment, **settings) as (_, http):
+        started = time.perf_counter()
+        with archive.open("rb") as file:
+            dataset = http.post("/v1/datasets", files={"file": (archive.name, file)}).raise_for_status().json()
+        dataset = wait_for_dataset(http, dataset)
+        uploaded = time.perf_counter()
+        job = http.post("/v1/jobs", json={"dataset_id": dataset["id"], "backbone": backbone}).raise_for_status().json()
+        job = wait_for_job(http, job)
+        trained = time.perf_counter()
+        image = next((HYMENOPTERA / "val" / "bees").iterdir())
+        http.post(f"/v1/models/{job['model_id']}/predict", files={"files": (image.name, image.read_bytes())}).raise_for_status()
+        served = time.perf_counter()
+    return {"dataset": dataset, "job": job, "ingest": uploaded - started, "train": trained - uploaded,
+            "predict": served - trained, "total": served - started}  # fmt: skip
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--broker", default="", help="broker URL (default: the embedded SQLite broker)")
     parser.add_argument("--backbone", default="mobilenetv2_100")
+    parser.add_argument("--distributed", action="store_true",
+                        help="also run on PostgreSQL, Redis and an S3 store (moto's server), and compare")  # fmt: skip
     args = parser.parse_args()
 
     settings = {"broker_url": args.broker} if args.broker else {}
+    runs = {}
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         archive = zip_hymenoptera(root / "hymenoptera.zip")
-        with running("up", root / "var", **settings) as (_, http):
-            started = time.perf_counter()
-            with archive.open("rb") as file:
-                dataset = http.post("/v1/datasets", files={"file": (archive.name, file)}).raise_for_status().json()
-            uploaded = time.perf_counter()
-            job = http.post("/v1/jobs", json={"dataset_id": dataset["id"], "backbone": args.backbone}).raise_for_status().json()
-            job = wait_for_job(http, job)
-            trained = time.perf_counter()
-            image = next((HYMENOPTERA / "val" / "bees").iterdir())
-            http.post(f"/v1/models/{job['model_id']}/predict", files={"files": (image.name, image.read_bytes())}).raise_for_status()
-            served = time.perf_counter()
+        runs[args.broker or "embedded (SQLite, sqla+sqlite broker, local files)"] = upload_to_served(
+            root / "embedded", archive, args.backbone, {}, **settings)  # fmt: skip
+        if args.distributed:
+            with distributed_backends(root) as environment:
+                runs["PostgreSQL + Redis + S3 (moto)"] = upload_to_served(root / "distributed", archive, args.backbone,
+                                                                          environment)  # fmt: skip
 
     baseline = frozen_tutorial(args.backbone) if args.backbone in WEIGHTS else None
-
+    first = next(iter(runs.values()))
+    job, dataset = first["job"], first["dataset"]
     print(f"backbone                     {args.backbone} ({job['strategy']}, defaults: {job['hyperparameters']['epochs']} epochs)")
-    print(f"broker                       {args.broker or 'embedded sqla+sqlite'}")
     print(f"dataset                      hymenoptera: {dataset['num_images']} images, {len(dataset['classes'])} classes")
-    print(f"upload + ingest              {uploaded - started:6.1f} s")
-    print(f"job queued -> succeeded      {trained - uploaded:6.1f} s")
-    print(f"first prediction (cold)      {served - trained:6.1f} s")
-    print(f"upload -> served model       {served - started:6.1f} s")
-    print(f"val accuracy                 {job['metrics']['val_accuracy']:.4f} (best epoch of {job['hyperparameters']['epochs']})")
+    for name, run in runs.items():
+        print(f"--- {name}")
+        print(f"upload + ingest              {run['ingest']:6.1f} s")
+        print(f"job queued -> succeeded      {run['train']:6.1f} s")
+        print(f"first prediction (cold)      {run['predict']:6.1f} s")
+        print(f"upload -> served model       {run['total']:6.1f} s")
+        print(f"val accuracy                 {run['job']['metrics']['val_accuracy']:.4f}")
+    if len(runs) == 2:
+        embedded, distributed = runs.values()
+        print(f"distributed / embedded       {distributed['total'] / embedded['total']:6.2f}x upload -> served")
     print(f"cpu threads                  {os.cpu_count()}")
     if baseline:
         print(f"hand-written frozen baseline {baseline['seconds']:6.1f} s, val accuracy {baseline['val_accuracy']:.4f} "
               f"({baseline['epochs']} epochs, same machine, same run)")  # fmt: skip
-        print(f"speed-up                     {baseline['seconds'] / (served - started):6.1f}x")
+        print(f"speed-up                     {baseline['seconds'] / first['total']:6.1f}x")
 
 
 if __name__ == "__main__":

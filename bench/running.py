@@ -1,9 +1,13 @@
 """Running the real service for benchmarks: `visiontune up` or `serve` on a free port."""
 
+import glob
 import os
+import shutil
+import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import zipfile
 from collections.abc import Iterator
@@ -22,10 +26,13 @@ def free_port() -> int:
 
 
 @contextmanager
-def running(command: str, data_dir: Path, **settings: str) -> Iterator[tuple[subprocess.Popen, httpx.Client]]:
-    """`visiontune <command>` with VISIONTUNE_<NAME> settings; yields once /readyz answers."""
+def running(command: str, data_dir: Path, environment: dict[str, str] | None = None,
+            **settings: str) -> Iterator[tuple[subprocess.Popen, httpx.Client]]:  # fmt: skip
+    """`visiontune <command>` with VISIONTUNE_<NAME> settings (and other `environment` variables,
+    such as AWS_*); yields once /readyz answers."""
     port = free_port()
-    env = {**os.environ, "VISIONTUNE_DATA_DIR": str(data_dir), "VISIONTUNE_WEIGHTS_DIR": str(SHARED / "weights")}
+    env = {**os.environ, "VISIONTUNE_DATA_DIR": str(data_dir), "VISIONTUNE_WEIGHTS_DIR": str(SHARED / "weights"),
+           **(environment or {})}  # fmt: skip
     env.update({f"VISIONTUNE_{name.upper()}": value for name, value in settings.items()})
     log_path = data_dir.parent / f"{command}-{port}.log"
     keys = [sys.executable, "-m", "app.cli", "keys", "create", "--tenant", "bench", "--scopes", "admin"]
@@ -54,12 +61,69 @@ def running(command: str, data_dir: Path, **settings: str) -> Iterator[tuple[sub
             service.wait(timeout=60)
 
 
+@contextmanager
+def distributed_backends(root: Path) -> Iterator[dict[str, str]]:
+    """A PostgreSQL server, a redis-server and moto's S3 server on 127.0.0.1, as a deployment on
+    several machines would use them; yields the environment that points VisionTune at them."""
+    import boto3
+    import psycopg
+
+    programs = {name: shutil.which(name) or max(glob.glob(f"/usr/lib/postgresql/*/bin/{name}"), default=None)
+                for name in ("initdb", "postgres")}  # fmt: skip
+    as_postgres = ["runuser", "-u", "postgres", "--"] if os.geteuid() == 0 else []
+    pgdata = Path(tempfile.mkdtemp(prefix="bench-postgres-"))
+    pgdata.chmod(0o777)
+    ports = {name: free_port() for name in ("postgres", "redis", "s3")}
+    subprocess.run([*as_postgres, programs["initdb"], "-D", str(pgdata / "data"), "-U", "postgres", "--auth=trust"],
+                   check=True, capture_output=True)  # fmt: skip
+    servers = [
+        subprocess.Popen([*as_postgres, programs["postgres"], "-D", str(pgdata / "data"), "-p", str(ports["postgres"]),
+                          "-k", str(pgdata / "data"), "-c", "listen_addresses=127.0.0.1"], stdout=subprocess.DEVNULL,
+                         stderr=subprocess.DEVNULL, start_new_session=True),
+        subprocess.Popen([shutil.which("redis-server"), "--port", str(ports["redis"]), "--bind", "127.0.0.1",
+                          "--save", ""], stdout=subprocess.DEVNULL, start_new_session=True),
+        subprocess.Popen([str(Path(sys.executable).with_name("moto_server")), "-H", "127.0.0.1", "-p",
+                          str(ports["s3"])], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True),
+    ]  # fmt: skip
+    aws = {"AWS_ENDPOINT_URL": f"http://127.0.0.1:{ports['s3']}", "AWS_ACCESS_KEY_ID": "bench",
+           "AWS_SECRET_ACCESS_KEY": "bench", "AWS_DEFAULT_REGION": "us-east-1"}  # fmt: skip
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                psycopg.connect(f"postgresql://postgres@127.0.0.1:{ports['postgres']}/postgres").close()
+                boto3.client("s3", endpoint_url=aws["AWS_ENDPOINT_URL"], region_name="us-east-1",
+                             aws_access_key_id="bench", aws_secret_access_key="bench").create_bucket(Bucket="bench")  # fmt: skip
+                break
+            except Exception:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.5)
+        yield {**aws, "VISIONTUNE_DATABASE_URL": f"postgresql+psycopg://postgres@127.0.0.1:{ports['postgres']}/postgres",
+               "VISIONTUNE_BROKER_URL": f"redis://127.0.0.1:{ports['redis']}/0",
+               "VISIONTUNE_STORAGE_URL": "s3://bench/visiontune"}  # fmt: skip
+    finally:
+        for server in servers:
+            os.killpg(server.pid, signal.SIGKILL)
+            server.wait()
+        shutil.rmtree(pgdata, ignore_errors=True)
+
+
 def zip_hymenoptera(archive: Path, per_class: int | None = None) -> Path:
     with zipfile.ZipFile(archive, "w") as out:
         for class_dir in sorted(p for p in HYMENOPTERA.glob("*/*") if p.is_dir()):
             for path in sorted(class_dir.iterdir())[:per_class]:
                 out.write(path, arcname=f"hymenoptera/{path.relative_to(HYMENOPTERA)}")
     return archive
+
+
+def wait_for_dataset(http: httpx.Client, dataset: dict, poll: float = 0.2) -> dict:
+    while dataset["status"] == "processing":
+        time.sleep(poll)
+        dataset = http.get(f"/v1/datasets/{dataset['id']}").json()
+    if dataset["status"] != "ready":
+        sys.exit(f"dataset {dataset['status']}: {dataset['error']}")
+    return dataset
 
 
 def wait_for_job(http: httpx.Client, job: dict, poll: float = 0.2) -> dict:

@@ -36,7 +36,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from app.ml.backbone import load_artifact  # noqa: E402
 from app.serving.predictor import ModelCache, preprocess  # noqa: E402
 from bench.handwritten import HYMENOPTERA  # noqa: E402
-from bench.running import running, wait_for_job, zip_hymenoptera  # noqa: E402
+from bench.running import running, wait_for_dataset, wait_for_job, zip_hymenoptera  # noqa: E402
 
 CORES = len(os.sched_getaffinity(0))
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -138,10 +138,13 @@ def five_models(data_dir: Path) -> list[str]:
     with running("up", data_dir) as (_, http):
         with archive.open("rb") as file:
             dataset = http.post("/v1/datasets", files={"file": (archive.name, file)}).raise_for_status().json()
+        dataset = wait_for_dataset(http, dataset)
         jobs = [http.post("/v1/jobs", json={"dataset_id": dataset["id"], "backbone": "mobilenetv2_100", "seed": seed})
                 .raise_for_status().json() for seed in range(5)]  # fmt: skip
         models = [wait_for_job(http, job)["model_id"] for job in jobs]
-        http.post(f"/v1/models/{models[0]}/exports", json={"format": "onnx"}, timeout=600).raise_for_status()
+        http.post(f"/v1/models/{models[0]}/exports", json={"format": "onnx"}).raise_for_status()
+        while http.get(f"/v1/models/{models[0]}/exports/onnx").json()["status"] == "processing":  # a worker builds it
+            time.sleep(0.5)
     listing.write_text(json.dumps(models))
     return models
 
