@@ -4,7 +4,7 @@ INSERT that the primary key lets only one process win."""
 
 from datetime import timedelta
 
-from sqlalchemy import delete, or_, update
+from sqlalchemy import or_, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
@@ -33,7 +33,3 @@ def take_lease(session: Session, name: str, holder: str, seconds: float) -> bool
     session.commit()
     return True
 
-
-def drop_lease(session: Session, name: str, holder: str) -> None:
-    session.execute(delete(Lease).where(Lease.name == name, Lease.holder == holder))
-    session.commit()
