@@ -11,15 +11,26 @@ import time
 
 import uvicorn
 
+from app.core.broker import training_queue
 from app.core.config import get_settings
+
+
+def has_gpu() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
 
 
 def worker_argv(background: bool = False, extra: list[str] | None = None) -> list[str]:
     settings = get_settings()
-    # Concurrency 1: one training job at a time on this worker's device. Run one worker per GPU
-    # (CUDA_VISIBLE_DEVICES) to use several. A background worker takes ingests and exports, one at
-    # a time too (an ingest decodes on every core already).
-    queues = f"{settings.ingest_queue},{settings.export_queue}" if background else settings.training_queue
+    # Concurrency 1: one training job at a time on this worker's device (`--gpus 0,1` starts one
+    # worker per GPU). A training worker takes the jobs for any worker and those for its kind of
+    # device. A background worker takes ingests and exports, one at a time too (an ingest decodes
+    # on every core already).
+    if background:
+        queues = f"{settings.ingest_queue},{settings.export_queue}"
+    else:
+        queues = f"{training_queue('any')},{training_queue('gpu' if has_gpu() else 'cpu')}"
     return [
         sys.executable, "-m", "celery", "-A", "workers.celery_app", "worker",
         "--queues", queues, "--concurrency", "1", "--loglevel", "INFO",
@@ -105,7 +116,22 @@ def up(host: str, port: int) -> int:
               f"or `visiontune keys create`.\n", flush=True)  # fmt: skip
     cli = [sys.executable, "-m", "app.cli"]
     api = [*cli, "serve", "--host", host, "--port", str(port)]
-    children = [subprocess.Popen(argv) for argv in ([*cli, "worker"], [*cli, "worker", "--background"], api)]
+    return supervise([subprocess.Popen(argv) for argv in ([*cli, "worker"], [*cli, "worker", "--background"], api)])
+
+
+def gpu_workers(gpus: list[str], extra: list[str]) -> int:
+    """One training worker per listed GPU, each seeing only its own (CUDA_VISIBLE_DEVICES)."""
+    migrate()  # once, before they race to do it
+    cli = [sys.executable, "-m", "app.cli", "worker"]
+    return supervise([
+        subprocess.Popen([*cli, "--", "--hostname", f"training-gpu{gpu}@%h", *extra],
+                         env={**os.environ, "CUDA_VISIBLE_DEVICES": gpu})
+        for gpu in gpus
+    ])  # fmt: skip
+
+
+def supervise(children: list[subprocess.Popen]) -> int:
+    """Wait while all the children run; stop them all when one stops or this process is told to."""
 
     def stop(signum, _frame):
         raise SystemExit(128 + signum)
@@ -142,7 +168,8 @@ def main(argv: list[str] | None = None) -> None:
     worker = commands.add_parser("worker", help="run a Celery worker: training, or --background")
     worker.add_argument("--background", action="store_true", help="take dataset ingests and model exports "
                         "(queues ingest, exports) at a lower CPU priority, instead of training jobs")  # fmt: skip
-    worker.add_argument("celery_args", nargs=argparse.REMAINDER, help="extra arguments for `celery worker`")
+    worker.add_argument("--gpus", help="comma-separated GPU indices: one training worker per GPU, e.g. 0,1")
+    worker.add_argument("celery_args", nargs=argparse.REMAINDER, help="extra arguments for `celery worker`, after --")
     commands.add_parser("migrate", help="apply database migrations")
     keys = commands.add_parser("keys", help="API keys, on the server itself (e.g. the first admin key)")
     key_commands = keys.add_subparsers(dest="keys_command", required=True)
@@ -160,7 +187,10 @@ def main(argv: list[str] | None = None) -> None:
     elif args.command == "up":
         sys.exit(up(args.host, args.port))
     elif args.command == "worker":
-        run_worker(args.background, args.celery_args)
+        extra = args.celery_args[1:] if args.celery_args[:1] == ["--"] else args.celery_args  # `-- --opt` passes --opt
+        if args.gpus:
+            sys.exit(gpu_workers([gpu.strip() for gpu in args.gpus.split(",") if gpu.strip()], extra))
+        run_worker(args.background, extra)
     elif args.command == "migrate":
         migrate()
     elif args.command == "keys":

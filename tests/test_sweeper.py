@@ -90,3 +90,28 @@ def test_files_no_row_owns_are_collected_once_old_enough(client):
                                       "ds_gone", dataset["id"]])  # fmt: skip
     kept = {name for name, path in paths.items() if path.exists()}
     assert kept == {"owned dataset", "queued job's checkpoint"} and young.exists()
+
+
+def test_a_job_for_a_gpu_waits_and_says_so_while_no_gpu_worker_runs(client):
+    from app.core import broker
+
+    settings = get_settings()
+    dataset = upload_ready(client, colour_dataset_zip())
+    body = {"dataset_id": dataset["id"], "backbone": "mobilenetv2_100", "strategy": "linear_probe"}
+    gpu = client.post("/v1/jobs", json=body | {"accelerator": "gpu"}).json()
+    anywhere = client.post("/v1/jobs", json=body).json()
+    assert gpu["accelerator"] == "gpu" and broker.training_queue("gpu") == "training.gpu"
+
+    def notes(job_id: str) -> list[str]:
+        return [e["message"] for e in client.get(f"/v1/jobs/{job_id}/events").json()["data"] if "waiting for" in e["message"]]
+
+    # A CPU worker runs (its sweeper announces its queues): the GPU job is told, once; the other is not.
+    sweeper.sweep(settings, "host:1", queues=["training", "training.cpu"])
+    sweeper.sweep(settings, "host:1", queues=["training", "training.cpu"])
+    assert notes(gpu["id"]) == ["waiting for a gpu worker: none is running"] and notes(anywhere["id"]) == []
+    assert client.get(f"/v1/jobs/{gpu['id']}").json()["status"] == "queued"  # not failed, not run on a CPU
+    # Once a GPU worker runs, a new GPU job is not told anything.
+    sweeper.sweep(settings, "host:1", queues=["training", "training.gpu"])
+    later = client.post("/v1/jobs", json=body | {"accelerator": "gpu"}).json()
+    sweeper.sweep(settings, "host:1", queues=["training", "training.gpu"])
+    assert notes(later["id"]) == []

@@ -25,13 +25,15 @@ _sweeper: subprocess.Popen | None = None
 
 
 @worker_ready.connect
-def _start_sweeper(**_) -> None:
+def _start_sweeper(sender, **_) -> None:
     global _sweeper
     # A process of its own, a fresh interpreter: this process forks the pool's processes, and a
     # fork must not copy a database connection in the middle of a transaction (SQLite's in-process
     # lock bookkeeping comes along, and the child then waits on a lock nobody holds). Not a
     # multiprocessing child either: the pool's processes would inherit it and try to join it.
-    _sweeper = subprocess.Popen([sys.executable, "-m", "app.sweeper"])
+    # It also announces the queues this worker consumes (a GPU job's events say when none does).
+    queues = ",".join(sender.app.amqp.queues.consume_from)
+    _sweeper = subprocess.Popen([sys.executable, "-m", "app.sweeper", queues])
 
 
 @worker_ready.connect

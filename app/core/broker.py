@@ -54,8 +54,15 @@ def get_celery() -> Celery:
     return make_celery(get_settings())
 
 
-def enqueue(task: str, row_id: str) -> None:
-    get_celery().send_task(task, args=[row_id])
+def training_queue(accelerator: str) -> str:
+    """`training` for jobs any worker may run; `training.gpu`, `training.cpu` for the others."""
+    base = get_settings().training_queue
+    return base if accelerator == "any" else f"{base}.{accelerator}"
+
+
+def enqueue(task: str, row_id: str, queue: str | None = None) -> None:
+    """Send "do row X" (to `queue`, or the task's own queue)."""
+    get_celery().send_task(task, args=[row_id], queue=queue)
 
 
 def queue_depths() -> dict[str, int]:

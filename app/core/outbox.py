@@ -15,7 +15,7 @@ import logging
 import os
 import socket
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from datetime import timedelta
@@ -42,12 +42,14 @@ class Work:
     task: str
     waiting: str
     held: str
+    queue_of: Callable[[Any], str | None] = lambda row: None  # a row's queue, when rows go to different ones
 
     def unfinished(self):
         return self.table.status.in_({self.waiting, self.held})
 
 
-TRAINING = Work(Job, broker.FINETUNE_TASK, waiting="queued", held="running")
+TRAINING = Work(Job, broker.FINETUNE_TASK, waiting="queued", held="running",
+                queue_of=lambda job: broker.training_queue(job.accelerator))  # fmt: skip
 INGEST = Work(Dataset, broker.INGEST_TASK, waiting="processing", held="processing")
 EXPORT = Work(Export, broker.EXPORT_TASK, waiting="processing", held="processing")
 KINDS = (TRAINING, INGEST, EXPORT)
@@ -61,9 +63,10 @@ def dispatch(session: Session, work: Work, ids: list[str]) -> list[str]:
     """Send a message for each row and record when; the ids whose message could not be sent stay
     for the sweeper (the broker may be down: the rows are the truth)."""
     sent = []
+    rows = {row.id: row for row in session.scalars(select(work.table).where(work.table.id.in_(ids)))}
     for row_id in ids:
         try:
-            broker.enqueue(work.task, row_id)
+            broker.enqueue(work.task, row_id, work.queue_of(rows[row_id]) if row_id in rows else None)
         except Exception as exc:  # any broker failure: the sweeper tries again
             logger.warning("%s %s not dispatched (the sweeper will retry): %s", work.table.__tablename__, row_id, exc)
             continue

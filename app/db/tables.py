@@ -115,6 +115,7 @@ class Job(Base):
     model_name: Mapped[str | None] = mapped_column(String(100))  # name for the model it produces
     sweep_id: Mapped[str | None] = mapped_column(ForeignKey("sweeps.id", ondelete="SET NULL"), index=True)
     pretrained: Mapped[bool] = mapped_column()
+    accelerator: Mapped[str] = mapped_column(String(10), default="any")  # any | gpu | cpu: which workers take it
     hyperparameters: Mapped[dict[str, Any]] = mapped_column()
     seed: Mapped[int] = mapped_column(Integer)
     status: Mapped[str] = mapped_column(String(20), index=True)

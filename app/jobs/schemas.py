@@ -9,6 +9,9 @@ from app.ml.spec import Hyperparameters, Strategy
 JobStatus = Literal["queued", "running", "paused", "succeeded", "failed", "cancelled"]
 
 
+Accelerator = Literal["any", "gpu", "cpu"]
+
+
 class JobCreate(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True)
 
@@ -18,6 +21,10 @@ class JobCreate(BaseModel):
         "auto", description="'auto' picks one from the dataset's size; the job records the choice and why."
     )
     pretrained: bool = Field(True, description="false trains from random initialisation.")
+    accelerator: Accelerator = Field(
+        "any", description="Which workers may run it: 'gpu' waits for a GPU worker (and says so in its events "
+        "while none is running), 'cpu' for a CPU one, 'any' the first free."
+    )
     hyperparameters: Hyperparameters = Field(default_factory=Hyperparameters)
     seed: int = Field(0, ge=0, le=2**31 - 1)
     model_name: str | None = Field(
@@ -45,6 +52,7 @@ class JobOut(BaseModel):
     strategy: Strategy
     strategy_reason: str | None = Field(description="Why 'auto' chose this strategy; null when it was asked for.")
     pretrained: bool
+    accelerator: str
     model_name: str | None
     hyperparameters: dict[str, Any]
     seed: int

@@ -453,3 +453,14 @@ def test_the_api_and_the_worker_serve_their_metrics(stack, probe):
     worker = scrape(f"http://127.0.0.1:{stack.env['VISIONTUNE_WORKER_METRICS_PORT']}/metrics")
     assert worker["visiontune_worker_jobs_total|outcome=succeeded"] >= 1
     assert worker["visiontune_epoch_seconds_count"] >= 1 and worker["visiontune_train_images_per_second"] > 0
+
+
+def test_a_job_for_a_gpu_is_not_taken_by_a_cpu_worker(stack, small_dataset):
+    """This machine's worker has no GPU: it consumes `training` and `training.cpu`, never
+    `training.gpu`. The job waits, and its events say why; it is then cancelled."""
+    job = create_job(stack, small_dataset["id"], strategy="linear_probe", accelerator="gpu")
+    note = wait_until(lambda: next((e for e in events(stack, job["id"]) if e["message"].startswith("waiting for a gpu")), None),
+                      60, "the note that no gpu worker runs", processes=stack.processes)  # fmt: skip
+    assert note["message"] == "waiting for a gpu worker: none is running"
+    assert stack.http.get(f"/v1/jobs/{job['id']}").json()["status"] == "queued"
+    assert stack.http.post(f"/v1/jobs/{job['id']}/cancel").status_code == 200
