@@ -21,7 +21,7 @@ from pydantic import BaseModel, ValidationError
 from starlette.datastructures import UploadFile
 
 from app.core.config import Settings
-from app.core.errors import DeadlineExceeded, Invalid
+from app.core.errors import DeadlineExceeded, Invalid, NotFound
 from app.core.storage import capped_body, parse_multipart
 from app.db.tables import Model
 from app.models.service import export_ready, local_artifact, local_onnx
@@ -111,7 +111,12 @@ class Serving:
         return Answer(body, _timing(started))
 
     def _load(self, model_id: str) -> LoadedModel:
-        directory = local_artifact(self.settings, model_id)  # fetched from the object store on first use
+        try:
+            directory = local_artifact(self.settings, model_id)  # fetched from the object store on first use
+        except FileNotFoundError:
+            directory = None
+        if directory is None or not directory.is_dir():  # deleted since this request found its row
+            raise NotFound(f"Model '{model_id}' was deleted.", code="model_not_found")
         return self.cache.get(model_id, directory, local_onnx(self.settings, model_id))
 
     async def _export_appeared(self, model_id: str) -> bool:
