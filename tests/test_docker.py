@@ -52,3 +52,14 @@ def test_the_compose_services_share_nothing_but_urls():
     caches = [service["volumes"][0].split(":")[0] for service in ours.values()]
     assert len(set(caches)) == 3, caches  # no shared data directory
     assert services["api"]["depends_on"]["minio-bucket"]["condition"] == "service_completed_successfully"
+
+
+def test_the_gpu_overlay_gives_each_worker_its_own_gpu():
+    services = yaml.safe_load((REPO / "docker" / "compose.gpu.yml").read_text())["services"]
+    base = yaml.safe_load((REPO / "docker-compose.yml").read_text())["services"]["worker"]["environment"]
+    gpu_workers = {name: service for name, service in services.items() if name.startswith("worker-gpu")}
+    devices = [service["deploy"]["resources"]["reservations"]["devices"][0]["device_ids"] for service in gpu_workers.values()]
+    assert len(gpu_workers) >= 1 and sorted(devices) == [[str(i)] for i in range(len(gpu_workers))]
+    for service in gpu_workers.values():
+        assert service["command"] == ["worker"] and service["environment"] == base  # the same URLs as every service
+    assert services["worker"]["deploy"]["replicas"] == 0
