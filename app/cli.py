@@ -106,8 +106,8 @@ def serve(host: str, port: int, workers: int | None = None) -> None:
 
 def up(host: str, port: int) -> int:
     """Run the API, a training worker and a background worker as child processes, and stop them all
-    when one stops or when this process is told to. (Children, because uvicorn ends its own process with the signal it was
-    stopped by, which would leave a worker started from inside it behind.)"""
+    when one stops or when this process is told to. (Children, because uvicorn ends its own process
+    with the signal it was stopped by, which would leave a worker started from inside it behind.)"""
     migrate()  # once, before two processes race to do it
     key = first_key_if_none()
     if key:
