@@ -29,7 +29,7 @@ from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from functools import lru_cache
 from pathlib import Path
-from urllib.parse import urlparse
+from urllib.parse import unquote, urlparse
 
 from app.core.config import Settings, get_settings
 from app.core.errors import AppError
@@ -259,7 +259,7 @@ def _copy(source: Path, destination: Path) -> None:
 def make_store(settings: Settings) -> ObjectStore:
     url = urlparse(settings.storage_url or settings.data_dir.as_uri())
     if url.scheme == "file":
-        return FileStore(settings.data_dir, Path(url.path))
+        return FileStore(settings.data_dir, Path(unquote(url.path)))
     if url.scheme == "s3":
         return S3Store(settings.data_dir, url.netloc, url.path)
     raise ValueError(f"STORAGE_URL must be file:// or s3://, not {settings.storage_url!r}")
