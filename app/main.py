@@ -18,7 +18,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, CollectorRegistry, 
 from prometheus_client.registry import Collector
 
 from app.backbones.router import router as backbones_router
-from app.core import metrics
+from app.core import logs, metrics
 from app.core.broker import broker_reachable, queue_depths
 from app.core.config import get_settings
 from app.core.db import get_engine, session_scope
@@ -80,6 +80,7 @@ ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
 @asynccontextmanager
 async def lifespan(app: FastAPI):
     settings = get_settings()
+    logs.configure(settings.log_format)
     settings.data_dir.mkdir(parents=True, exist_ok=True)
     for directory in (settings.staging_dir, settings.datasets_dir, settings.models_dir):
         directory.mkdir(exist_ok=True)
@@ -142,6 +143,8 @@ def create_app() -> FastAPI:
             def prometheus_metrics() -> Response:
                 """Prometheus text format; no tenant key (it names no tenant's objects)."""
                 return Response(generate_latest(app.state.metrics), media_type=CONTENT_TYPE_LATEST)
+
+    app.add_middleware(logs.RequestIds)  # outermost: every log line of the request carries its id
 
     routers = (datasets_router, backbones_router, jobs_router, models_router, serving_router, sweeps_router, tenants_router)
     for router in routers:

@@ -20,7 +20,7 @@ from datetime import timedelta
 from sqlalchemy import delete, select
 from sqlalchemy.orm import Session
 
-from app.core import broker, outbox
+from app.core import broker, logs, outbox
 from app.core.config import Settings, get_settings
 from app.core.db import session_scope
 from app.core.leases import take_lease
@@ -109,4 +109,5 @@ def run_sweeper(queues: list[str]) -> None:
 
 if __name__ == "__main__":  # started by each worker (workers/celery_app.py)
     logging.basicConfig(level=logging.INFO, format="[%(asctime)s: %(levelname)s/sweeper] %(message)s")
+    logs.configure(get_settings().log_format)
     run_sweeper([queue for queue in sys.argv[1].split(",") if queue] if len(sys.argv) > 1 else [])

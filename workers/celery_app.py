@@ -12,9 +12,10 @@ import subprocess
 import sys
 from pathlib import Path
 
-from celery.signals import worker_ready, worker_shutting_down
+from celery.signals import after_setup_logger, after_setup_task_logger, worker_ready, worker_shutting_down
 from prometheus_client import CollectorRegistry, multiprocess, start_http_server
 
+from app.core import logs
 from app.core.broker import get_celery
 from app.core.config import get_settings
 from app.core.outbox import release
@@ -34,6 +35,12 @@ def _start_sweeper(sender, **_) -> None:
     # It also announces the queues this worker consumes (a GPU job's events say when none does).
     queues = ",".join(sender.app.amqp.queues.consume_from)
     _sweeper = subprocess.Popen([sys.executable, "-m", "app.sweeper", queues])
+
+
+@after_setup_logger.connect
+@after_setup_task_logger.connect
+def _log_format(**_) -> None:
+    logs.configure(get_settings().log_format)
 
 
 @worker_ready.connect

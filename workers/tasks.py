@@ -4,6 +4,7 @@ import logging
 
 from app.core import metrics
 from app.core.broker import EXPORT_TASK, FINETUNE_TASK, INGEST_TASK
+from app.core.logs import working_on
 from app.datasets.runner import run_ingest
 from app.jobs import runner
 from app.models.runner import run_export
@@ -15,7 +16,8 @@ logger = logging.getLogger(__name__)
 
 @celery_app.task(name=FINETUNE_TASK)
 def run_finetune(job_id: str) -> str:
-    outcome = runner.run_job(job_id, loader_context=PoolSafeForkContext())
+    with working_on(job_id):
+        outcome = runner.run_job(job_id, loader_context=PoolSafeForkContext())
     metrics.JOBS_FINISHED.labels(outcome.status).inc()
     logger.info("job %s: %s", job_id, outcome.status)
     return outcome.status
@@ -23,13 +25,15 @@ def run_finetune(job_id: str) -> str:
 
 @celery_app.task(name=INGEST_TASK)
 def ingest_dataset(dataset_id: str) -> str:
-    outcome = run_ingest(dataset_id)
+    with working_on(dataset_id):
+        outcome = run_ingest(dataset_id)
     logger.info("dataset %s: %s", dataset_id, outcome)
     return outcome
 
 
 @celery_app.task(name=EXPORT_TASK)
 def export_model(export_id: str) -> str:
-    outcome = run_export(export_id)
+    with working_on(export_id):
+        outcome = run_export(export_id)
     logger.info("export %s: %s", export_id, outcome)
     return outcome

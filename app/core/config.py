@@ -71,6 +71,9 @@ class Settings(BaseSettings):
     predict_timeout_s: float = Field(
         60.0, gt=0, description="A prediction not answered this long after its body arrived gets 504."
     )
+    log_format: Literal["text", "json"] = Field(
+        "text", description="json: one JSON object per log line, with the request id and the job, dataset or export id."
+    )
     metrics_enabled: bool = Field(True, description="Serve Prometheus metrics (GET /metrics, or METRICS_PORT).")
     metrics_port: int | None = Field(
         None, ge=1, le=65535, description="Serve the API's metrics on this port instead of GET /metrics."
