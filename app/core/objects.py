@@ -19,6 +19,7 @@ completes, and a file is written to a temporary name and renamed. Rows in the da
 objects only after the objects are complete.
 """
 
+import errno
 import os
 import secrets
 import shutil
@@ -40,6 +41,11 @@ TRANSFER_THREADS = 8  # objects fetched or sent at once for a directory (a datas
 class StorageUnavailable(AppError):
     status_code = 503
     code = "storage_unavailable"
+
+
+class StorageFull(AppError):
+    status_code = 507
+    code = "storage_full"
 
 
 class ObjectStore(ABC):
@@ -211,7 +217,23 @@ def local_copy(key: str, budget: int) -> Path:
         return path
     staging = store.data_dir / "staging" / f"fetch-{secrets.token_hex(6)}"
     try:
-        if not store.get_tree(key, staging):
+        try:
+            found = store.get_tree(key, staging)
+        except OSError as exc:
+            if exc.errno not in (errno.ENOSPC, errno.EDQUOT):
+                raise
+            # The local disk is full: make room by evicting every other local copy, then try once more.
+            shutil.rmtree(staging, ignore_errors=True)
+            if path.parent.is_dir():
+                evict(path.parent, 0, keep=path)
+            try:
+                found = store.get_tree(key, staging)
+            except OSError as again:
+                if again.errno not in (errno.ENOSPC, errno.EDQUOT):
+                    raise
+                raise StorageFull(f"This machine's disk has no room for {key!r}, even with its cache emptied "
+                                  f"({store.data_dir}).") from again  # fmt: skip
+        if not found:
             raise FileNotFoundError(f"the object store has nothing under {key!r}")
         path.parent.mkdir(parents=True, exist_ok=True)
         try:

@@ -1,0 +1,64 @@
+"""A worker whose local disk is full (its data directory is only a cache of a remote store):
+it evicts its other local copies and tries again; if the dataset still does not fit, the job
+fails with a clear `storage_full` error. The store here is another directory (file://), and the
+full disk is a write that fails with ENOSPC, as a real full disk's would (tests/faults mounts a
+real tmpfs for the upload path; this drives the same errno through the fetch)."""
+
+import errno
+import os
+import shutil
+import time
+
+import pytest
+
+from app.core import objects
+from app.core.db import session_scope
+from app.db.tables import Dataset
+from app.jobs.runner import run_job
+from tests.archives import colour_dataset_zip
+from tests.uploads import upload_ready
+
+
+@pytest.fixture
+def shared_store(settings_env, tmp_path, monkeypatch):
+    from tests.conftest import _clear_caches
+
+    monkeypatch.setenv("VISIONTUNE_STORAGE_URL", (tmp_path / "store").as_uri())
+    _clear_caches()
+
+
+def test_a_full_disk_evicts_the_cache_then_fails_the_job_clearly(shared_store, client, settings_env, monkeypatch):
+    dataset = upload_ready(client, colour_dataset_zip())
+    with session_scope() as session:
+        key = session.get(Dataset, dataset["id"]).content_key
+    shutil.rmtree(settings_env / key)  # another machine: its cache does not hold this dataset
+    old = settings_env / "datasets" / ("0" * 64)  # an older dataset in the cache
+    old.mkdir(parents=True)
+    (old / "image.jpg").write_bytes(b"x" * 1000)
+    os.utime(old, (time.time() - 3600,) * 2)
+
+    real_get = objects.FileStore.get
+
+    def full_while_old_is_kept(store, object_key, path):
+        if old.exists():
+            raise OSError(errno.ENOSPC, "No space left on device", str(path))
+        return real_get(store, object_key, path)
+
+    monkeypatch.setattr(objects.FileStore, "get", full_while_old_is_kept)
+    job = client.post("/v1/jobs", json={"dataset_id": dataset["id"], "backbone": "mobilenetv2_100",
+                                        "strategy": "linear_probe", "hyperparameters": {"epochs": 1}}).json()  # fmt: skip
+    assert run_job(job["id"]).status == "succeeded"
+    assert not old.exists() and (settings_env / key).is_dir()  # evicted to make room, then fetched
+
+    shutil.rmtree(settings_env / key)
+
+    def always_full(store, object_key, path):
+        raise OSError(errno.ENOSPC, "No space left on device", str(path))
+
+    monkeypatch.setattr(objects.FileStore, "get", always_full)
+    job = client.post("/v1/jobs", json={"dataset_id": dataset["id"], "backbone": "mobilenetv2_100",
+                                        "strategy": "linear_probe"}).json()  # fmt: skip
+    assert run_job(job["id"]).status == "failed"
+    failed = client.get(f"/v1/jobs/{job['id']}").json()
+    assert failed["error"]["code"] == "storage_full" and "no room" in failed["error"]["message"]
+    assert not any((settings_env / "staging").glob("fetch-*"))  # no half-fetched copy left
