@@ -176,6 +176,18 @@ def heartbeat(work: Work, row_id: str, me: str, staging: Path) -> Iterator[None]
         thread.join()
 
 
+def put_back(session: Session, work: Work, row_id: str, me: str) -> bool:
+    """Give a held row back to waiting without sending it again now (a dependency such as the
+    object store is down): the sweeper sends it again after `redispatch_seconds`. Whether it was
+    still ours."""
+    held = session.execute(
+        update(work.table).where(*still_held(work, row_id, me)).values(status=work.waiting, claimed_by=None,
+                                                                       dispatched_at=utcnow())  # fmt: skip
+    ).rowcount
+    session.commit()
+    return bool(held)
+
+
 def release(holders: list[str]) -> list[str]:
     """Put the rows these worker processes hold back to waiting and send them at once, for a warm
     shutdown: each process stops at its next heartbeat (it no longer holds its row), and another

@@ -19,7 +19,7 @@ from app.core import outbox
 from app.core.config import Settings, get_settings
 from app.core.db import session_scope
 from app.core.errors import AppError
-from app.core.objects import get_store
+from app.core.objects import StorageUnavailable, get_store
 from app.core.storage import out_of_space_is_507, remove_quietly
 from app.datasets.ingest import IngestResult, ingest_archive
 from app.datasets.service import limits_from, upload_key, upload_path
@@ -55,6 +55,11 @@ def run_ingest(dataset_id: str) -> str:
     except NotHeld:
         logger.info("dataset %s: no longer held by %s, its ingest dropped", dataset_id, me)
         return "dropped"
+    except StorageUnavailable as error:  # not the upload's fault: it waits for the store
+        logger.warning("dataset %s waits for the object store: %s", dataset_id, error.message)
+        with session_scope() as session:
+            outbox.put_back(session, outbox.INGEST, dataset_id, me)
+        return "waiting"
     except AppError as error:
         return _failed(settings, dataset_id, me, error)
     except Exception as exc:

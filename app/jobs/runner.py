@@ -33,7 +33,7 @@ from app.core import metrics, outbox
 from app.core.config import Settings, get_settings
 from app.core.db import session_scope
 from app.core.errors import AppError, NotFound
-from app.core.objects import get_store
+from app.core.objects import StorageUnavailable, get_store
 from app.core.outbox import holder_gone, worker_identity
 from app.db.tables import Job, Model, utcnow
 from app.datasets.service import get_dataset
@@ -76,6 +76,12 @@ def run_job(job_id: str, loader_context=None) -> Outcome:
             if session.get(Job, job_id).status == "cancelled":
                 _drop_checkpoint(settings, job_id)
         return Outcome("stopped")
+    except StorageUnavailable as error:  # not the job's fault: it waits for the store, it does not fail
+        with session_scope() as session:
+            if outbox.put_back(session, outbox.TRAINING, job_id, me):
+                add_event(session, job_id, "status", f"queued again, waiting for the object store: {error.message}")
+                session.commit()
+        return Outcome("queued")
     except AppError as error:
         _fail(job_id, error.code, error.message, me)
         return Outcome("failed")

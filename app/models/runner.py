@@ -18,11 +18,11 @@ from app.core import outbox
 from app.core.config import get_settings
 from app.core.db import session_scope
 from app.core.errors import AppError, Invalid
+from app.core.objects import StorageUnavailable, get_store
 from app.core.storage import remove_quietly
 from app.db.tables import Export, Model, utcnow
 from app.jobs.service import validation_images
 from app.ml import onnx_export
-from app.core.objects import get_store
 from app.models.service import export_key, exports_dir, local_artifact
 
 logger = logging.getLogger(__name__)
@@ -55,6 +55,11 @@ def run_export(export_id: str) -> str:
             (staging / "parity.json").write_text(json.dumps(report.as_dict()))
             return _finish(export_id, me, staging, model.id, status="ready", parity=report.as_dict(),
                            size_bytes=(staging / "model.onnx").stat().st_size)  # fmt: skip
+    except StorageUnavailable as error:  # not the export's fault: it waits for the store
+        logger.warning("export %s waits for the object store: %s", export_id, error.message)
+        with session_scope() as session:
+            outbox.put_back(session, outbox.EXPORT, export_id, me)
+        return "waiting"
     except AppError as error:
         return _finish(export_id, me, None, model.id, status="failed", error=error.as_dict(),
                        parity=(error.details or [None])[0] if error.code == "parity_failed" else None)  # fmt: skip

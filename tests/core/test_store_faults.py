@@ -1,8 +1,10 @@
-"""A worker whose local disk is full (its data directory is only a cache of a remote store):
-it evicts its other local copies and tries again; if the dataset still does not fit, the job
-fails with a clear `storage_full` error. The store here is another directory (file://), and the
-full disk is a write that fails with ENOSPC, as a real full disk's would (tests/faults mounts a
-real tmpfs for the upload path; this drives the same errno through the fetch)."""
+"""Faults of the object store and of a worker's local disk (its data directory is only a cache
+of a remote store). A full disk: the worker evicts its other local copies and tries again; if the
+dataset still does not fit, the job fails with a clear `storage_full` error. A store that cannot
+be reached: jobs, ingests and exports wait for it instead of failing. The store here is another
+directory (file://); the full disk is a write that fails with ENOSPC, as a real full disk's would
+(tests/faults mounts a real tmpfs for the upload path), and the unreachable store is boto3's
+failure as app.core.objects reports it."""
 
 import errno
 import os
@@ -62,3 +64,32 @@ def test_a_full_disk_evicts_the_cache_then_fails_the_job_clearly(shared_store, c
     failed = client.get(f"/v1/jobs/{job['id']}").json()
     assert failed["error"]["code"] == "storage_full" and "no room" in failed["error"]["message"]
     assert not any((settings_env / "staging").glob("fetch-*"))  # no half-fetched copy left
+
+
+def test_work_waits_for_a_store_that_is_down_instead_of_failing(shared_store, client, settings_env, monkeypatch):
+    """The object store cannot be reached: a job, an ingest and an export go back to waiting (the
+    sweeper sends them again after REDISPATCH_SECONDS), none fails, none is lost."""
+    from app.core.objects import StorageUnavailable
+    from app.datasets.runner import run_ingest
+
+    dataset = upload_ready(client, colour_dataset_zip())
+    with session_scope() as session:
+        key = session.get(Dataset, dataset["id"]).content_key
+    shutil.rmtree(settings_env / key)  # this machine must fetch it
+
+    def down(*_args, **_kwargs):
+        raise StorageUnavailable("The object store cannot be reached: connection refused.")
+
+    monkeypatch.setattr(objects.FileStore, "get", down)
+    monkeypatch.setattr(objects.FileStore, "keys", down)
+    job = client.post("/v1/jobs", json={"dataset_id": dataset["id"], "backbone": "mobilenetv2_100"}).json()
+    assert run_job(job["id"]).status == "queued"
+    waiting = client.get(f"/v1/jobs/{job['id']}").json()
+    assert waiting["status"] == "queued" and waiting["worker"] is None and waiting["error"] is None
+    events = [e["message"] for e in client.get(f"/v1/jobs/{job['id']}/events").json()["data"]]
+    assert events[-1].startswith("queued again, waiting for the object store")
+
+    other = client.post("/v1/datasets", files={"file": ("c.zip", colour_dataset_zip(6))}).json()
+    assert not (settings_env / "uploads" / other["id"]).exists()  # the API keeps no copy: the worker fetches it
+    assert run_ingest(other["id"]) == "waiting"
+    assert client.get(f"/v1/datasets/{other['id']}").json()["status"] == "processing"
