@@ -48,14 +48,19 @@ def run_worker(background: bool, extra: list[str]) -> None:
         os.nice(settings.background_nice)
     elif settings.worker_metrics_port:
         # Each job runs in a pool process of its own: they write their metrics to this directory,
-        # and the worker's main process serves them all (prometheus-client's multiprocess mode;
-        # the variable must be set before any of them imports prometheus-client).
-        directory = settings.data_dir / "metrics" / f"worker-{os.getpid()}"
-        shutil.rmtree(directory, ignore_errors=True)
-        directory.mkdir(parents=True)
-        os.environ["PROMETHEUS_MULTIPROC_DIR"] = str(directory)
+        # and the worker's main process serves them all.
+        multiprocess_metrics_dir(settings.data_dir / "metrics" / f"worker-{os.getpid()}")
     argv = worker_argv(background, extra)
     os.execv(argv[0], argv)
+
+
+def multiprocess_metrics_dir(directory) -> None:
+    """prometheus-client's multiprocess mode for this process's children: they write their
+    metrics to files in a fresh `directory`, and whoever serves /metrics adds them up. (The
+    variable must be set before any of them imports prometheus-client.)"""
+    shutil.rmtree(directory, ignore_errors=True)
+    directory.mkdir(parents=True)
+    os.environ["PROMETHEUS_MULTIPROC_DIR"] = str(directory)
 
 
 def migrate() -> None:
@@ -98,9 +103,12 @@ def serve(host: str, port: int, workers: int | None = None) -> None:
     """The API in `workers` processes (default VISIONTUNE_API_WORKERS): one Python process runs its
     request handling on one core at a time (the GIL), so a machine with cores to spare serves more
     with more processes. Each has its own model cache and micro-batcher."""
-    workers = workers or get_settings().api_workers
+    settings = get_settings()
+    workers = workers or settings.api_workers
     if workers > 1:
         migrate()  # once, before the processes race to do it
+        if settings.metrics_enabled:  # one /metrics for all the processes: each writes its own files here
+            multiprocess_metrics_dir(settings.data_dir / "metrics" / f"api-{os.getpid()}")
     uvicorn.run("app.main:app", host=host, port=port, workers=workers, log_level="info")
 
 

@@ -2,6 +2,7 @@
 
 import gc
 import logging
+import os
 from contextlib import asynccontextmanager
 from typing import Any
 
@@ -14,7 +15,14 @@ from sqlalchemy import text
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.routing import compile_path
 
-from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, CollectorRegistry, generate_latest, start_http_server
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    REGISTRY,
+    CollectorRegistry,
+    generate_latest,
+    multiprocess,
+    start_http_server,
+)
 from prometheus_client.registry import Collector
 
 from app.backbones.router import router as backbones_router
@@ -116,7 +124,11 @@ def metrics_registry() -> CollectorRegistry:
             yield from state.collect()
 
     registry = CollectorRegistry(auto_describe=False)
-    registry.register(Everything())
+    if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):  # several API processes: the sum of all of theirs
+        multiprocess.MultiProcessCollector(registry)
+        registry.register(state)
+    else:
+        registry.register(Everything())
     return registry
 
 

@@ -306,6 +306,12 @@ def test_several_api_processes_serve_the_same_predictions(stack, probe, tmp_path
             got = response.json()["predictions"][0]["labels"]
             assert [l["label"] for l in got] == [l["label"] for l in want[0]["labels"]]
             assert [l["score"] for l in got] == pytest.approx([l["score"] for l in want[0]["labels"]], abs=1e-5)
+        # One /metrics for both processes: their counts add up, whichever process answers the scrape.
+        from prometheus_client.parser import text_string_to_metric_families
+
+        families = text_string_to_metric_families(http.get("/metrics").text)
+        predicted = sum(s.value for f in families for s in f.samples if s.name == "visiontune_predicted_images_total")
+        assert predicted == len(responses)
         http.close()
     finally:
         api.stop()
