@@ -190,6 +190,11 @@ def local_artifact(settings: Settings, model_id: str) -> Path:
     return local_copy(artifact_key(model_id), settings.artifact_cache_bytes)
 
 
+def model_exists(model_id: str) -> bool:
+    with session_scope() as session:
+        return session.get(Model, model_id) is not None
+
+
 def export_ready(model_id: str) -> bool:
     with session_scope() as session:
         return session.scalar(select(Export.id).where(Export.model_id == model_id, Export.status == "ready")) is not None

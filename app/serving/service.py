@@ -24,7 +24,7 @@ from app.core.config import Settings
 from app.core.errors import DeadlineExceeded, Invalid, NotFound
 from app.core.storage import capped_body, parse_multipart
 from app.db.tables import Model
-from app.models.service import export_ready, local_artifact, local_onnx
+from app.models.service import export_ready, local_artifact, local_onnx, model_exists
 from app.serving import predictor
 from app.serving.predictor import LoadedModel, ModelCache
 
@@ -113,11 +113,13 @@ class Serving:
     def _load(self, model_id: str) -> LoadedModel:
         try:
             directory = local_artifact(self.settings, model_id)  # fetched from the object store on first use
-        except FileNotFoundError:
-            directory = None
-        if directory is None or not directory.is_dir():  # deleted since this request found its row
-            raise NotFound(f"Model '{model_id}' was deleted.", code="model_not_found")
-        return self.cache.get(model_id, directory, local_onnx(self.settings, model_id))
+            return self.cache.get(model_id, directory, local_onnx(self.settings, model_id))
+        except Exception:
+            # Deleted since this request found its row (the row goes first, then the files, which
+            # may vanish under the load): that is a 404, not a server error.
+            if not model_exists(model_id):
+                raise NotFound(f"Model '{model_id}' was deleted.", code="model_not_found") from None
+            raise
 
     async def _export_appeared(self, model_id: str) -> bool:
         """Whether a worker has finished an export of a model loaded without one: asked of the
