@@ -191,8 +191,9 @@ def local_artifact(settings: Settings, model_id: str) -> Path:
 
 
 def model_exists(model_id: str) -> bool:
+    """Whether the row of a model, already found for its tenant, is still there (serving asks)."""
     with session_scope() as session:
-        return session.get(Model, model_id) is not None
+        return session.scalar(select(Model.id).where(Model.id == model_id)) is not None
 
 
 def export_ready(model_id: str) -> bool:
