@@ -42,7 +42,7 @@ class Work:
     task: str
     waiting: str
     held: str
-    queue_of: Callable[[Any], str | None] = lambda row: None  # a row's queue, when rows go to different ones
+    queue_of: Callable[[Any], str] | None = None  # a row's queue, when rows of a kind go to different ones
 
     def unfinished(self):
         return self.table.status.in_({self.waiting, self.held})
@@ -63,10 +63,12 @@ def dispatch(session: Session, work: Work, ids: list[str]) -> list[str]:
     """Send a message for each row and record when; the ids whose message could not be sent stay
     for the sweeper (the broker may be down: the rows are the truth)."""
     sent = []
-    rows = {row.id: row for row in session.scalars(select(work.table).where(work.table.id.in_(ids)))}
+    queues = {}
+    if work.queue_of is not None:  # only then are the rows read
+        queues = {row.id: work.queue_of(row) for row in session.scalars(select(work.table).where(work.table.id.in_(ids)))}
     for row_id in ids:
         try:
-            broker.enqueue(work.task, row_id, work.queue_of(rows[row_id]) if row_id in rows else None)
+            broker.enqueue(work.task, row_id, queues.get(row_id))
         except Exception as exc:  # any broker failure: the sweeper tries again
             logger.warning("%s %s not dispatched (the sweeper will retry): %s", work.table.__tablename__, row_id, exc)
             continue
