@@ -3,10 +3,11 @@ mobilenetv2_100 on hymenoptera, through the real service: `visiontune up` (API +
 the embedded broker, or on Redis with --broker redis://...), real HTTP, real weights, default
 settings ("strategy": "auto" picks the linear probe for this dataset).
 
-    python bench/e2e_linear_probe.py [--broker URL] [--backbone mobilenetv2_100] [--distributed]
+    python bench/e2e_linear_probe.py [--broker URL] [--backbone mobilenetv2_100] [--distributed [--repeat N]]
 
 With --distributed, the same run is made again on PostgreSQL, Redis and an S3 store (moto's
-server, all on 127.0.0.1), and the ratio of the two upload -> served times is printed.
+server, all on 127.0.0.1), and the ratio of the two upload -> served times is printed; with
+--repeat N, N such pairs, and the median ratio (timings on a shared machine are noisy).
 
 Prints one block of figures, and beside them the hand-written frozen-backbone baseline (the
 PyTorch transfer-learning tutorial recipe with timm, bench/handwritten.py) timed in the same run.
@@ -16,6 +17,7 @@ the first prediction from the new model comes back.
 
 import argparse
 import os
+import statistics
 import sys
 import tempfile
 import time
@@ -51,19 +53,23 @@ def main() -> None:
     parser.add_argument("--backbone", default="mobilenetv2_100")
     parser.add_argument("--distributed", action="store_true",
                         help="also run on PostgreSQL, Redis and an S3 store (moto's server), and compare")  # fmt: skip
+    parser.add_argument("--repeat", type=int, default=1, help="with --distributed: pairs of runs (median ratio)")
     args = parser.parse_args()
 
     settings = {"broker_url": args.broker} if args.broker else {}
-    runs = {}
+    runs, ratios = {}, []
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         archive = zip_hymenoptera(root / "hymenoptera.zip")
-        runs[args.broker or "embedded (SQLite, sqla+sqlite broker, local files)"] = upload_to_served(
-            root / "embedded", archive, args.backbone, {}, **settings)  # fmt: skip
-        if args.distributed:
-            with distributed_backends(root) as environment:
-                runs["PostgreSQL + Redis + S3 (moto)"] = upload_to_served(root / "distributed", archive, args.backbone,
-                                                                          environment)  # fmt: skip
+        for attempt in range(args.repeat if args.distributed else 1):
+            runs[args.broker or "embedded (SQLite, sqla+sqlite broker, local files)"] = upload_to_served(
+                root / f"embedded-{attempt}", archive, args.backbone, {}, **settings)  # fmt: skip
+            if args.distributed:
+                with distributed_backends(root) as environment:
+                    runs["PostgreSQL + Redis + S3 (moto)"] = upload_to_served(
+                        root / f"distributed-{attempt}", archive, args.backbone, environment)  # fmt: skip
+                embedded, distributed = runs.values()
+                ratios.append(distributed["total"] / embedded["total"])
 
     baseline = frozen_tutorial(args.backbone) if args.backbone in WEIGHTS else None
     first = next(iter(runs.values()))
@@ -77,9 +83,9 @@ def main() -> None:
         print(f"first prediction (cold)      {run['predict']:6.1f} s")
         print(f"upload -> served model       {run['total']:6.1f} s")
         print(f"val accuracy                 {run['job']['metrics']['val_accuracy']:.4f}")
-    if len(runs) == 2:
-        embedded, distributed = runs.values()
-        print(f"distributed / embedded       {distributed['total'] / embedded['total']:6.2f}x upload -> served")
+    if ratios:
+        print(f"distributed / embedded       {statistics.median(ratios):6.2f}x upload -> served (median of "
+              f"{', '.join(f'{ratio:.2f}' for ratio in ratios)}; figures above: the last pair)")  # fmt: skip
     print(f"cpu threads                  {os.cpu_count()}")
     if baseline:
         print(f"hand-written frozen baseline {baseline['seconds']:6.1f} s, val accuracy {baseline['val_accuracy']:.4f} "

@@ -12,12 +12,13 @@ import subprocess
 import sys
 from pathlib import Path
 
-from celery.signals import after_setup_logger, after_setup_task_logger, worker_ready, worker_shutting_down
+from celery.signals import after_setup_logger, after_setup_task_logger, worker_init, worker_ready, worker_shutting_down
 from prometheus_client import CollectorRegistry, multiprocess, start_http_server
 
 from app.core import logs
 from app.core.broker import get_celery
 from app.core.config import get_settings
+from app.core.objects import get_store
 from app.core.outbox import release
 
 celery_app = get_celery()
@@ -35,6 +36,14 @@ def _start_sweeper(sender, **_) -> None:
     # It also announces the queues this worker consumes (a GPU job's events say when none does).
     queues = ",".join(sender.app.amqp.queues.consume_from)
     _sweeper = subprocess.Popen([sys.executable, "-m", "app.sweeper", queues])
+
+
+@worker_init.connect
+def _open_store(**_) -> None:
+    # Before the pool's processes are forked (one per task): each then inherits the store's client
+    # instead of importing boto3 and loading its S3 model again (0.25 s a task). It has made no
+    # request, so there is no connection to share.
+    get_store()
 
 
 @after_setup_logger.connect

@@ -28,6 +28,11 @@ class Settings(BaseSettings):
     artifact_cache_bytes: int = Field(
         10 * 1024**3, gt=0, description="With a remote store: local copies of model artifacts and exports (LRU beyond)."
     )
+    checkpoint_upload_seconds: float = Field(
+        60.0, ge=0, description="With a remote store: a job's checkpoint is sent at the end of the first epoch after "
+        "each this many seconds of training (a worker that dies loses at most this much, plus the epoch under way); "
+        "0: every epoch."
+    )
     weights_dir: Path | None = Field(
         None, description="Local pretrained weights: <architecture>[.<tag>].safetensors files."
     )

@@ -1,8 +1,9 @@
 """Durable bytes: one small interface over an object store (`STORAGE_URL`).
 
-Keys are the paths of the files below the data directory (`datasets/<sha256>/train/ants/1.jpg`,
-`models/<id>/model.safetensors`, `jobs/<id>/last.pth.tar`, `exports/<id>/model.onnx`,
-`uploads/<dataset id>`), so every process's data directory is a local copy of part of the store:
+Keys are the paths of the files below the data directory (`models/<id>/model.safetensors`,
+`jobs/<id>/checkpoint.pt`, `exports/<id>/model.onnx`, `uploads/<dataset id>`), so every process's
+data directory is a local copy of part of the store. A dataset's images are one object,
+`datasets/<sha256>` (a tar of the directory of that name; see `put_packed`):
 - `file://DIR` (the default: the data directory itself). With the default, the local copy *is*
   the store, and `put`/`get` have nothing to copy. Another directory (a shared mount) gets copies.
 - `s3://bucket/prefix`: any S3-compatible store through boto3, configured only by the standard
@@ -23,9 +24,11 @@ import errno
 import os
 import secrets
 import shutil
+import tarfile
 import tempfile
 from abc import ABC, abstractmethod
 from collections.abc import Iterator
+from typing import BinaryIO
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from functools import lru_cache
@@ -35,7 +38,7 @@ from urllib.parse import unquote, urlparse
 from app.core.config import Settings, get_settings
 from app.core.errors import AppError
 
-TRANSFER_THREADS = 8  # objects fetched or sent at once for a directory (a dataset has thousands)
+TRANSFER_THREADS = 8  # objects fetched or sent at once for a directory
 
 
 class StorageUnavailable(AppError):
@@ -63,6 +66,10 @@ class ObjectStore(ABC):
     @abstractmethod
     def get(self, key: str, path: Path) -> None:
         """Fetch an object to `path` (written under a temporary name, then renamed)."""
+
+    @abstractmethod
+    def open(self, key: str) -> BinaryIO:
+        """A stream of the object's bytes (to be closed by the caller)."""
 
     @abstractmethod
     def keys(self, prefix: str) -> list[str]:
@@ -93,6 +100,32 @@ class ObjectStore(ABC):
         self._each(lambda key: self.get(key, target / key[len(prefix) + 1 :]), keys)
         return bool(keys)
 
+    def put_packed(self, prefix: str) -> None:
+        """Send the local directory `prefix` as one object: an uncompressed tar (images are
+        compressed already). A dataset is thousands of small files, and a request per file costs
+        more than its bytes: hymenoptera's 396 images took 1.65 s to moto's server one by one,
+        0.33 s as one tar."""
+        if self.is_local:
+            return
+        staging = self.data_dir / "staging"
+        staging.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=staging, prefix="pack-", suffix=".tar") as packed:
+            with tarfile.open(fileobj=packed, mode="w") as archive:
+                archive.add(self.local(prefix), arcname=".")
+            packed.flush()
+            self.put(prefix, Path(packed.name))
+
+    def get_packed(self, key: str, into: Path) -> bool:
+        """Unpack the object `key` written by `put_packed` into `into` as it streams in; False if
+        there is no such object."""
+        try:
+            stream = self.open(key)
+        except FileNotFoundError:
+            return False
+        with stream, tarfile.open(fileobj=stream, mode="r|") as archive:
+            archive.extractall(into, filter="data")  # refuses links and paths out of `into`
+        return True
+
     @staticmethod
     def _each(action, items) -> None:
         with ThreadPoolExecutor(TRANSFER_THREADS) as pool:
@@ -117,6 +150,9 @@ class FileStore(ObjectStore):
         if not source.is_file():
             raise FileNotFoundError(f"no object {key!r} in {self.root}")
         _copy(source, path)
+
+    def open(self, key: str) -> BinaryIO:
+        return (self.root / key).open("rb")
 
     def keys(self, prefix: str) -> list[str]:
         base = self.root / prefix
@@ -183,6 +219,14 @@ class S3Store(ObjectStore):
             Path(temporary).unlink(missing_ok=True)
             raise
 
+    def open(self, key: str) -> BinaryIO:
+        with self._errors(key):
+            return self.client.get_object(Bucket=self.bucket, Key=self._key(key))["Body"]
+
+    def get_packed(self, key: str, into: Path) -> bool:
+        with self._errors(key):  # the connection may also fail while the body streams in
+            return super().get_packed(key, into)
+
     def keys(self, prefix: str) -> list[str]:
         found, strip = [], len(self._key(""))
         with self._errors(prefix):
@@ -203,8 +247,9 @@ class S3Store(ObjectStore):
             self.client.head_bucket(Bucket=self.bucket)
 
 
-def local_copy(key: str, budget: int) -> Path:
-    """The local directory of the objects below `key`: with a remote store, fetched on first use
+def local_copy(key: str, budget: int, packed: bool = False) -> Path:
+    """The local directory of the objects below `key` (or of the one object `key` when `packed`,
+    see `put_packed`): with a remote store, fetched on first use
     (into staging, then renamed into place, so that a half-fetched copy is never used), and the
     local copies beside it evicted, least recently used first, beyond `budget` bytes. With the
     default store the directory is the store itself, and is returned as it is."""
@@ -216,9 +261,10 @@ def local_copy(key: str, budget: int) -> Path:
         os.utime(path)  # used now: the last to be evicted
         return path
     staging = store.data_dir / "staging" / f"fetch-{secrets.token_hex(6)}"
+    fetch = store.get_packed if packed else store.get_tree
     try:
         try:
-            found = store.get_tree(key, staging)
+            found = fetch(key, staging)
         except OSError as exc:
             if exc.errno not in (errno.ENOSPC, errno.EDQUOT):
                 raise
@@ -227,7 +273,7 @@ def local_copy(key: str, budget: int) -> Path:
             if path.parent.is_dir():
                 evict(path.parent, 0, keep=path)
             try:
-                found = store.get_tree(key, staging)
+                found = fetch(key, staging)
             except OSError as again:
                 if again.errno not in (errno.ENOSPC, errno.EDQUOT):
                     raise

@@ -110,7 +110,7 @@ def _ready(settings: Settings, dataset_id: str, me: str, result: IngestResult, s
             except OSError:  # the same images, ingested for another upload at this very moment
                 if not final.is_dir():
                     raise
-            store.put_tree(key)
+            store.put_packed(key)
         session.commit()
     store.delete(upload_key(dataset_id))
     remove_quietly(upload_path(settings, dataset_id))

@@ -98,7 +98,7 @@ def list_datasets(session: Session, tenant_id: str, limit: int) -> list[Dataset]
 def local_dataset(settings: Settings, dataset: Dataset) -> Path:
     """The dataset's images on this machine (a local copy of the object store's, fetched on
     first use with a remote store)."""
-    return local_copy(dataset.content_key, settings.dataset_cache_bytes)
+    return local_copy(dataset.content_key, settings.dataset_cache_bytes, packed=True)
 
 
 def upload_key(dataset_id: str) -> str:

@@ -39,3 +39,18 @@ def test_a_cache_keeps_the_most_recently_used_within_its_budget(tmp_path):
         os.utime(tmp_path / name, (past, past))
     assert evict(tmp_path, budget=150, keep=tmp_path / "old") == ["middle", "new"]  # `keep` is about to be used
     assert sorted(p.name for p in tmp_path.iterdir()) == ["old"]
+
+
+def test_a_dataset_directory_is_one_object_and_unpacks_whole(tmp_path):
+    store = make_store(Settings(data_dir=tmp_path / "var", storage_url=(tmp_path / "shared store").as_uri()))
+    local = store.local("datasets/abc")
+    (local / "train" / "ants").mkdir(parents=True)
+    (local / "train" / "ants" / "1.jpg").write_bytes(b"j" * 5000)
+    (local / "val.txt").write_text("v")
+    store.put_packed("datasets/abc")
+    assert (tmp_path / "shared store" / "datasets" / "abc").is_file()  # one object, not a file per image
+    assert store.get_packed("datasets/abc", tmp_path / "unpacked")
+    assert (tmp_path / "unpacked" / "train" / "ants" / "1.jpg").read_bytes() == b"j" * 5000
+    assert (tmp_path / "unpacked" / "val.txt").read_text() == "v"
+    store.delete("datasets/abc")
+    assert not store.get_packed("datasets/abc", tmp_path / "none")

@@ -3,11 +3,16 @@ go in and come back whole, a store that cannot be reached is reported, and the w
 upload to prediction keeps nothing durable on local disk (it is only a cache there)."""
 
 import shutil
+from pathlib import Path
 
 import boto3
 import pytest
 
+from app.core.config import get_settings
+from app.core.db import session_scope
 from app.core.objects import S3Store, StorageUnavailable, get_store
+from app.datasets.service import local_dataset
+from app.db.tables import Dataset
 from app.datasets.runner import run_ingest
 from app.jobs.runner import run_job
 from tests.archives import colour_dataset_zip, zip_tree
@@ -22,6 +27,10 @@ def bucket_keys(s3_server, storage_url: str) -> list[str]:
                           aws_access_key_id="test", aws_secret_access_key="test")  # fmt: skip
     pages = client.get_paginator("list_objects_v2").paginate(Bucket=bucket)
     return sorted(item["Key"] for page in pages for item in page.get("Contents", []))
+
+
+def files_of(directory: Path) -> dict[str, bytes]:
+    return {p.relative_to(directory).as_posix(): p.read_bytes() for p in directory.rglob("*") if p.is_file()}
 
 
 def test_objects_go_in_and_come_back_whole(s3_storage, tmp_path):
@@ -65,7 +74,8 @@ def test_a_store_that_cannot_be_reached_is_reported(settings_env, monkeypatch):
     assert "nowhere" in ready.json()["storage_error"]
 
 
-def test_upload_to_prediction_with_nothing_durable_on_local_disk(s3_storage, s3_server, client, settings_env, tmp_path):
+def test_upload_to_prediction_with_nothing_durable_on_local_disk(s3_storage, s3_server, client, settings_env, tmp_path,
+                                                                 monkeypatch):
     archive = zip_tree(HYMENOPTERA, tmp_path / "small.zip", per_class={"train": 6, "val": 4})
     accepted = client.post("/v1/datasets", files={"file": ("small.zip", archive.read_bytes())})
     assert accepted.status_code == 202, accepted.text
@@ -76,19 +86,30 @@ def test_upload_to_prediction_with_nothing_durable_on_local_disk(s3_storage, s3_
     assert run_ingest(dataset_id) == "ready"  # fetched the archive from the store
     keys = bucket_keys(s3_server, s3_storage)
     images = [key for key in keys if key.startswith("visiontune/datasets/")]
-    assert len(images) == 20 and not any("uploads/" in key for key in keys)
+    assert len(images) == 1 and not any("uploads/" in key for key in keys)  # its 20 images, as one object
 
     job = client.post("/v1/jobs", json={"dataset_id": dataset_id, "backbone": "mobilenetv2_100",
                                         "strategy": "linear_probe", "hyperparameters": {"epochs": 2}}).json()  # fmt: skip
+    sent = []
+    original_put = S3Store.put
+    monkeypatch.setattr(S3Store, "put", lambda store, key, path: (sent.append(key), original_put(store, key, path))[1])
     assert run_job(job["id"]).status == "succeeded"
+    # Two quick epochs: shorter than CHECKPOINT_UPLOAD_SECONDS (60), so no checkpoint was sent
+    # (tests/e2e/test_multi_host.py sets it to 0 and resumes from what was sent).
+    assert not [key for key in sent if key.startswith("jobs/")]
     model_id = client.get(f"/v1/jobs/{job['id']}").json()["model_id"]
     keys = bucket_keys(s3_server, s3_storage)
     assert f"visiontune/models/{model_id}/model.safetensors" in keys
     assert not any(key.startswith(f"visiontune/jobs/{job['id']}") for key in keys)  # its checkpoint went with it
 
     # The local data directory is only a cache: empty it, and the model is fetched and served.
+    with session_scope() as session:
+        dataset = session.get(Dataset, dataset_id)
+    ingested = files_of(local_dataset(get_settings(), dataset))
+    assert len(ingested) == 20
     for folder in ("datasets", "models"):
         shutil.rmtree(settings_env / folder, ignore_errors=True)
+    assert files_of(local_dataset(get_settings(), dataset)) == ingested  # unpacked again from that one object
     image = sorted((HYMENOPTERA / "val" / "bees").iterdir())[0]
     predicted = client.post(f"/v1/models/{model_id}/predict", files={"files": (image.name, image.read_bytes())})
     assert predicted.status_code == 200, predicted.text

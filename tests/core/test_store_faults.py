@@ -39,14 +39,14 @@ def test_a_full_disk_evicts_the_cache_then_fails_the_job_clearly(shared_store, c
     (old / "image.jpg").write_bytes(b"x" * 1000)
     os.utime(old, (time.time() - 3600,) * 2)
 
-    real_get = objects.FileStore.get
+    real_get_packed = objects.FileStore.get_packed
 
-    def full_while_old_is_kept(store, object_key, path):
+    def full_while_old_is_kept(store, object_key, into):
         if old.exists():
-            raise OSError(errno.ENOSPC, "No space left on device", str(path))
-        return real_get(store, object_key, path)
+            raise OSError(errno.ENOSPC, "No space left on device", str(into))
+        return real_get_packed(store, object_key, into)
 
-    monkeypatch.setattr(objects.FileStore, "get", full_while_old_is_kept)
+    monkeypatch.setattr(objects.FileStore, "get_packed", full_while_old_is_kept)
     job = client.post("/v1/jobs", json={"dataset_id": dataset["id"], "backbone": "mobilenetv2_100",
                                         "strategy": "linear_probe", "hyperparameters": {"epochs": 1}}).json()  # fmt: skip
     assert run_job(job["id"]).status == "succeeded"
@@ -54,10 +54,10 @@ def test_a_full_disk_evicts_the_cache_then_fails_the_job_clearly(shared_store, c
 
     shutil.rmtree(settings_env / key)
 
-    def always_full(store, object_key, path):
-        raise OSError(errno.ENOSPC, "No space left on device", str(path))
+    def always_full(store, object_key, into):
+        raise OSError(errno.ENOSPC, "No space left on device", str(into))
 
-    monkeypatch.setattr(objects.FileStore, "get", always_full)
+    monkeypatch.setattr(objects.FileStore, "get_packed", always_full)
     job = client.post("/v1/jobs", json={"dataset_id": dataset["id"], "backbone": "mobilenetv2_100",
                                         "strategy": "linear_probe"}).json()  # fmt: skip
     assert run_job(job["id"]).status == "failed"
