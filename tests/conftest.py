@@ -120,7 +120,46 @@ def settings_env(tmp_path, monkeypatch, database_url) -> Path:
     _isolate_hub(monkeypatch, tmp_path)  # a fresh, empty Hub cache for each test
     _clear_caches()
     yield data_dir
+    if data_dir.exists():
+        served_predictions_reproduce_reported_accuracy()
     _clear_caches()
+
+
+def served_predictions_reproduce_reported_accuracy() -> None:
+    """After every test: each model a job of the test trained, loaded and run exactly as the
+    prediction endpoint does, on its job's validation images, gets the validation accuracy that
+    its job reported, image for image. A job that reports metrics of a model other than the one
+    served (another input size, another tag's preprocessing, bf16 where serving runs fp32) fails
+    here, whatever the test was about."""
+    from sqlalchemy import select
+
+    from app.core.config import get_settings
+    from app.core.db import session_scope
+    from app.db.tables import Dataset, Job, Model
+    from app.jobs.service import data_split
+    from app.models.service import local_artifact, local_onnx
+    from app.serving.predictor import ModelCache, preprocess
+
+    settings = get_settings()
+    with session_scope() as session:
+        trained = session.execute(
+            select(Model, Job).join(Job, Job.id == Model.job_id).join(Dataset, Dataset.id == Job.dataset_id)
+        ).all()
+        for model, job in trained:
+            _, val = data_split(session, settings, job)
+            cache = ModelCache(2**40, 8, 0.0, settings.serving_runtime)
+            loaded = cache.get(model.id, local_artifact(settings, model.id), local_onnx(settings, model.id))
+            correct = 0
+            for start in range(0, len(val), 16):
+                batch = val[start : start + 16]
+                pixels = preprocess(loaded, [(path.name, path.read_bytes()) for path, _ in batch], settings.max_image_pixels)
+                predicted = loaded.probabilities(pixels).argmax(dim=1).tolist()
+                correct += sum(p == label for p, (_, label) in zip(predicted, batch))
+            loaded.batcher.close()
+            reported = model.metrics["val_accuracy"]
+            assert correct == round(reported * len(val)), (
+                f"model {model.id} ({job.strategy}, {job.backbone}, {job.hyperparameters.get('img_size')}): served "
+                f"predictions get {correct}/{len(val)} right, its job reported val_accuracy {reported}")
 
 
 @pytest.fixture

@@ -24,6 +24,13 @@ class WeightsLookup:
     file: Path | None
     source: str | None  # "local" | "hub-cache" | None
     searched: list[str] = field(default_factory=list)
+    tag: str = ""  # the pretrained tag the file holds ("": timm's default, for `<architecture>.safetensors`)
+
+    def model_name(self, architecture: str) -> str:
+        """The timm name to build: with the tag of these weights, so that its pretrained config
+        (preprocessing, input size) goes with them; a local file under a tag timm does not know
+        (e.g. `mobilenetv2_100.tv_in1k`) gets the architecture's default config."""
+        return f"{architecture}.{self.tag}" if self.tag in pretrained_tags(architecture) else architecture
 
     def explain(self) -> str:
         if self.file:
@@ -73,6 +80,7 @@ def find_weights(settings: Settings, architecture: str, tag: str = "") -> Weight
         for path in candidates:
             if path.is_file():
                 lookup.file, lookup.source = path, "local"
+                lookup.tag = path.name.removesuffix(".safetensors").removeprefix(architecture).removeprefix(".")
                 return lookup
         lookup.searched.append(f"{settings.weights_dir}/{architecture}{'.' + tag if tag else '[.<tag>]'}.safetensors")
     else:
@@ -85,7 +93,7 @@ def find_weights(settings: Settings, architecture: str, tag: str = "") -> Weight
             continue
         cached = try_to_load_from_cache(hub_id, "model.safetensors")
         if isinstance(cached, str):
-            lookup.file, lookup.source = Path(cached), "hub-cache"
+            lookup.file, lookup.source, lookup.tag = Path(cached), "hub-cache", hub_tag
             return lookup
         lookup.searched.append(f"Hugging Face Hub cache: {hub_id}/model.safetensors")
     return lookup

@@ -160,7 +160,8 @@ class _DatabaseReporter:
     def epoch_end(self, record: dict[str, Any]) -> None:
         message = (
             f"epoch {record['epoch']}/{record['epochs']}: train_loss {record['train_loss']:.4f}, "
-            f"val_accuracy {record['val_accuracy']:.4f}"
+            f"val_accuracy {record['val_accuracy']:.4f} (95% interval {record['val_accuracy_ci95'][0]:.3f}-"
+            f"{record['val_accuracy_ci95'][1]:.3f})"
         )
         if time.monotonic() - self._sent_at >= self.upload_seconds:
             # Sending a checkpoint to a remote store takes a while: the job keeps beating meanwhile.
@@ -199,12 +200,12 @@ def _train(job_id: str, me: str, settings: Settings, loader_context) -> None:
         hp = dict(job.hyperparameters)
 
     architecture, tag = split_backbone(backbone, settings)
-    weights_file = None
+    weights_file, timm_name = None, backbone
     if pretrained:
         lookup = find_weights(settings, architecture, tag)
         if lookup.file is None:
             raise AppError(lookup.explain(), code="weights_not_found")
-        weights_file = lookup.file
+        weights_file, timm_name = lookup.file, lookup.model_name(architecture)
         with session_scope() as session:
             add_event(session, job_id, "weights", lookup.explain(), {"source": lookup.source, "file": str(lookup.file)})
 
@@ -222,7 +223,7 @@ def _train(job_id: str, me: str, settings: Settings, loader_context) -> None:
         threads = torch.get_num_threads()
         add_event(session, job_id, "device", f"training on {device} with {threads} threads", {"device": str(device), "threads": threads})
     model = build_model(
-        architecture, len(class_names), weights_file=weights_file, drop_path_rate=hp.drop_path_rate, img_size=hp.img_size
+        timm_name, len(class_names), weights_file=weights_file, drop_path_rate=hp.drop_path_rate, img_size=hp.img_size
     )
     work_dir = settings.jobs_dir / job_id
     if not (work_dir / CHECKPOINT_NAME).exists():  # resumed on another machine: its last checkpoint
@@ -278,7 +279,8 @@ def _register(
 
 
 def _summary(metrics: dict[str, Any]) -> dict[str, Any]:
-    keys = ("val_accuracy", "val_top5_accuracy", "macro_f1", "val_loss", "best_epoch", "stopped_early", "calibration")
+    keys = ("val_accuracy", "val_accuracy_ci95", "val_images", "val_top5_accuracy", "val_top5_accuracy_ci95",
+            "macro_f1", "val_loss", "best_epoch", "stopped_early", "calibration")  # fmt: skip
     return {key: metrics[key] for key in keys if key in metrics}
 
 

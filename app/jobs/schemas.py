@@ -59,7 +59,8 @@ class JobOut(BaseModel):
     status: JobStatus
     progress: Progress
     metrics: dict[str, Any] = Field(
-        description="While running: the latest epoch's. Once succeeded: those of the kept weights (best epoch)."
+        description="While running: the latest epoch's. Once succeeded: those of the kept weights (best epoch), "
+        "measured as they are served; each accuracy with its Wilson 95% interval for `val_images` (`*_ci95`)."
     )
     model_id: str | None
     error: JobError | None

@@ -12,7 +12,7 @@ from torchvision import transforms
 
 
 def build_model(
-    architecture: str,
+    name: str,
     num_classes: int,
     *,
     weights_file: Path | None,
@@ -21,24 +21,34 @@ def build_model(
 ) -> torch.nn.Module:
     """timm.create_model with pretrained weights read from `weights_file` (never downloaded here).
 
+    `name` is "architecture.tag" (or the architecture alone for timm's default tag): the tag
+    decides the pretrained config (interpolation, crop, mean/std, input size) that training,
+    the artifact's config.json, serving and the ONNX export all resolve their preprocessing from,
+    so it must be the tag whose weights `weights_file` holds.
     `weights_file=None` means a randomly initialised model (the job asked for `pretrained: false`).
     timm replaces the ImageNet classifier with a fresh one of `num_classes` outputs.
+    `img_size` trains (and so serves) at that size instead of the tag's.
     """
     kwargs: dict[str, Any] = {"num_classes": num_classes}
     if drop_path_rate:
         kwargs["drop_path_rate"] = drop_path_rate
-    if img_size and timm.get_pretrained_cfg(architecture).fixed_input_size:
+    if img_size and timm.get_pretrained_cfg(name).fixed_input_size:
         kwargs["img_size"] = img_size  # e.g. ViTs: position embeddings are resampled by timm
     if weights_file is None:
-        return timm.create_model(architecture, pretrained=False, **kwargs)
-    model = timm.create_model(
-        architecture, pretrained=True, pretrained_cfg_overlay={"file": str(weights_file)}, **kwargs
-    )
-    # Zero-start the new classifier: its default init (for some timm families uniform in
-    # +-1/sqrt(num_classes)) gives large random logits on pretrained features, which training
-    # then spends its first epochs unlearning.
-    for parameter in model.get_classifier().parameters():
-        torch.nn.init.zeros_(parameter)
+        model = timm.create_model(name, pretrained=False, **kwargs)
+    else:
+        model = timm.create_model(name, pretrained=True, pretrained_cfg_overlay={"file": str(weights_file)}, **kwargs)
+        # Zero-start the new classifier: its default init (for some timm families uniform in
+        # +-1/sqrt(num_classes)) gives large random logits on pretrained features, which training
+        # then spends its first epochs unlearning.
+        for parameter in model.get_classifier().parameters():
+            torch.nn.init.zeros_(parameter)
+    if img_size:
+        # The size is part of the model's own config, which save_for_hf writes to config.json:
+        # what resolves the preprocessing from the model (trainer, serving, export) then agrees.
+        config = {**model.pretrained_cfg, "input_size": (3, img_size, img_size)}
+        config.pop("test_input_size", None)
+        model.pretrained_cfg = config
     return model
 
 

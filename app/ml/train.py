@@ -11,7 +11,7 @@ Strategies (see app/ml/spec.py for the hyperparameters):
 Every epoch reseeds torch, numpy and random from (seed, stage, epoch) and builds its loaders
 from that seed, so a run resumed from the checkpoint written after an epoch continues exactly
 as the uninterrupted run would; the checkpoint holds model, optimizer, scheduler, EMA, early-
-stopping state, history and the best weights so far.
+stopping state, fp16's loss scale, history and the best weights so far.
 """
 
 import contextlib
@@ -124,16 +124,11 @@ class _Run:
         else:
             self.stages = [_Stage("network", hp.epochs, hp.lr)]
 
-        self.amp_dtype = None
-        if hp.amp:
-            cuda_bf16 = device.type == "cuda" and torch.cuda.is_bf16_supported()
-            self.amp_dtype = torch.bfloat16 if device.type == "cpu" or cuda_bf16 else torch.float16
+        self.amp_dtype = amp_dtype_for(device) if hp.amp else None
         self.memory_format = torch.channels_last if hp.channels_last else torch.contiguous_format
         model.to(device=device, memory_format=self.memory_format)
 
-        self.data_config = resolve_model_data_config(model)
-        if hp.img_size:
-            self.data_config["input_size"] = (3, hp.img_size, hp.img_size)
+        self.data_config = resolve_model_data_config(model)  # the model's own: `img_size` is in it (build_model)
         self.eval_transform = create_transform(**self.data_config, is_training=False)
         self.train_transform = create_transform(
             **self.data_config, is_training=True, auto_augment=hp.aa, re_prob=hp.reprob
@@ -369,6 +364,8 @@ class _Run:
                     scheduler.load_state_dict(state["scheduler"])
                     if ema is not None and state.get("ema") is not None:
                         ema.load_state_dict(state["ema"])
+                    if state.get("scaler"):  # fp16's loss scale: as the uninterrupted run has it now
+                        scaler.load_state_dict(state["scaler"])
                     early = state["early"]
 
             for epoch in range(first_epoch, stage.epochs):
@@ -409,6 +406,7 @@ class _Run:
                     "train_loss": train_loss,
                     "val_loss": metrics["val_loss"],
                     "val_accuracy": metrics["val_accuracy"],
+                    "val_accuracy_ci95": metrics["val_accuracy_ci95"],
                     "macro_f1": metrics["macro_f1"],
                     "lr": optimizer.param_groups[0]["lr"],
                     "images_per_second": seen / max(train_seconds, 1e-9),
@@ -420,7 +418,7 @@ class _Run:
                 _save_checkpoint(self.work_dir, {
                     "stage": stage_index, "epoch": epoch + 1, "model": self.model.state_dict(),
                     "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                    "ema": ema.state_dict() if ema is not None else None, "early": early,
+                    "ema": ema.state_dict() if ema is not None else None, "scaler": scaler.state_dict(), "early": early,
                     "history": history, "best": best, "stopped_early": stopped_early,
                 })  # fmt: skip
                 self.reporter.epoch_end(record)
@@ -431,11 +429,14 @@ class _Run:
 
     def _finish(self, best: dict, history: list[dict], stopped_early: bool) -> TrainResult:
         self.model.load_state_dict(best["weights"])
-        # Calibrate what will be served: the kept weights, on the validation split.
+        # The reported metrics and the calibration are those of what will be served: the kept
+        # weights on the validation split, in full precision as the prediction endpoint runs them
+        # (an epoch's own evaluation may have run in bf16, which can flip a close call).
         kind = "probe" if self.strategy == "linear_probe" else "network"
+        self.amp_dtype = None
         logits, targets = self._logits(kind)
         temperature = fit_temperature(logits, targets)
-        metrics = dict(best["metrics"])
+        metrics = classification_metrics(logits, targets, self.class_names)
         metrics["calibration"] = {
             "temperature": temperature,
             "ece_before": expected_calibration_error(logits, targets),
@@ -456,6 +457,13 @@ class _Flipped:
 
     def __call__(self, image):
         return torch.flip(self.transform(image), dims=[-1])
+
+
+def amp_dtype_for(device: torch.device) -> torch.dtype:
+    """bf16 where the device has it (no loss scaling needed), else fp16 with a GradScaler."""
+    if device.type == "cpu" or (device.type == "cuda" and torch.cuda.is_bf16_supported()):
+        return torch.bfloat16
+    return torch.float16
 
 
 def _seed_everything(seed: int, stage: int, epoch: int) -> int:

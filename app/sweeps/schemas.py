@@ -29,6 +29,8 @@ class SweepRow(BaseModel):
     job_id: str
     status: str
     val_accuracy: float | None
+    val_accuracy_ci95: list[float] | None = Field(description="The Wilson 95% interval of val_accuracy for its validation size.")
+    val_images: int | None
     macro_f1: float | None
     seconds: float | None = Field(description="Wall time of the row's linear probe, features included.")
     num_params: int

@@ -46,14 +46,17 @@ def to_out(session: Session, sweep: Sweep) -> SweepOut:
     rows = []
     for job in sorted(jobs.jobs_of_sweep(session, sweep.tenant_id, sweep.id), key=lambda job: job.created_at):
         seconds = (job.finished_at - job.started_at).total_seconds() if job.finished_at and job.started_at else None
+        done = job.metrics if job.status == "succeeded" else {}
         rows.append(
             SweepRow(
                 rank=None,
                 backbone=job.backbone,
                 job_id=job.id,
                 status=job.status,
-                val_accuracy=job.metrics.get("val_accuracy") if job.status == "succeeded" else None,
-                macro_f1=job.metrics.get("macro_f1") if job.status == "succeeded" else None,
+                val_accuracy=done.get("val_accuracy"),
+                val_accuracy_ci95=done.get("val_accuracy_ci95"),
+                val_images=done.get("val_images"),
+                macro_f1=done.get("macro_f1"),
                 seconds=seconds,
                 num_params=model_shape(split_model_name_tag(job.backbone)[0])[0],
                 model_id=job.model_id,

@@ -57,10 +57,11 @@ def test_a_full_disk_evicts_the_cache_then_fails_the_job_clearly(shared_store, c
     def always_full(store, object_key, into):
         raise OSError(errno.ENOSPC, "No space left on device", str(into))
 
-    monkeypatch.setattr(objects.FileStore, "get_packed", always_full)
     job = client.post("/v1/jobs", json={"dataset_id": dataset["id"], "backbone": "mobilenetv2_100",
                                         "strategy": "linear_probe"}).json()  # fmt: skip
-    assert run_job(job["id"]).status == "failed"
+    with monkeypatch.context() as disk:  # full for this job only: the check after the test fetches again
+        disk.setattr(objects.FileStore, "get_packed", always_full)
+        assert run_job(job["id"]).status == "failed"
     failed = client.get(f"/v1/jobs/{job['id']}").json()
     assert failed["error"]["code"] == "storage_full" and "no room" in failed["error"]["message"]
     assert not any((settings_env / "staging").glob("fetch-*"))  # no half-fetched copy left

@@ -10,9 +10,10 @@ from timm.data import create_transform, resolve_model_data_config
 from app.ml.backbone import build_model
 from app.ml.calibration import expected_calibration_error, fit_temperature
 from app.ml.data import class_weights, list_samples, stratified_split
-from app.ml.metrics import classification_metrics
+from app.ml.metrics import classification_metrics, wilson_interval
 from app.ml.spec import Hyperparameters, resolve, resolve_for_device
-from app.ml.train import fine_tune, trainable_parameter_names
+from app.ml import train as train_module
+from app.ml.train import CHECKPOINT_NAME, fine_tune, trainable_parameter_names
 from tests.conftest import HYMENOPTERA, MOBILENET_WEIGHTS
 
 CLASSES = ["ants", "bees"]
@@ -84,6 +85,17 @@ def test_metrics_from_known_predictions():
     assert metrics["confusion_matrix"] == [[2, 0], [1, 1]]
     assert metrics["per_class"][0]["precision"] == 2 / 3 and metrics["per_class"][1]["recall"] == 0.5
     assert "val_top5_accuracy" not in metrics
+
+
+def test_accuracy_comes_with_its_wilson_interval():
+    # The textbook value: 0 of 10 gives [0, 0.2775], where the normal approximation gives [0, 0].
+    assert wilson_interval(0, 10) == pytest.approx([0.0, 0.2775], abs=1e-4)
+    assert wilson_interval(10, 10) == pytest.approx([0.7225, 1.0], abs=1e-4)
+    low, high = wilson_interval(147, 153)
+    assert low < 147 / 153 < high and high - low < wilson_interval(14, 15)[1] - wilson_interval(14, 15)[0]
+    metrics = classification_metrics(torch.tensor([[2.0, 0.0]] * 4), torch.tensor([0, 0, 0, 1]), CLASSES)
+    assert metrics["val_accuracy"] == 0.75 and metrics["val_images"] == 4
+    assert metrics["val_accuracy_ci95"] == pytest.approx(wilson_interval(3, 4))
 
 
 def test_top5_reported_beyond_five_classes():
@@ -158,6 +170,24 @@ def test_resumed_run_ends_where_an_uninterrupted_run_ends(tmp_path):
     assert resumed_log.records[0]["train_loss"] == pytest.approx(straight_log.records[2]["train_loss"], rel=1e-4)
     for key, value in straight.model.state_dict().items():
         torch.testing.assert_close(resumed.model.state_dict()[key], value, rtol=1e-4, atol=1e-5)
+
+
+def test_a_resumed_fp16_run_keeps_its_loss_scale(tmp_path, monkeypatch):
+    """fp16 training scales its loss, and the scale moves during the run (halved at each overflow);
+    a resumed run must go on with the scale the checkpoint was written with. fp16 needs a GPU
+    without bf16; there is none here, so this CPU run is told to use fp16 (PyTorch's CPU autocast
+    and GradScaler run it)."""
+    monkeypatch.setattr(train_module, "amp_dtype_for", lambda device: torch.float16)
+    values = {"epochs": 2, "batch_size": 8, "workers": 0, "amp": True}
+    with pytest.raises(KeyboardInterrupt):
+        train(tmp_path, "full", reporter=Recorder(stop_after=1), **values)
+    checkpoint = torch.load(tmp_path / CHECKPOINT_NAME, weights_only=True)
+    assert checkpoint["scaler"]["scale"] > 0  # the scale the first epoch ended with
+    checkpoint["scaler"]["scale"] = 256.0  # as if the first epoch had overflowed eight times
+    torch.save(checkpoint, tmp_path / CHECKPOINT_NAME)
+    train(tmp_path, "full", **values)
+    # The second epoch started from 256 (a scale only doubles after 2000 clean steps, not in 4).
+    assert torch.load(tmp_path / CHECKPOINT_NAME, weights_only=True)["scaler"]["scale"] <= 256.0
 
 
 def test_early_stopping_stops(tmp_path):
