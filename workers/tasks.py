@@ -3,8 +3,9 @@
 import logging
 
 from app.core import metrics
-from app.core.broker import EXPORT_TASK, FINETUNE_TASK, INGEST_TASK
+from app.core.broker import AUDIT_TASK, EXPORT_TASK, FINETUNE_TASK, INGEST_TASK
 from app.core.logs import working_on
+from app.datasets.audit import run_audit
 from app.datasets.runner import run_ingest
 from app.jobs import runner
 from app.models.runner import run_export
@@ -36,4 +37,12 @@ def export_model(export_id: str) -> str:
     with working_on(export_id):
         outcome = run_export(export_id)
     logger.info("export %s: %s", export_id, outcome)
+    return outcome
+
+
+@celery_app.task(name=AUDIT_TASK)
+def audit_dataset(audit_id: str) -> str:
+    with working_on(audit_id):
+        outcome = run_audit(audit_id)
+    logger.info("audit %s: %s", audit_id, outcome)
     return outcome

@@ -10,6 +10,7 @@ from app.core.config import Settings, get_settings
 FINETUNE_TASK = "visiontune.run_finetune"
 INGEST_TASK = "visiontune.ingest_dataset"
 EXPORT_TASK = "visiontune.export_model"
+AUDIT_TASK = "visiontune.audit_dataset"
 
 
 def make_celery(settings: Settings) -> Celery:
@@ -18,12 +19,14 @@ def make_celery(settings: Settings) -> Celery:
     celery = Celery("visiontune", broker=settings.broker_url)
     celery.conf.update(
         task_default_queue=settings.training_queue,
-        # Training on its own queue (a worker per device, one job at a time); ingests and exports on
-        # theirs, taken by a background worker, so an upload never waits behind an hour of training.
+        # Training on its own queue (a worker per device, one job at a time); ingests, exports and
+        # audits on theirs, taken by a background worker, so an upload never waits behind an hour
+        # of training.
         task_routes={
             FINETUNE_TASK: {"queue": settings.training_queue},
             INGEST_TASK: {"queue": settings.ingest_queue},
             EXPORT_TASK: {"queue": settings.export_queue},
+            AUDIT_TASK: {"queue": settings.audit_queue},
         },
         # The job's truth is in the database; the broker only carries "run job X".
         task_ignore_result=True,
@@ -70,7 +73,7 @@ def queue_depths() -> dict[str, int]:
     settings, depths = get_settings(), {}
     with get_celery().connection_for_read() as connection:
         channel = connection.default_channel
-        for queue in (settings.training_queue, settings.ingest_queue, settings.export_queue):
+        for queue in (settings.training_queue, settings.ingest_queue, settings.export_queue, settings.audit_queue):
             try:
                 depths[queue] = channel.queue_declare(queue=queue, passive=True).message_count
             except connection.channel_errors:

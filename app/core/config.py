@@ -39,6 +39,7 @@ class Settings(BaseSettings):
     training_queue: str = "training"
     ingest_queue: str = "ingest"
     export_queue: str = "exports"
+    audit_queue: str = "audits"
     background_nice: int = Field(
         10, ge=0, le=19, description="How much lower the CPU priority of `visiontune worker --background` is."
     )

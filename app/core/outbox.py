@@ -27,7 +27,7 @@ from sqlalchemy.orm import Session
 
 from app.core import broker
 from app.core.db import session_scope
-from app.db.tables import Dataset, Export, Job, JobEvent, utcnow
+from app.db.tables import Audit, Dataset, Export, Job, JobEvent, utcnow
 
 logger = logging.getLogger(__name__)
 HEARTBEAT_SECONDS = 2.0
@@ -52,7 +52,8 @@ TRAINING = Work(Job, broker.FINETUNE_TASK, waiting="queued", held="running",
                 queue_of=lambda job: broker.training_queue(job.accelerator))  # fmt: skip
 INGEST = Work(Dataset, broker.INGEST_TASK, waiting="processing", held="processing")
 EXPORT = Work(Export, broker.EXPORT_TASK, waiting="processing", held="processing")
-KINDS = (TRAINING, INGEST, EXPORT)
+AUDIT = Work(Audit, broker.AUDIT_TASK, waiting="processing", held="processing")
+KINDS = (TRAINING, INGEST, EXPORT, AUDIT)
 
 
 def worker_identity() -> str:

@@ -8,9 +8,9 @@ from app.core.config import get_settings
 from app.core.db import SessionDep
 from app.core.ids import DatasetId
 from app.core.storage import OWN_BODY_LIMIT, receive_file
-from app.datasets import service
-from app.datasets.schemas import DatasetList, DatasetOut
-from app.db.tables import Dataset
+from app.datasets import audit, service
+from app.datasets.schemas import AuditOut, DatasetList, DatasetOut
+from app.db.tables import Audit, Dataset
 
 router = APIRouter(prefix="/v1/datasets", tags=["datasets"])
 
@@ -75,6 +75,20 @@ def list_datasets(principal: ReadKey, session: SessionDep, limit: Annotated[int,
 @router.get("/{dataset_id}", response_model=DatasetOut)
 def get_dataset(dataset: DatasetDep, _: ReadKey) -> Dataset:
     return dataset
+
+
+@router.get("/{dataset_id}/audit", response_model=AuditOut, responses={202: {"model": AuditOut}})
+def get_audit(
+    dataset: DatasetDep, _: ReadKey, session: SessionDep, response: Response,
+    backbone: Annotated[str, Query(max_length=200)] = audit.DEFAULT_BACKBONE,
+) -> Audit:  # fmt: skip
+    """Duplicates (and train/val leakage), likely mislabelled images, confused classes and outliers,
+    found with `backbone`'s features. Computed by a worker on first request (202 `processing`:
+    poll this URL), then kept: 200 with the findings."""
+    found, _ = audit.request_audit(session, dataset, backbone)
+    if found.status == "processing":
+        response.status_code = status.HTTP_202_ACCEPTED
+    return found
 
 
 @router.delete("/{dataset_id}", status_code=status.HTTP_204_NO_CONTENT)

@@ -1,5 +1,5 @@
 from datetime import datetime
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import BaseModel, Field
 
@@ -29,6 +29,22 @@ class DatasetOut(BaseModel):
     finished_at: datetime | None
     warnings: list[str]
     error: ErrorBody | None
+
+
+class AuditOut(BaseModel):
+    id: str
+    dataset_id: str
+    backbone: str = Field(description="Whose pooled features the images are compared with.")
+    status: Literal["processing", "ready", "failed"]
+    result: dict[str, Any] | None = Field(
+        description="Once ready: `summary` (counts), `cross_validated_accuracy` (of a linear classifier on the "
+        "features, out of fold), and the findings, each naming its files: `exact_duplicates` and `near_duplicates` "
+        "(`leak`: in train and val), `likely_mislabelled` (out-of-fold predictions disagreeing with the label, most "
+        "confident first), `confused_classes`, `outliers`."
+    )
+    error: ErrorBody | None
+    created_at: datetime
+    finished_at: datetime | None
 
 
 class DatasetList(BaseModel):

@@ -191,6 +191,27 @@ class Export(Base):
     finished_at: Mapped[datetime | None] = mapped_column()
 
 
+class Audit(Base):
+    """A dataset's audit through one backbone's features (app/ml/audit.py), computed by a worker:
+    `processing`, then `ready` with its findings or `failed`. One per dataset and backbone."""
+
+    __tablename__ = "audits"
+    __table_args__ = (UniqueConstraint("dataset_id", "backbone", name="uq_audits_dataset_backbone"),)
+
+    id: Mapped[str] = mapped_column(String(40), primary_key=True)
+    tenant_id: Mapped[str] = mapped_column(ForeignKey("tenants.id", ondelete="RESTRICT"), index=True)
+    dataset_id: Mapped[str] = mapped_column(ForeignKey("datasets.id", ondelete="CASCADE"))
+    backbone: Mapped[str] = mapped_column(String(200))
+    status: Mapped[str] = mapped_column(String(20), index=True)
+    result: Mapped[dict[str, Any] | None] = mapped_column(JSON)
+    error: Mapped[dict[str, Any] | None] = mapped_column(JSON)
+    claimed_by: Mapped[str | None] = mapped_column(String(300))
+    heartbeat_at: Mapped[datetime | None] = mapped_column()
+    dispatched_at: Mapped[datetime | None] = mapped_column()
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    finished_at: Mapped[datetime | None] = mapped_column()
+
+
 class ModelName(Base):
     """The last version number a model name has given out: numbers are never reused, even after
     the latest version is deleted."""
