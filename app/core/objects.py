@@ -28,11 +28,11 @@ import tarfile
 import tempfile
 from abc import ABC, abstractmethod
 from collections.abc import Iterator
-from typing import BinaryIO
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from functools import lru_cache
 from pathlib import Path
+from typing import BinaryIO
 from urllib.parse import unquote, urlparse
 
 from app.core.config import Settings, get_settings
