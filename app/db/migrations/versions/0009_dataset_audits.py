@@ -10,6 +10,8 @@ a background worker and kept, one per dataset and backbone.
 import sqlalchemy as sa
 from alembic import op
 
+import app.db.tables
+
 revision = '0009'
 down_revision = '0008'
 branch_labels = None
@@ -27,10 +29,10 @@ def upgrade() -> None:
         sa.Column('result', sa.JSON(), nullable=True),
         sa.Column('error', sa.JSON(), nullable=True),
         sa.Column('claimed_by', sa.String(length=300), nullable=True),
-        sa.Column('heartbeat_at', sa.DateTime(), nullable=True),
-        sa.Column('dispatched_at', sa.DateTime(), nullable=True),
-        sa.Column('created_at', sa.DateTime(), nullable=False),
-        sa.Column('finished_at', sa.DateTime(), nullable=True),
+        sa.Column('heartbeat_at', app.db.tables.UTCDateTime(timezone=True), nullable=True),
+        sa.Column('dispatched_at', app.db.tables.UTCDateTime(timezone=True), nullable=True),
+        sa.Column('created_at', app.db.tables.UTCDateTime(timezone=True), nullable=False),
+        sa.Column('finished_at', app.db.tables.UTCDateTime(timezone=True), nullable=True),
         sa.ForeignKeyConstraint(['dataset_id'], ['datasets.id'], ondelete='CASCADE'),
         sa.ForeignKeyConstraint(['tenant_id'], ['tenants.id'], ondelete='RESTRICT'),
         sa.PrimaryKeyConstraint('id'),
