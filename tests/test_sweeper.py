@@ -10,7 +10,7 @@ import pytest
 from app.core.config import get_settings
 from app.core.db import session_scope
 from app.core.leases import take_lease
-from app.db.tables import Dataset, Job, utcnow
+from app.db.tables import Audit, Dataset, Job, utcnow
 from app import sweeper
 from tests.archives import colour_dataset_zip
 from tests.conftest import BOTH_DATABASES
@@ -56,7 +56,13 @@ def test_the_sweeper_sends_lost_jobs_again_and_leaves_the_rest(client):
             {"claimed_by": "elsewhere:3", "heartbeat_at": long_ago, "dispatched_at": long_ago})
         session.query(Dataset).filter(Dataset.id == busy).update(
             {"claimed_by": "elsewhere:4", "heartbeat_at": utcnow(), "dispatched_at": long_ago})
-    assert sorted(sweeper.sweep(settings, "sweeper-1")) == sorted([never_sent, sent_long_ago, orphaned, waiting, abandoned])
+    # And so are audits: one whose worker vanished mid-way.
+    audit = client.get(f"/v1/datasets/{dataset['id']}/audit").json()["id"]
+    with session_scope() as session:
+        session.query(Audit).filter(Audit.id == audit).update(
+            {"claimed_by": "elsewhere:5", "heartbeat_at": long_ago, "dispatched_at": long_ago})
+    assert sorted(sweeper.sweep(settings, "sweeper-1")) == sorted([never_sent, sent_long_ago, orphaned, waiting, abandoned,
+                                                                   audit])  # fmt: skip
     assert sweeper.sweep(settings, "sweeper-2") == []  # the lease: one sweeper at a time
     assert sweeper.sweep(settings, "sweeper-1") == []  # sent just now: not again
 

@@ -24,25 +24,23 @@ def run_finetune(job_id: str) -> str:
     return outcome.status
 
 
+def _background(run, row_id: str) -> str:
+    with working_on(row_id):
+        outcome = run(row_id)
+    logger.info("%s: %s", row_id, outcome)
+    return outcome
+
+
 @celery_app.task(name=INGEST_TASK)
 def ingest_dataset(dataset_id: str) -> str:
-    with working_on(dataset_id):
-        outcome = run_ingest(dataset_id)
-    logger.info("dataset %s: %s", dataset_id, outcome)
-    return outcome
+    return _background(run_ingest, dataset_id)
 
 
 @celery_app.task(name=EXPORT_TASK)
 def export_model(export_id: str) -> str:
-    with working_on(export_id):
-        outcome = run_export(export_id)
-    logger.info("export %s: %s", export_id, outcome)
-    return outcome
+    return _background(run_export, export_id)
 
 
 @celery_app.task(name=AUDIT_TASK)
 def audit_dataset(audit_id: str) -> str:
-    with working_on(audit_id):
-        outcome = run_audit(audit_id)
-    logger.info("audit %s: %s", audit_id, outcome)
-    return outcome
+    return _background(run_audit, audit_id)

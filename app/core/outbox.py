@@ -191,6 +191,15 @@ def put_back(session: Session, work: Work, row_id: str, me: str) -> bool:
     return bool(held)
 
 
+def wait_for_store(work: Work, row_id: str, me: str, reason: str) -> str:
+    """The object store cannot be reached: not the work's fault, so it does not fail; it goes back
+    to waiting (put_back) until the sweeper sends it again."""
+    logger.warning("%s waits for the object store: %s", row_id, reason)
+    with session_scope() as session:
+        put_back(session, work, row_id, me)
+    return "waiting"
+
+
 def release(holders: list[str]) -> list[str]:
     """Put the rows these worker processes hold back to waiting and send them at once, for a warm
     shutdown: each process stops at its next heartbeat (it no longer holds its row), and another

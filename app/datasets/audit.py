@@ -81,11 +81,8 @@ def run_audit(audit_id: str) -> str:
             features = image_features(model, [directory / image.file for image in images])
             result = audit(features, images, class_names)
         return _finish(audit_id, me, status="ready", result=result)
-    except StorageUnavailable as error:  # not the audit's fault: it waits for the store
-        logger.warning("audit %s waits for the object store: %s", audit_id, error.message)
-        with session_scope() as session:
-            outbox.put_back(session, outbox.AUDIT, audit_id, me)
-        return "waiting"
+    except StorageUnavailable as error:
+        return outbox.wait_for_store(outbox.AUDIT, audit_id, me, error.message)
     except AppError as error:
         return _finish(audit_id, me, status="failed", error=error.as_dict())
     except Exception as exc:

@@ -55,11 +55,8 @@ def run_ingest(dataset_id: str) -> str:
     except NotHeld:
         logger.info("dataset %s: no longer held by %s, its ingest dropped", dataset_id, me)
         return "dropped"
-    except StorageUnavailable as error:  # not the upload's fault: it waits for the store
-        logger.warning("dataset %s waits for the object store: %s", dataset_id, error.message)
-        with session_scope() as session:
-            outbox.put_back(session, outbox.INGEST, dataset_id, me)
-        return "waiting"
+    except StorageUnavailable as error:
+        return outbox.wait_for_store(outbox.INGEST, dataset_id, me, error.message)
     except AppError as error:
         return _failed(settings, dataset_id, me, error)
     except Exception as exc:

@@ -59,7 +59,20 @@ class ApiKey(Base):
     revoked_at: Mapped[datetime | None] = mapped_column()
 
 
-class Dataset(Base):
+class BackgroundWork:
+    """The columns of a row that a background worker processes through the outbox
+    (app/core/outbox.py): its holder, the holder's heartbeat, when its message was sent, and once
+    finished, when, and the error {"code", "message", "details"} if it failed."""
+
+    error: Mapped[dict[str, Any] | None] = mapped_column(JSON)
+    claimed_by: Mapped[str | None] = mapped_column(String(300))
+    heartbeat_at: Mapped[datetime | None] = mapped_column()
+    dispatched_at: Mapped[datetime | None] = mapped_column()
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    finished_at: Mapped[datetime | None] = mapped_column()
+
+
+class Dataset(BackgroundWork, Base):
     """An uploaded archive: `processing` until a worker has ingested it (app/datasets/runner.py),
     then `ready` or `failed` with the reasons."""
 
@@ -81,13 +94,6 @@ class Dataset(Base):
     # uncompressed size while it is extracted, the images kept once ready, nothing once failed.
     size_bytes: Mapped[int] = mapped_column(BigInteger)
     warnings: Mapped[list[Any]] = mapped_column(default=list)
-    error: Mapped[dict[str, Any] | None] = mapped_column(JSON)  # {"code", "message", "details"} once failed
-    # The outbox (app/core/outbox.py): the ingest's holder, its heartbeat, when its message was sent.
-    claimed_by: Mapped[str | None] = mapped_column(String(300))
-    heartbeat_at: Mapped[datetime | None] = mapped_column()
-    dispatched_at: Mapped[datetime | None] = mapped_column()
-    created_at: Mapped[datetime] = mapped_column(default=utcnow)
-    finished_at: Mapped[datetime | None] = mapped_column()
 
 
 class Sweep(Base):
@@ -169,7 +175,7 @@ class Model(Base):
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
 
 
-class Export(Base):
+class Export(BackgroundWork, Base):
     """A model in another format (ONNX), built by a worker: `processing`, then `ready` with its
     parity report or `failed` with the reasons. One per model and format, by the database."""
 
@@ -183,15 +189,9 @@ class Export(Base):
     status: Mapped[str] = mapped_column(String(20), index=True)
     size_bytes: Mapped[int] = mapped_column(BigInteger, default=0)
     parity: Mapped[dict[str, Any] | None] = mapped_column(JSON)
-    error: Mapped[dict[str, Any] | None] = mapped_column(JSON)
-    claimed_by: Mapped[str | None] = mapped_column(String(300))
-    heartbeat_at: Mapped[datetime | None] = mapped_column()
-    dispatched_at: Mapped[datetime | None] = mapped_column()
-    created_at: Mapped[datetime] = mapped_column(default=utcnow)
-    finished_at: Mapped[datetime | None] = mapped_column()
 
 
-class Audit(Base):
+class Audit(BackgroundWork, Base):
     """A dataset's audit through one backbone's features (app/ml/audit.py), computed by a worker:
     `processing`, then `ready` with its findings or `failed`. One per dataset and backbone."""
 
@@ -204,12 +204,6 @@ class Audit(Base):
     backbone: Mapped[str] = mapped_column(String(200))
     status: Mapped[str] = mapped_column(String(20), index=True)
     result: Mapped[dict[str, Any] | None] = mapped_column(JSON)
-    error: Mapped[dict[str, Any] | None] = mapped_column(JSON)
-    claimed_by: Mapped[str | None] = mapped_column(String(300))
-    heartbeat_at: Mapped[datetime | None] = mapped_column()
-    dispatched_at: Mapped[datetime | None] = mapped_column()
-    created_at: Mapped[datetime] = mapped_column(default=utcnow)
-    finished_at: Mapped[datetime | None] = mapped_column()
 
 
 class ModelName(Base):

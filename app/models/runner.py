@@ -55,11 +55,8 @@ def run_export(export_id: str) -> str:
             (staging / "parity.json").write_text(json.dumps(report.as_dict()))
             return _finish(export_id, me, staging, model.id, status="ready", parity=report.as_dict(),
                            size_bytes=(staging / "model.onnx").stat().st_size)  # fmt: skip
-    except StorageUnavailable as error:  # not the export's fault: it waits for the store
-        logger.warning("export %s waits for the object store: %s", export_id, error.message)
-        with session_scope() as session:
-            outbox.put_back(session, outbox.EXPORT, export_id, me)
-        return "waiting"
+    except StorageUnavailable as error:
+        return outbox.wait_for_store(outbox.EXPORT, export_id, me, error.message)
     except AppError as error:
         return _finish(export_id, me, None, model.id, status="failed", error=error.as_dict(),
                        parity=(error.details or [None])[0] if error.code == "parity_failed" else None)  # fmt: skip
