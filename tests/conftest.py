@@ -25,6 +25,7 @@ SHARED = REPO.parent / "shared"
 HYMENOPTERA = SHARED / "datasets" / "hymenoptera"
 WEIGHTS_DIR = SHARED / "weights"
 MOBILENET_WEIGHTS = WEIGHTS_DIR / "mobilenetv2_100.tv_in1k.safetensors"
+EFFICIENTNET_WEIGHTS = WEIGHTS_DIR / "tf_efficientnet_lite0.in1k.safetensors"
 
 
 def pytest_sessionstart(session):

@@ -118,6 +118,8 @@ class Job(Base):
     backbone: Mapped[str] = mapped_column(String(200))
     strategy: Mapped[str] = mapped_column(String(30))
     strategy_reason: Mapped[str | None] = mapped_column(Text)  # why "auto" chose it
+    # "auto" only: its options, then what it measured (app/ml/auto.py); strategy stays "auto" until then.
+    search: Mapped[dict[str, Any] | None] = mapped_column(JSON)
     model_name: Mapped[str | None] = mapped_column(String(100))  # name for the model it produces
     sweep_id: Mapped[str | None] = mapped_column(ForeignKey("sweeps.id", ondelete="SET NULL"), index=True)
     pretrained: Mapped[bool] = mapped_column()

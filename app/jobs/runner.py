@@ -20,15 +20,18 @@ import shutil
 import time
 from contextlib import suppress
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
+import timm
 import torch
+from safetensors.torch import save_file
 from sqlalchemy import update
 from sqlalchemy.orm import Session
 from timm.models import split_model_name_tag
 
-from app.backbones.service import find_weights, split_backbone
+from app.backbones.service import WeightsLookup, find_weights, model_shape, split_backbone
 from app.core import metrics, outbox
 from app.core.config import Settings, get_settings
 from app.core.db import session_scope
@@ -40,8 +43,9 @@ from app.datasets.service import get_dataset
 from app.jobs.service import add_event, data_split, fail
 from app.ml.backbone import build_model, preprocessing_of
 from app.ml.export import save_artifact
-from app.ml.spec import Hyperparameters, resolve_for_device
-from app.ml.train import CHECKPOINT_NAME, TrainResult, fine_tune, pick_device
+from app.ml import auto
+from app.ml.spec import Hyperparameters, resolve, resolve_for_device
+from app.ml.train import CHECKPOINT_NAME, FEATURES_NAME, TrainResult, fine_tune, pick_device
 from app.models.service import NewModel, register_model
 
 logger = logging.getLogger(__name__)
@@ -195,21 +199,8 @@ def _train(job_id: str, me: str, settings: Settings, loader_context) -> None:
         except NotFound as exc:
             raise AppError("The job's dataset was deleted.", code="dataset_missing") from exc
         class_names = [c["name"] for c in dataset.classes]
-        backbone, strategy, pretrained, seed = job.backbone, job.strategy, job.pretrained, job.seed
-        model_name = job.model_name or default_model_name(dataset.name, split_model_name_tag(backbone)[0])
-        hp = dict(job.hyperparameters)
-
-    architecture, tag = split_backbone(backbone, settings)
-    weights_file, timm_name = None, backbone
-    if pretrained:
-        lookup = find_weights(settings, architecture, tag)
-        if lookup.file is None:
-            raise AppError(lookup.explain(), code="weights_not_found")
-        weights_file, timm_name = lookup.file, lookup.model_name(architecture)
-        with session_scope() as session:
-            add_event(session, job_id, "weights", lookup.explain(), {"source": lookup.source, "file": str(lookup.file)})
-
-    with session_scope() as session:
+        backbone, strategy, pretrained, seed, tenant_id = job.backbone, job.strategy, job.pretrained, job.seed, job.tenant_id
+        hp, requested_name, search = dict(job.hyperparameters), job.model_name, job.search
         split = "the dataset's val/ split" if dataset.has_val_split else f"a stratified {hp['val_fraction']:.0%} hold-out"
         add_event(
             session, job_id, "data", f"{len(train_samples)} training and {len(val_samples)} validation images ({split})",
@@ -217,25 +208,97 @@ def _train(job_id: str, me: str, settings: Settings, loader_context) -> None:
              "val_split": "dataset" if dataset.has_val_split else "stratified"},
         )  # fmt: skip
     device = pick_device()
+    work_dir = settings.jobs_dir / job_id
+    reporter = _DatabaseReporter(job_id, me, work_dir, settings.checkpoint_upload_seconds)
+    if strategy == "auto":
+        backbone, strategy, hp = _choose(job_id, settings, backbone, pretrained, hp, search, seed, train_samples,
+                                         class_names, work_dir, reporter, device, loader_context)  # fmt: skip
+
+    weights = _weights(settings, backbone) if pretrained else None
+    if weights is not None:
+        with session_scope() as session:
+            add_event(session, job_id, "weights", weights.explain(), {"source": weights.source, "file": str(weights.file)})
     hp = resolve_for_device(Hyperparameters(**hp), strategy, device.type)
     with session_scope() as session:  # the job records exactly what runs, device choices included
         session.execute(update(Job).where(Job.id == job_id).values(hyperparameters=hp.model_dump()))
         threads = torch.get_num_threads()
         add_event(session, job_id, "device", f"training on {device} with {threads} threads", {"device": str(device), "threads": threads})
-    model = build_model(
-        timm_name, len(class_names), weights_file=weights_file, drop_path_rate=hp.drop_path_rate, img_size=hp.img_size
-    )
-    work_dir = settings.jobs_dir / job_id
+    model = _build(backbone, weights, len(class_names), hp)
     if not (work_dir / CHECKPOINT_NAME).exists():  # resumed on another machine: its last checkpoint
         with suppress(FileNotFoundError):
             get_store().get(checkpoint_key(job_id), work_dir / CHECKPOINT_NAME)
-    result = fine_tune(
-        model, train_samples, val_samples, class_names, strategy, hp, seed, work_dir,
-        _DatabaseReporter(job_id, me, work_dir, settings.checkpoint_upload_seconds), device, loader_context,
-    )  # fmt: skip
+    result = fine_tune(model, train_samples, val_samples, class_names, strategy, hp, seed, work_dir, reporter, device,
+                       loader_context)  # fmt: skip
+    model_name = requested_name or default_model_name(dataset.name, split_model_name_tag(backbone)[0])
     with outbox.heartbeat(outbox.TRAINING, job_id, me, work_dir):  # saving and sending the model takes a while
-        _register(job_id, me, settings, result, job.tenant_id, model_name, dataset.id, backbone, class_names)
+        _register(job_id, me, settings, result, tenant_id, model_name, dataset.id, backbone, class_names)
     _drop_checkpoint(settings, job_id)
+
+
+def _weights(settings: Settings, backbone: str) -> WeightsLookup:
+    lookup = find_weights(settings, *split_backbone(backbone, settings))
+    if lookup.file is None:
+        raise AppError(lookup.explain(), code="weights_not_found")
+    return lookup
+
+
+def _build(backbone: str, weights: WeightsLookup | None, num_classes: int, hp: Hyperparameters) -> torch.nn.Module:
+    """The timm model of a backbone: with its weights' tag (and so their pretrained config), or random."""
+    name = weights.model_name(split_model_name_tag(backbone)[0]) if weights else backbone
+    return build_model(name, num_classes, weights_file=weights.file if weights else None,
+                       drop_path_rate=hp.drop_path_rate, img_size=hp.img_size)  # fmt: skip
+
+
+def _choose(
+    job_id: str, settings: Settings, backbone: str, pretrained: bool, hp: dict, options: dict, seed: int,
+    train_samples: list, class_names: list[str], work_dir: Path, reporter: "_DatabaseReporter", device, loader_context,
+) -> tuple[str, str, dict]:  # fmt: skip
+    """Run `auto` (app/ml/auto.py) and write its choice into the job: from then on the job is an
+    ordinary one of that backbone and strategy (a worker that resumes it does not measure again)."""
+    asked = Hyperparameters(**hp)
+    if not pretrained:
+        choice = auto.Choice(backbone, "full", "no pretrained weights: every layer has to learn", {"trials": []})
+    else:
+        candidates = [backbone] + (_other_local_backbones(settings, backbone) if options["other_backbones"] else [])
+        backbones = []
+        for name in candidates:
+            weights = _weights(settings, name)
+            build = partial(_build, name, weights, len(class_names), asked)
+            backbones.append(auto.Backbone(name, build, model_shape(split_model_name_tag(name)[0])[0]))
+
+        def note(trial: auto.Trial) -> None:
+            with session_scope() as session:
+                add_event(session, job_id, "auto", trial.describe(), trial.record())
+
+        choice = auto.search(backbones, train_samples, class_names, asked, seed, options["budget_seconds"],
+                             work_dir / "auto", reporter.check, note, device, loader_context)  # fmt: skip
+    if choice.features is not None:  # the final probe reads the training split's features back
+        work_dir.mkdir(parents=True, exist_ok=True)
+        save_file(choice.features, work_dir / FEATURES_NAME)
+    resolved = resolve(asked, choice.strategy).model_dump()
+    with session_scope() as session:
+        session.execute(
+            update(Job).where(Job.id == job_id, Job.strategy == "auto").values(
+                backbone=choice.backbone, strategy=choice.strategy, strategy_reason=choice.reason,
+                hyperparameters=resolved, search={**options, **choice.record},
+            )
+        )  # fmt: skip
+        add_event(session, job_id, "status", f"auto chose {choice.strategy} on {choice.backbone}: {choice.reason}",
+                  {"backbone": choice.backbone, "strategy": choice.strategy})  # fmt: skip
+    return choice.backbone, choice.strategy, resolved
+
+
+def _other_local_backbones(settings: Settings, requested: str, limit: int = 3) -> list[str]:
+    """Other architectures with weights in the local weights directory, smallest first."""
+    if not settings.weights_dir:
+        return []
+    requested_architecture = split_model_name_tag(requested)[0]
+    names = {}
+    for path in sorted(settings.weights_dir.glob("*.safetensors")):
+        architecture = split_model_name_tag(path.stem)[0]
+        if architecture != requested_architecture and timm.is_model(architecture) and architecture not in names:
+            names[architecture] = path.stem
+    return sorted(names.values(), key=lambda name: model_shape(split_model_name_tag(name)[0])[0])[:limit]
 
 
 def _register(

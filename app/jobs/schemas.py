@@ -1,10 +1,10 @@
 from datetime import datetime
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from app.core.ids import DATASET_ID, NAME
-from app.ml.spec import Hyperparameters, Strategy
+from app.ml.spec import AutoOptions, Hyperparameters, Strategy
 
 JobStatus = Literal["queued", "running", "paused", "succeeded", "failed", "cancelled"]
 
@@ -18,8 +18,11 @@ class JobCreate(BaseModel):
     dataset_id: str = Field(pattern=DATASET_ID)
     backbone: str = Field(max_length=200, examples=["mobilenetv2_100", "resnet50.a1_in1k"])
     strategy: Literal["auto"] | Strategy = Field(
-        "auto", description="'auto' picks one from the dataset's size; the job records the choice and why."
-    )
+        "auto", description="'auto': a worker measures the linear probe and, within `auto.budget_seconds`, other "
+        "candidates (other local backbones, 'partial', 'lp_ft') by cross-validation on the training split, then "
+        "trains the best; the job records every candidate's score and time, and why the winner won.",
+    )  # fmt: skip
+    auto: AutoOptions = Field(default_factory=AutoOptions, description="Only with strategy 'auto'.")
     pretrained: bool = Field(True, description="false trains from random initialisation.")
     accelerator: Accelerator = Field(
         "any", description="Which workers may run it: 'gpu' waits for a GPU worker (and says so in its events "
@@ -33,6 +36,12 @@ class JobCreate(BaseModel):
         description="Name of the model this job produces; models of one name get versions 1, 2, ... "
         "Unset: '<dataset name>-<architecture>', so retraining the same backbone on the same data adds a version.",
     )
+
+    @model_validator(mode="after")
+    def _auto_options_need_auto(self) -> "JobCreate":
+        if "auto" in self.model_fields_set and self.strategy != "auto":
+            raise ValueError(f"'auto' options apply to strategy 'auto' only, not '{self.strategy}'")
+        return self
 
 
 class Progress(BaseModel):
@@ -48,9 +57,13 @@ class JobError(BaseModel):
 class JobOut(BaseModel):
     id: str
     dataset_id: str | None
-    backbone: str
-    strategy: Strategy
+    backbone: str = Field(description="The backbone trained: 'auto' may have chosen another one than requested.")
+    strategy: Literal["auto"] | Strategy = Field(description="'auto' until a worker has measured and chosen.")
     strategy_reason: str | None = Field(description="Why 'auto' chose this strategy; null when it was asked for.")
+    search: dict[str, Any] | None = Field(
+        description="'auto' only: its options, then (once chosen) every candidate measured or skipped, with "
+        "out-of-fold accuracy, its 95% interval and seconds, the probe's learning curve, the winner and why."
+    )
     pretrained: bool
     accelerator: str
     model_name: str | None

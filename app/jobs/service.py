@@ -17,11 +17,11 @@ from app.core.config import Settings
 from app.core.errors import Conflict, NotFound
 from app.core.tenancy import Scoped
 from app.datasets.service import get_dataset, local_dataset
-from app.db.tables import Dataset, Job, JobEvent, Sweep, utcnow
+from app.db.tables import Job, JobEvent, Sweep, utcnow
 from app.jobs.schemas import JobCreate, JobError, JobOut, Progress
 from app.jobs.usage import ACTIVE, WAITING
 from app.ml.data import Sample, split_samples
-from app.ml.spec import Hyperparameters, choose_strategy, resolve, total_epochs
+from app.ml.spec import Hyperparameters, resolve, total_epochs
 from app.models.service import model_ids_of_jobs
 from app.tenants.service import check_quota
 
@@ -30,11 +30,6 @@ jobs = Scoped(Job, "job")
 
 def add_event(session: Session, job_id: str, type_: str, message: str, data: dict[str, Any] | None = None) -> None:
     session.add(JobEvent(job_id=job_id, type=type_, message=message, data=data or {}))
-
-
-def training_images(dataset: Dataset, val_fraction: float) -> int:
-    train = sum(c["train"] for c in dataset.classes)
-    return train if dataset.has_val_split else round(train * (1 - val_fraction))
 
 
 def create_job(session: Session, settings: Settings, tenant_id: str, request: JobCreate) -> Job:
@@ -52,17 +47,16 @@ def create_jobs(
         dataset = get_dataset(session, tenant_id, request.dataset_id)
         if dataset.status != "ready":
             raise Conflict(f"Dataset '{dataset.id}' is {dataset.status}, not ready.", code="dataset_not_ready")
-        strategy, reason = request.strategy, None
-        if strategy == "auto":
-            strategy, reason = choose_strategy(training_images(dataset, request.hyperparameters.val_fraction))
-        hyperparameters = resolve(request.hyperparameters, strategy)
+        strategy = request.strategy
+        # "auto" resolves the hyperparameters for the strategy it chooses, on the worker.
+        hyperparameters = request.hyperparameters if strategy == "auto" else resolve(request.hyperparameters, strategy)
         job = Job(
             id=f"job_{secrets.token_hex(12)}",
             tenant_id=tenant_id,
             dataset_id=dataset.id,
             backbone=request.backbone.strip(),
             strategy=strategy,
-            strategy_reason=reason,
+            search=request.auto.model_dump() if strategy == "auto" else None,
             sweep_id=sweep.id if sweep else None,
             model_name=request.model_name,
             pretrained=request.pretrained,
@@ -74,7 +68,7 @@ def create_jobs(
             metrics={},
             attempts=0,
         )
-        created.append((job, f"queued: {strategy}" + (f" ({reason})" if reason else "")))
+        created.append((job, f"queued: {strategy}"))
     check_quota(session, settings, tenant_id, new_jobs=len(created))
     if sweep is not None:
         session.add(sweep)
@@ -174,6 +168,12 @@ def fail(session: Session, job_id: str, code: str, message: str, *, claimed_by: 
     return bool(result.rowcount)
 
 
+def _epochs(job: Job) -> int:
+    if job.strategy == "auto":
+        return 0  # not known until a worker has chosen the strategy
+    return total_epochs(job.strategy, Hyperparameters(**job.hyperparameters))
+
+
 def to_out(session: Session, job: Job, model_id: str | None = None) -> JobOut:
     if model_id is None and job.status == "succeeded":
         model_id = model_ids_of_jobs(session, [job.id]).get(job.id)
@@ -183,13 +183,14 @@ def to_out(session: Session, job: Job, model_id: str | None = None) -> JobOut:
         backbone=job.backbone,
         strategy=job.strategy,
         strategy_reason=job.strategy_reason,
+        search=job.search,
         pretrained=job.pretrained,
         accelerator=job.accelerator,
         model_name=job.model_name,
         hyperparameters=job.hyperparameters,
         seed=job.seed,
         status=job.status,
-        progress=Progress(epoch=job.epoch, epochs=total_epochs(job.strategy, Hyperparameters(**job.hyperparameters))),
+        progress=Progress(epoch=job.epoch, epochs=_epochs(job)),
         metrics=job.metrics,
         model_id=model_id,
         error=JobError(code=job.error_code, message=job.error_message or "") if job.error_code else None,

@@ -104,16 +104,22 @@ class Hyperparameters(BaseModel):
         return self
 
 
-def choose_strategy(num_train_images: int) -> tuple[str, str]:
-    """The "auto" strategy, from the size of the training set."""
-    if num_train_images < 2000:
-        return "linear_probe", (
-            f"{num_train_images} training images: a linear probe on frozen pretrained features is as accurate "
-            "as fine-tuning at this size, in a fraction of the time"
-        )
-    return "lp_ft", (
-        f"{num_train_images} training images: enough to adapt every layer, starting from a probed head"
-    )
+class AutoOptions(BaseModel):
+    """How `strategy: "auto"` measures its candidates (app/ml/auto.py)."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    budget_seconds: float = Field(
+        60, ge=0, le=86_400,
+        description="Time for measuring candidates by cross-validation on the training split, on top of training "
+        "the winner. The requested backbone's linear probe is always measured (its features serve the final "
+        "training too); a candidate whose estimated cost exceeds what is left is skipped, and the job says so. "
+        "0: the linear probe, unmeasured.",
+    )  # fmt: skip
+    other_backbones: bool = Field(
+        True, description="Also measure the linear probes of the other backbones whose weights this service holds "
+        "locally; one of them may then be trained instead of the requested backbone.",
+    )  # fmt: skip
 
 
 def bf16_fast_on_cpu() -> bool:

@@ -17,6 +17,7 @@ stopping state, fp16's loss scale, history and the best weights so far.
 import contextlib
 import copy
 import os
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -57,6 +58,7 @@ class TrainResult:
     best_epoch: int
     history: list[dict[str, Any]]
     stopped_early: bool
+    val_logits: torch.Tensor  # fp32 logits of the kept weights on the validation samples, in their order
 
 
 def pick_device() -> torch.device:
@@ -193,20 +195,23 @@ class _Run:
     # -- linear-probe features ------------------------------------------------------------------
 
     def _probe_features(self) -> dict[str, torch.Tensor]:
+        """Features of every view, cached in work_dir: a resumed run reads them back, and `auto`
+        (app/ml/auto.py) leaves there the training split's, which it has computed already."""
         if self.features is None:
             path = self.work_dir / FEATURES_NAME
-            if path.exists():
-                self.features = load_file(path)
-            else:
-                views = [("train", self.train_samples, self.train_images, False), ("val", self.val_samples, self.val_images, False)]
-                if self.hp.flip_views:
-                    views.append(("train_flip", self.train_samples, self.train_images, True))
-                self.features = {}
-                for name, samples, images, flip in views:
-                    loader = self._loader(samples, self.eval_transform, images, train=False, flip=flip)
-                    self.features[f"{name}_x"], self.features[f"{name}_y"] = self._pooled(loader)
+            self.features = load_file(path) if path.exists() else {}
+            views = [("train", self.train_samples, self.train_images, False), ("val", self.val_samples, self.val_images, False)]
+            if self.hp.flip_views:
+                views.append(("train_flip", self.train_samples, self.train_images, True))
+            missing = [view for view in views if f"{view[0]}_x" not in self.features]
+            for name, samples, images, flip in missing:
+                self.features[f"{name}_x"], self.features[f"{name}_y"] = self.features_of(samples, images, flip)
+            if missing:
                 save_file(self.features, path)
         return self.features
+
+    def features_of(self, samples, images, flip: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+        return self._pooled(self._loader(samples, self.eval_transform, images, train=False, flip=flip))
 
     @torch.no_grad()  # not inference_mode: these tensors later feed autograd (probe, calibration)
     def _pooled(self, loader) -> tuple[torch.Tensor, torch.Tensor]:
@@ -446,7 +451,18 @@ class _Run:
         self.model.to(device="cpu", memory_format=torch.contiguous_format).eval()
         for parameter in self.model.parameters():
             parameter.requires_grad_(False)
-        return TrainResult(self.model, metrics, temperature, best["epoch"], history, stopped_early)
+        return TrainResult(self.model, metrics, temperature, best["epoch"], history, stopped_early, logits)
+
+
+def probe_features(
+    model: torch.nn.Module, samples: list[Sample], hp: Hyperparameters, device: torch.device, reporter: Reporter,
+    loader_context=None,
+) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+    """(features, labels) of `samples`: what a linear probe of `model` trains on, computed exactly as
+    fine_tune computes them (same transform, batches and precision), so that they can be cached for it."""
+    with tempfile.TemporaryDirectory() as work_dir:
+        run = _Run(model, samples, [], [], "linear_probe", hp, 0, Path(work_dir), reporter, device, loader_context)
+        return run.features_of(samples, run.train_images)
 
 
 class _Flipped:

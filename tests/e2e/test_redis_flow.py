@@ -108,6 +108,30 @@ def test_predictions_and_downloaded_artifact_agree(stack, probe, tmp_path):
     assert local == served
 
 
+def test_auto_measures_on_the_training_split_and_is_never_worse_than_the_probe(stack, probe):
+    """The default `auto` on the whole of hymenoptera, against the linear probe alone on the same data."""
+    job = stack.wait_job(create_job(stack, probe["dataset_id"])["id"])
+    assert job["status"] == "succeeded", job
+    search = job["search"]
+    assert search["budget_seconds"] == 60 and search["train_images"] == 245 and search["folds"] == 3
+    assert [(t["backbone"], t["strategy"]) for t in search["trials"][:2]] == [
+        ("mobilenetv2_100", "linear_probe"), ("tf_efficientnet_lite0.in1k", "linear_probe")]  # fmt: skip
+    measured = [t for t in search["trials"] if t["skipped"] is None]
+    assert all(0.8 < t["cv_accuracy"] <= 1 and t["seconds"] > 0 for t in measured)
+    assert all("of the budget left" in t["skipped"] for t in search["trials"] if t["skipped"])
+    assert (job["backbone"], job["strategy"]) == (search["winner"]["backbone"], search["winner"]["strategy"])
+    assert job["strategy_reason"] == search["reason"]
+    auto_events = [e for e in events(stack, job["id"]) if e["type"] == "auto"]
+    assert [e["data"]["strategy"] for e in auto_events] == [t["strategy"] for t in search["trials"]]
+
+    # Never worse than the probe alone beyond noise: within the probe's own 95% interval; and where
+    # the probe of the requested backbone won, the job is that probe, to the image.
+    assert job["metrics"]["val_accuracy"] >= probe["metrics"]["val_accuracy_ci95"][0]
+    if (job["backbone"], job["strategy"]) == ("mobilenetv2_100", "linear_probe"):
+        assert job["metrics"]["val_accuracy"] == probe["metrics"]["val_accuracy"]
+        assert job["metrics"]["val_loss"] == pytest.approx(probe["metrics"]["val_loss"], rel=1e-5)
+
+
 def test_duplicated_message_for_finished_job_creates_no_second_model(stack, probe):
     celery = make_celery(Settings(broker_url=stack.env["VISIONTUNE_BROKER_URL"], data_dir=stack.data_dir))
     celery.send_task(FINETUNE_TASK, args=[probe["id"]])

@@ -86,10 +86,22 @@ def test_lr_scales_with_batch_size_and_lp_ft_counts_both_phases(client, dataset_
     assert body["progress"]["epochs"] == 10
 
 
-def test_auto_strategy_is_chosen_from_the_dataset_size_and_recorded(client, dataset_id):
+def test_auto_is_decided_by_a_worker_within_the_budget_asked(client, dataset_id):
     body = client.post("/v1/jobs", json={"dataset_id": dataset_id, "backbone": "mobilenetv2_100"}).json()
-    assert body["strategy"] == "linear_probe"
-    assert "8 training images" in body["strategy_reason"]  # 10 images, 20% held out for validation
+    assert (body["strategy"], body["strategy_reason"], body["progress"]) == ("auto", None, {"epoch": 0, "epochs": 0})
+    assert body["search"] == {"budget_seconds": 60, "other_backbones": True}  # the defaults
+    assert body["hyperparameters"]["epochs"] is None  # resolved for the strategy the worker chooses
+    asked = {"dataset_id": dataset_id, "backbone": "mobilenetv2_100", "auto": {"budget_seconds": 5, "other_backbones": False}}
+    assert client.post("/v1/jobs", json=asked).json()["search"] == {"budget_seconds": 5, "other_backbones": False}
+
+    for wrong, message in [
+        ({"strategy": "full", "auto": {"budget_seconds": 5}}, "apply to strategy 'auto' only"),
+        ({"auto": {"budget_seconds": -1}}, "greater than or equal to 0"),
+        ({"auto": {"budget": 5}}, "Extra inputs are not permitted"),
+    ]:
+        response = client.post("/v1/jobs", json={"dataset_id": dataset_id, "backbone": "mobilenetv2_100", **wrong})
+        assert response.status_code == 422 and message in response.text, response.text
+    assert len(client.get("/v1/jobs").json()["data"]) == 2
 
 
 def test_cancel_a_queued_job_then_its_message_does_nothing(client, dataset_id):

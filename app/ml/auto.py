@@ -1,0 +1,269 @@
+"""`strategy: "auto"`: choose the backbone and the strategy by measuring them on the training split.
+
+Pure ML: no HTTP and no database. app/jobs/runner.py runs `search` before training a job whose
+strategy is "auto", records what it measured and trains the winner on the whole training split.
+
+1. The requested backbone's linear probe is measured first, by stratified k-fold cross-validation
+   on the training split: every training image is predicted once by a probe that did not train on
+   it. The validation split, whose accuracy the job reports, is never looked at. The same folds,
+   trained on half their images, give the probe's learning curve.
+2. Then, while the budget allows (each candidate's cost is estimated from the feature pass
+   measured before it, and a candidate that would overrun is skipped): the linear probes of the
+   other backbones with local weights, ranked as sweeps rank them (accuracy, then macro F1); then
+   `partial` and `lp_ft` on the best-ranked backbone, in the order that the data's size and the
+   learning curve suggest.
+3. The winner is the candidate with the best out-of-fold accuracy among those that beat the
+   requested backbone's probe beyond noise on the same images: of the images on which the two
+   disagree, the candidate must get right more than the probe does by more than one standard
+   error of that difference (sqrt of the number of disagreements, as in McNemar's test).
+   Otherwise the probe stays, so `auto` is never worse than the probe by more than that noise.
+"""
+
+import math
+import shutil
+import time
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from safetensors.torch import save_file
+from sklearn.model_selection import StratifiedKFold
+
+from app.ml.data import Sample
+from app.ml.metrics import classification_metrics
+from app.ml.spec import Hyperparameters, resolve, resolve_for_device
+from app.ml.train import FEATURES_NAME, fine_tune, probe_features
+
+FOLDS = 3
+MIN_PER_CLASS_TO_FINE_TUNE = 20  # below this, a fold's held-out part has a handful of images per class
+RISING = 0.02  # out-of-fold accuracy gained from half to all of the data: the probe is still data-limited
+# What a training step of an image costs, in feature passes (forward only, decoding included), as
+# measured on a 2-core CPU in bf16: `partial` back-propagates through the last stages only, `lp_ft`
+# through every layer (and its forward and backward in bf16 cost more than the fp32 feature pass).
+TRAIN_COST = {"partial": 2.0, "lp_ft": 5.0}
+
+
+@dataclass
+class Backbone:
+    name: str  # as a job names it: "architecture" or "architecture.tag"
+    build: Callable[[], torch.nn.Module]  # a fresh pretrained model with a zeroed head of the right size
+    num_params: int
+
+
+@dataclass
+class Trial:
+    backbone: str
+    strategy: str
+    estimated_seconds: float | None = None
+    seconds: float | None = None
+    cv_accuracy: float | None = None
+    cv_accuracy_ci95: list[float] | None = None
+    cv_macro_f1: float | None = None
+    skipped: str | None = None  # why it was not measured
+    correct: torch.Tensor | None = field(default=None, repr=False)  # per training image, out of fold
+
+    def record(self) -> dict[str, Any]:
+        return {key: value for key, value in asdict(self).items() if key != "correct"}
+
+    def describe(self) -> str:
+        if self.skipped:
+            return f"{self.strategy} on {self.backbone}: skipped, {self.skipped}"
+        low, high = self.cv_accuracy_ci95
+        return (f"{self.strategy} on {self.backbone}: {self.cv_accuracy:.4f} out-of-fold accuracy "
+                f"(95% interval {low:.3f}-{high:.3f}) in {self.seconds:.1f} s")  # fmt: skip
+
+
+@dataclass
+class Choice:
+    backbone: str
+    strategy: str
+    reason: str
+    record: dict[str, Any]  # everything measured, for the job
+    features: dict[str, torch.Tensor] | None = None  # the winning probe's training-split features, to reuse
+
+
+class _Quiet:
+    """The job's reporter for heartbeats and cancellation, without per-epoch events: a fold is not the job."""
+
+    def __init__(self, check: Callable[[], None]):
+        self.check = check
+
+    def epoch_end(self, record: dict[str, Any]) -> None:
+        pass
+
+
+def unmeasured(backbone: str, why: str) -> Choice:
+    return Choice(backbone, "linear_probe", f"the linear probe, unmeasured: {why}", {"trials": [], "reason": why})
+
+
+def search(
+    backbones: list[Backbone], samples: list[Sample], class_names: list[str], hp: Hyperparameters, seed: int,
+    budget_seconds: float, work_dir: Path, check: Callable[[], None], note: Callable[[Trial], None],
+    device: torch.device, loader_context=None,
+) -> Choice:  # fmt: skip
+    """`backbones[0]` is the requested one; `samples` the training split only; `hp` the job's
+    hyperparameters as asked (unset fields are resolved per candidate); `note` is told of each trial."""
+    requested = backbones[0].name
+    per_class = Counter(label for _, label in samples)
+    smallest = min(per_class.get(label, 0) for label in range(len(class_names)))
+    if budget_seconds <= 0:
+        return unmeasured(requested, "budget_seconds is 0")
+    if smallest < 2:
+        return unmeasured(requested, f"a class has {smallest} training image(s): too few to cross-validate")
+    shutil.rmtree(work_dir, ignore_errors=True)
+    search = _Search(samples, class_names, hp, seed, min(FOLDS, smallest), work_dir, _Quiet(check), device, loader_context)
+    started = time.perf_counter()
+
+    def run(trial: Trial, measure: Callable[[], torch.Tensor]) -> Trial:
+        left = budget_seconds - (time.perf_counter() - started)
+        if trial.estimated_seconds is not None and trial.estimated_seconds > left:
+            trial.skipped = f"estimated {trial.estimated_seconds:.0f} s, {max(left, 0):.0f} s of the budget left"
+        else:
+            begun = time.perf_counter()
+            search.score(trial, measure())
+            trial.seconds = time.perf_counter() - begun
+        note(trial)
+        return trial
+
+    base_model = backbones[0].build()
+    baseline = run(Trial(requested, "linear_probe"), lambda: search.probe(requested, base_model))
+    half = search.probe_on_half(requested, base_model)
+    curve = {"half_data": half, "all_data": baseline.cv_accuracy}
+    trials = [baseline]
+    for backbone in backbones[1:]:
+        estimate = search.feature_seconds[requested] * backbone.num_params / backbones[0].num_params
+        trials.append(run(Trial(backbone.name, "linear_probe", estimate), lambda b=backbone: search.probe(b.name, b.build())))
+    probes = sorted((t for t in trials if t.cv_accuracy is not None), key=lambda t: (-t.cv_accuracy, -t.cv_macro_f1))
+    best = next(b for b in backbones if b.name == probes[0].backbone)
+
+    order, why_order = _fine_tune_order(smallest, curve)
+    for strategy in order:
+        trial = Trial(best.name, strategy, search.estimate(best.name, strategy))
+        trials.append(run(trial, lambda s=strategy: search.network(best, s)))
+    if not order:
+        for strategy in ("partial", "lp_ft"):
+            trials.append(Trial(best.name, strategy, skipped=why_order))
+            note(trials[-1])
+
+    winner, reason = _pick(baseline, trials)
+    shutil.rmtree(work_dir, ignore_errors=True)
+    record = {
+        "budget_seconds": budget_seconds, "seconds": time.perf_counter() - started, "folds": search.folds,
+        "train_images": len(samples), "learning_curve": curve, "fine_tune_order": why_order,
+        "trials": [t.record() for t in trials], "winner": {"backbone": winner.backbone, "strategy": winner.strategy},
+        "reason": reason,
+    }  # fmt: skip
+    features = search.features.get(winner.backbone) if winner.strategy == "linear_probe" else None
+    return Choice(winner.backbone, winner.strategy, reason, record, features)
+
+
+def _fine_tune_order(smallest: int, curve: dict[str, float]) -> tuple[list[str], str]:
+    """Which fine-tuning candidates to measure, in which order, and why."""
+    if smallest < MIN_PER_CLASS_TO_FINE_TUNE:
+        return [], (f"the smallest class has {smallest} training images (fewer than {MIN_PER_CLASS_TO_FINE_TUNE}): "
+                    "fine-tuning measured on folds this small would be noise")  # fmt: skip
+    gain = curve["all_data"] - curve["half_data"]
+    if gain > RISING:
+        return ["partial", "lp_ft"], (f"the probe still gains from more data ({gain:+.3f} from half to all of it): "
+                                      "`partial` first, as it moves fewer weights than `lp_ft`")  # fmt: skip
+    return ["lp_ft", "partial"], (f"the probe has levelled off ({gain:+.3f} from half to all of the data): the "
+                                  "features are the limit, so `lp_ft`, which adapts all of them, first")  # fmt: skip
+
+
+def _pick(baseline: Trial, trials: list[Trial]) -> tuple[Trial, str]:
+    beating = []
+    for trial in trials[1:]:
+        if trial.correct is None:
+            continue
+        gained = int((trial.correct & ~baseline.correct).sum())
+        lost = int((~trial.correct & baseline.correct).sum())
+        if gained - lost > math.sqrt(gained + lost):
+            beating.append((trial, gained, lost))
+    if not beating:
+        return baseline, (f"the linear probe of {baseline.backbone}: no candidate beat its out-of-fold accuracy "
+                          f"({baseline.cv_accuracy:.4f}) beyond noise")  # fmt: skip
+    trial, gained, lost = max(beating, key=lambda row: (row[0].cv_accuracy, row[0].cv_macro_f1))
+    return trial, (
+        f"{trial.strategy} on {trial.backbone}: {trial.cv_accuracy:.4f} out-of-fold accuracy against the linear probe "
+        f"of {baseline.backbone}'s {baseline.cv_accuracy:.4f}, on the same {len(baseline.correct)} training images "
+        f"(right on {gained} that the probe got wrong, wrong on {lost} that it got right: "
+        f"{(gained - lost) / math.sqrt(gained + lost):.1f} standard errors, more than noise)"
+    )
+
+
+class _Search:
+    def __init__(self, samples, class_names, hp, seed, folds, work_dir, reporter, device, loader_context):
+        self.samples, self.class_names, self.hp, self.seed, self.folds = samples, class_names, hp, seed, folds
+        self.work_dir, self.reporter, self.device, self.loader_context = work_dir, reporter, device, loader_context
+        self.labels = torch.tensor([label for _, label in samples])
+        splitter = StratifiedKFold(n_splits=folds, shuffle=True, random_state=seed % 2**32)
+        self.splits = [(torch.as_tensor(tr), torch.as_tensor(te)) for tr, te in splitter.split(np.zeros(len(samples)), self.labels)]
+        self.features: dict[str, dict[str, torch.Tensor]] = {}
+        self.feature_seconds: dict[str, float] = {}
+
+    def hp_for(self, strategy: str) -> Hyperparameters:
+        return resolve_for_device(resolve(self.hp, strategy), strategy, self.device.type)
+
+    def score(self, trial: Trial, logits: torch.Tensor) -> None:
+        metrics = classification_metrics(logits, self.labels, self.class_names)
+        trial.cv_accuracy, trial.cv_accuracy_ci95 = metrics["val_accuracy"], metrics["val_accuracy_ci95"]
+        trial.cv_macro_f1 = metrics["macro_f1"]
+        trial.correct = logits.argmax(dim=1) == self.labels
+
+    def probe(self, name: str, model: torch.nn.Module) -> torch.Tensor:
+        started = time.perf_counter()
+        x, y = probe_features(model, self.samples, self.hp_for("linear_probe"), self.device, self.reporter,
+                              self.loader_context)  # fmt: skip
+        self.feature_seconds[name] = time.perf_counter() - started
+        self.features[name] = {"train_x": x, "train_y": y}
+        return self._probe_folds(name, model, self.splits)
+
+    def probe_on_half(self, name: str, model: torch.nn.Module) -> float:
+        """Out-of-fold accuracy of probes trained on every other image of each fold's training part
+        (samples are in class order, so that is half of each class)."""
+        logits = self._probe_folds(name, model, [(tr[::2], te) for tr, te in self.splits])
+        return (logits.argmax(dim=1) == self.labels).sum().item() / len(self.samples)
+
+    def _probe_folds(self, name: str, model: torch.nn.Module, splits) -> torch.Tensor:
+        x, y = self.features[name]["train_x"], self.features[name]["train_y"]
+        hp = self.hp_for("linear_probe").model_copy(update={"image_cache": False})  # it reads cached features only
+        logits = torch.zeros(len(self.samples), len(self.class_names))
+        for index, (tr, te) in enumerate(splits):
+            fold_dir = self.work_dir / f"{name}-probe-{index}"
+            fold_dir.mkdir(parents=True)
+            save_file({"train_x": x[tr], "train_y": y[tr], "val_x": x[te], "val_y": y[te]}, fold_dir / FEATURES_NAME)
+            for parameter in model.get_classifier().parameters():  # every fold starts from the zeroed head
+                torch.nn.init.zeros_(parameter)
+            logits[te] = self._fit(model, tr, te, "linear_probe", hp, fold_dir)
+            shutil.rmtree(fold_dir)
+        return logits
+
+    def network(self, backbone: Backbone, strategy: str) -> torch.Tensor:
+        logits = torch.zeros(len(self.samples), len(self.class_names))
+        for index, (tr, te) in enumerate(self.splits):
+            fold_dir = self.work_dir / f"{backbone.name}-{strategy}-{index}"
+            logits[te] = self._fit(backbone.build(), tr, te, strategy, self.hp_for(strategy), fold_dir)
+            shutil.rmtree(fold_dir)
+        return logits
+
+    def _fit(self, model, tr, te, strategy, hp, fold_dir) -> torch.Tensor:
+        train = [self.samples[i] for i in tr.tolist()]
+        held_out = [self.samples[i] for i in te.tolist()]
+        result = fine_tune(model, train, held_out, self.class_names, strategy, hp, self.seed, fold_dir, self.reporter,
+                           self.device, self.loader_context)  # fmt: skip
+        return result.val_logits
+
+    def estimate(self, name: str, strategy: str) -> float:
+        """Seconds to cross-validate a fine-tuning strategy, from this backbone's measured feature
+        pass (decoding included): epochs x (training steps + evaluation) in every fold."""
+        per_image = self.feature_seconds[name] / len(self.samples)
+        held_out = len(self.samples) / self.folds
+        epochs = resolve(self.hp, strategy).epochs  # of the network; lp_ft's probe epochs cost next to nothing
+        per_fold = epochs * ((len(self.samples) - held_out) * TRAIN_COST[strategy] + held_out) * per_image
+        if strategy == "lp_ft":
+            per_fold += len(self.samples) * per_image  # the probe phase's own feature pass
+        return self.folds * per_fold
