@@ -211,7 +211,7 @@ def _train(job_id: str, me: str, settings: Settings, loader_context) -> None:
     work_dir = settings.jobs_dir / job_id
     reporter = _DatabaseReporter(job_id, me, work_dir, settings.checkpoint_upload_seconds)
     if strategy == "auto":
-        backbone, strategy, hp = _choose(job_id, settings, backbone, pretrained, hp, search, seed, train_samples,
+        backbone, strategy, hp = _choose(job_id, me, settings, backbone, pretrained, hp, search, seed, train_samples,
                                          class_names, work_dir, reporter, device, loader_context)  # fmt: skip
 
     weights = _weights(settings, backbone) if pretrained else None
@@ -250,8 +250,8 @@ def _build(backbone: str, weights: WeightsLookup | None, num_classes: int, hp: H
 
 
 def _choose(
-    job_id: str, settings: Settings, backbone: str, pretrained: bool, hp: dict, options: dict, seed: int,
-    train_samples: list, class_names: list[str], work_dir: Path, reporter: "_DatabaseReporter", device, loader_context,
+    job_id: str, me: str, settings: Settings, backbone: str, pretrained: bool, hp: dict, options: dict, seed: int,
+    train_samples: list, class_names: list[str], work_dir: Path, reporter: _DatabaseReporter, device, loader_context,
 ) -> tuple[str, str, dict]:  # fmt: skip
     """Run `auto` (app/ml/auto.py) and write its choice into the job: from then on the job is an
     ordinary one of that backbone and strategy (a worker that resumes it does not measure again)."""
@@ -277,12 +277,14 @@ def _choose(
         save_file(choice.features, work_dir / FEATURES_NAME)
     resolved = resolve(asked, choice.strategy).model_dump()
     with session_scope() as session:
-        session.execute(
-            update(Job).where(Job.id == job_id, Job.strategy == "auto").values(
+        chosen = session.execute(
+            update(Job).where(Job.id == job_id, Job.status == "running", Job.claimed_by == me).values(
                 backbone=choice.backbone, strategy=choice.strategy, strategy_reason=choice.reason,
                 hyperparameters=resolved, search={**options, **choice.record},
             )
-        )  # fmt: skip
+        ).rowcount  # fmt: skip
+        if not chosen:  # cancelled, paused or taken over while it measured: the holder decides now
+            raise JobStopped("no longer running under this worker when auto had chosen")
         add_event(session, job_id, "status", f"auto chose {choice.strategy} on {choice.backbone}: {choice.reason}",
                   {"backbone": choice.backbone, "strategy": choice.strategy})  # fmt: skip
     return choice.backbone, choice.strategy, resolved
