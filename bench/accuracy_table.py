@@ -96,7 +96,9 @@ def main() -> None:
             choice = search(args.arch, root, budget)
             result = train(choice.backbone, choice.strategy, root, choice.features)
             measured = [t for t in choice.record["trials"] if t["skipped"] is None]
-            tried = ", ".join(f"{t['strategy']}/{t['backbone']} {t['cv_accuracy']:.3f}" for t in measured)
+            tried = ", ".join(f"{t['strategy']}/{t['backbone']} {t['cv_accuracy']:.3f} in {t['seconds']:.0f} s"
+                              + (f" (estimated {t['estimated_seconds']:.0f} s)" if t["estimated_seconds"] else "")
+                              for t in measured)  # fmt: skip
             note = f"chose {choice.strategy} on {choice.backbone}; out-of-fold: {tried}; {len(measured)} of " \
                    f"{len(choice.record['trials'])} candidates measured"  # fmt: skip
             row(dataset, f"{args.arch[0]} (+ others)", f"auto, budget {budget:.0f} s", result.metrics["val_accuracy"],

@@ -36,15 +36,15 @@ from sklearn.model_selection import StratifiedKFold
 from app.ml.data import Sample
 from app.ml.metrics import classification_metrics
 from app.ml.spec import Hyperparameters, resolve, resolve_for_device
-from app.ml.train import FEATURES_NAME, fine_tune, probe_features
+from app.ml.train import FEATURES_NAME, ProbeFeatures, amp_dtype_for, fine_tune, probe_features
 
 FOLDS = 3
 MIN_PER_CLASS_TO_FINE_TUNE = 20  # below this, a fold's held-out part has a handful of images per class
 RISING = 0.02  # out-of-fold accuracy gained from half to all of the data: the probe is still data-limited
-# What a training step of an image costs, in feature passes (forward only, decoding included), as
-# measured on a 2-core CPU in bf16: `partial` back-propagates through the last stages only, `lp_ft`
-# through every layer (and its forward and backward in bf16 cost more than the fp32 feature pass).
-TRAIN_COST = {"partial": 2.0, "lp_ft": 5.0}
+# What a training step of an image costs, in forward passes at the precision it trains in, as
+# measured with mobilenetv2_100 on trashnet on a 2-core CPU in bf16: `partial` back-propagates
+# through the last stages only (1.4), `lp_ft` through every layer (3.8).
+TRAIN_COST = {"partial": 1.5, "lp_ft": 4.0}
 
 
 @dataclass
@@ -135,14 +135,15 @@ def search(
     curve = {"half_data": half, "all_data": baseline.cv_accuracy}
     trials = [baseline]
     for backbone in backbones[1:]:
-        estimate = search.feature_seconds[requested] * backbone.num_params / backbones[0].num_params
+        measured = search.timings[requested]
+        estimate = (measured.decode_seconds + measured.forward_seconds) * backbone.num_params / backbones[0].num_params
         trials.append(run(Trial(backbone.name, "linear_probe", estimate), lambda b=backbone: search.probe(b.name, b.build())))
     probes = sorted((t for t in trials if t.cv_accuracy is not None), key=lambda t: (-t.cv_accuracy, -t.cv_macro_f1))
     best = next(b for b in backbones if b.name == probes[0].backbone)
 
     order, why_order = _fine_tune_order(smallest, curve)
     for strategy in order:
-        trial = Trial(best.name, strategy, search.estimate(best.name, strategy))
+        trial = Trial(best.name, strategy, search.estimate(best, strategy))
         trials.append(run(trial, lambda s=strategy: search.network(best, s)))
     if not order:
         for strategy in ("partial", "lp_ft"):
@@ -203,7 +204,7 @@ class _Search:
         splitter = StratifiedKFold(n_splits=folds, shuffle=True, random_state=seed % 2**32)
         self.splits = [(torch.as_tensor(tr), torch.as_tensor(te)) for tr, te in splitter.split(np.zeros(len(samples)), self.labels)]
         self.features: dict[str, dict[str, torch.Tensor]] = {}
-        self.feature_seconds: dict[str, float] = {}
+        self.timings: dict[str, ProbeFeatures] = {}  # each backbone's decode and forward seconds
 
     def hp_for(self, strategy: str) -> Hyperparameters:
         return resolve_for_device(resolve(self.hp, strategy), strategy, self.device.type)
@@ -215,11 +216,10 @@ class _Search:
         trial.correct = logits.argmax(dim=1) == self.labels
 
     def probe(self, name: str, model: torch.nn.Module) -> torch.Tensor:
-        started = time.perf_counter()
-        x, y = probe_features(model, self.samples, self.hp_for("linear_probe"), self.device, self.reporter,
-                              self.loader_context)  # fmt: skip
-        self.feature_seconds[name] = time.perf_counter() - started
-        self.features[name] = {"train_x": x, "train_y": y}
+        measured = probe_features(model, self.samples, self.hp_for("linear_probe"), self.device, self.reporter,
+                                  self.loader_context)  # fmt: skip
+        self.timings[name] = measured
+        self.features[name] = {"train_x": measured.x, "train_y": measured.y}
         return self._probe_folds(name, model, self.splits)
 
     def probe_on_half(self, name: str, model: torch.nn.Module) -> float:
@@ -257,13 +257,43 @@ class _Search:
                            self.device, self.loader_context)  # fmt: skip
         return result.val_logits
 
-    def estimate(self, name: str, strategy: str) -> float:
+    def estimate(self, backbone: Backbone, strategy: str) -> float:
         """Seconds to cross-validate a fine-tuning strategy, from this backbone's measured feature
-        pass (decoding included): epochs x (training steps + evaluation) in every fold."""
-        per_image = self.feature_seconds[name] / len(self.samples)
+        pass: in every fold, decoding the images once, then epochs x (training steps + evaluation)."""
+        measured, hp = self.timings[backbone.name], self.hp_for(strategy)
+        forward = measured.forward_seconds / len(self.samples) / self._speedup(backbone, hp)
         held_out = len(self.samples) / self.folds
-        epochs = resolve(self.hp, strategy).epochs  # of the network; lp_ft's probe epochs cost next to nothing
-        per_fold = epochs * ((len(self.samples) - held_out) * TRAIN_COST[strategy] + held_out) * per_image
+        steps = (len(self.samples) - held_out) * TRAIN_COST[strategy] + held_out
+        per_fold = measured.decode_seconds + hp.epochs * steps * forward
         if strategy == "lp_ft":
-            per_fold += len(self.samples) * per_image  # the probe phase's own feature pass
+            per_fold += len(self.samples) * forward  # the probe phase's feature pass (its epochs cost next to nothing)
         return self.folds * per_fold
+
+    def _speedup(self, backbone: Backbone, hp: Hyperparameters) -> float:
+        """How many times faster than the probe's feature pass a forward pass runs at `hp`'s precision:
+        on a CPU the probe keeps exact fp32 features while the network may train in bf16, which is
+        from about 1.4x (tf_efficientnet_lite0) to 3x (mobilenetv2_100) faster on this machine's cores.
+        Timed on one small batch of noise (speed does not depend on the pixels), after a warm-up."""
+        probe_hp = self.hp_for("linear_probe")
+        if (hp.amp, hp.channels_last) == (probe_hp.amp, probe_hp.channels_last):
+            return 1.0
+        model = backbone.build().eval()
+        size = model.pretrained_cfg["input_size"]
+        seconds = [_forward_seconds(model, size, h, self.device) for h in (probe_hp, hp)]
+        return seconds[0] / seconds[1]
+
+
+@torch.no_grad()
+def _forward_seconds(model: torch.nn.Module, input_size, hp: Hyperparameters, device: torch.device) -> float:
+    memory_format = torch.channels_last if hp.channels_last else torch.contiguous_format
+    model = model.to(device=device, memory_format=memory_format)
+    batch = torch.randn(8, *input_size, device=device).contiguous(memory_format=memory_format)
+    with torch.autocast(device.type, dtype=amp_dtype_for(device), enabled=bool(hp.amp)):
+        model(batch)  # warm-up: kernels are chosen on the first call
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        started = time.perf_counter()
+        model(batch)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        return time.perf_counter() - started

@@ -454,15 +454,27 @@ class _Run:
         return TrainResult(self.model, metrics, temperature, best["epoch"], history, stopped_early, logits)
 
 
+@dataclass
+class ProbeFeatures:
+    x: torch.Tensor
+    y: torch.Tensor
+    decode_seconds: float  # decoding the images into the cache that fine-tuning also builds
+    forward_seconds: float  # the backbone's forward pass over the decoded images
+
+
 def probe_features(
     model: torch.nn.Module, samples: list[Sample], hp: Hyperparameters, device: torch.device, reporter: Reporter,
     loader_context=None,
-) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
-    """(features, labels) of `samples`: what a linear probe of `model` trains on, computed exactly as
-    fine_tune computes them (same transform, batches and precision), so that they can be cached for it."""
+) -> ProbeFeatures:  # fmt: skip
+    """The features and labels of `samples` that a linear probe of `model` trains on, computed exactly
+    as fine_tune computes them (same transform, batches and precision), so that they can be cached
+    for it; and how long decoding and the forward pass took, from which `auto` estimates costs."""
     with tempfile.TemporaryDirectory() as work_dir:
+        started = time.perf_counter()
         run = _Run(model, samples, [], [], "linear_probe", hp, 0, Path(work_dir), reporter, device, loader_context)
-        return run.features_of(samples, run.train_images)
+        decoded = time.perf_counter()
+        x, y = run.features_of(samples, run.train_images)
+        return ProbeFeatures(x, y, decoded - started, time.perf_counter() - decoded)
 
 
 class _Flipped:
