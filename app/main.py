@@ -9,7 +9,9 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.exceptions import RequestValidationError
+from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse, Response
+from fastapi.routing import APIRoute
 from pydantic import BaseModel
 from sqlalchemy import text
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -50,6 +52,15 @@ logger = logging.getLogger(__name__)
 def _error(status: int, code: str, message: str, details: list | None = None, headers: dict | None = None) -> JSONResponse:
     content = {"error": {"code": code, "message": message, "details": details or []}}
     return JSONResponse(status_code=status, content=content, headers=headers)
+
+
+def operation_id(route: APIRoute) -> str:
+    """Clean operation ids, which generated clients turn into method names: `jobs-create` rather
+    than FastAPI's default `create_job_v1_jobs_post` (the router's tag, then the function's name
+    without the tag's noun)."""
+    tag = route.tags[0] if route.tags else "default"
+    words = [w for w in route.name.split("_") if w not in (tag, tag.removesuffix("s"))]
+    return "-".join([tag, *(words or [route.name])])
 
 
 def _allowed_methods(request: Request) -> list[str]:
@@ -142,7 +153,17 @@ def create_app() -> FastAPI:
         # Every endpoint's body limit; uploads and predictions declare their own larger ones.
         max_body_size=settings.max_request_bytes,
         responses=ERROR_RESPONSES,
+        generate_unique_id_function=operation_id,
     )
+    if settings.cors_origins:  # web front ends on other origins; none by default
+        app.add_middleware(
+            CORSMiddleware,
+            allow_origins=settings.cors_origins,
+            allow_methods=["GET", "POST", "PUT", "PATCH", "DELETE"],
+            allow_headers=["Authorization", "Content-Type", "Last-Event-ID", "X-Request-ID"],
+            expose_headers=["Retry-After", "X-Request-ID"],
+            max_age=600,
+        )
     app.add_middleware(BodyTimeoutMiddleware, idle_timeout=settings.body_idle_timeout_s,
                        total_timeout=settings.body_timeout_s)  # fmt: skip
     app.state.key_lookup = lookup_key  # app.core.auth asks the tenants domain who a key is

@@ -53,3 +53,38 @@ def test_the_app_sets_its_long_lived_objects_aside_from_the_garbage_collector_wh
     with TestClient(create_app()):
         assert gc.get_freeze_count() > 100_000  # PyTorch, timm, onnxruntime and FastAPI themselves
     assert gc.get_freeze_count() == 0
+
+
+def test_operation_ids_are_clean_and_unique(client):
+    """Generated clients name their methods after operation ids: `jobs-create`, not FastAPI's
+    default `create_job_v1_jobs_post`."""
+    ids = [op["operationId"] for ops in client.get("/openapi.json").json()["paths"].values() for op in ops.values()]
+    assert len(ids) == len(set(ids))
+    assert {"jobs-create", "jobs-get", "jobs-list-events", "datasets-upload", "models-predict"} <= set(ids)
+    assert not [i for i in ids if "_v1_" in i or i.endswith(("_get", "_post"))]
+
+
+def test_cors_is_off_by_default_and_answers_the_configured_origins(settings_env, monkeypatch, client):
+    from fastapi.testclient import TestClient
+
+    from app.core import config
+    from app.main import create_app
+
+    preflight = {"Origin": "https://console.example", "Access-Control-Request-Method": "POST",
+                 "Access-Control-Request-Headers": "authorization, content-type"}  # fmt: skip
+    assert "access-control-allow-origin" not in client.options("/v1/jobs", headers=preflight).headers
+
+    monkeypatch.setenv("VISIONTUNE_CORS_ORIGINS", "https://console.example, http://localhost:5173")
+    config.get_settings.cache_clear()
+    with TestClient(create_app()) as cors:
+        answer = cors.options("/v1/jobs", headers=preflight)
+        assert answer.status_code == 200
+        assert answer.headers["access-control-allow-origin"] == "https://console.example"
+        assert "authorization" in answer.headers["access-control-allow-headers"].lower()
+        assert "POST" in answer.headers["access-control-allow-methods"]
+        other = cors.options("/v1/jobs", headers=preflight | {"Origin": "https://evil.example"})
+        assert other.status_code == 400 and "access-control-allow-origin" not in other.headers
+        # A real request from the allowed origin: the browser may read the answer (here, the 401 envelope).
+        response = cors.get("/v1/jobs", headers={"Origin": "http://localhost:5173"})
+        assert response.status_code == 401
+        assert response.headers["access-control-allow-origin"] == "http://localhost:5173"

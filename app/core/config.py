@@ -2,10 +2,10 @@
 
 from functools import lru_cache
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
-from pydantic import Field, model_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic import Field, field_validator, model_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 
 class Settings(BaseSettings):
@@ -87,6 +87,9 @@ class Settings(BaseSettings):
     worker_metrics_port: int | None = Field(
         None, ge=1, le=65535, description="A training worker's own metrics (epochs, images/s, jobs) on this port."
     )
+    cors_origins: Annotated[list[str], NoDecode] = Field(
+        [], description="Origins of web front ends allowed to call the API from a browser, comma-separated (none by default)."
+    )
     api_workers: int = Field(1, ge=1, description="API processes of `visiontune serve`, each with its own model cache.")
     serving_device: Literal["auto", "cpu", "cuda"] = Field(
         "auto", description="Where PyTorch serves models: auto = the GPU when there is one (onnxruntime runs on the CPU)."
@@ -104,6 +107,11 @@ class Settings(BaseSettings):
     )
     # Redis transport: how long an unacknowledged message waits before it is delivered again.
     broker_visibility_timeout: int = 3600
+
+    @field_validator("cors_origins", mode="before")
+    @classmethod
+    def _comma_separated(cls, value):
+        return [origin.strip() for origin in value.split(",") if origin.strip()] if isinstance(value, str) else value
 
     @model_validator(mode="after")
     def _embedded_defaults(self) -> "Settings":

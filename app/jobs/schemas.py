@@ -4,7 +4,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from app.core.ids import DATASET_ID, NAME
-from app.ml.spec import AutoOptions, Hyperparameters, Strategy
+from app.ml.spec import AutoOptions, Hyperparameters, RequestedStrategy
 
 JobStatus = Literal["queued", "running", "paused", "succeeded", "failed", "cancelled"]
 
@@ -17,7 +17,7 @@ class JobCreate(BaseModel):
 
     dataset_id: str = Field(pattern=DATASET_ID)
     backbone: str = Field(max_length=200, examples=["mobilenetv2_100", "resnet50.a1_in1k"])
-    strategy: Literal["auto"] | Strategy = Field(
+    strategy: RequestedStrategy = Field(
         "auto", description="'auto': a worker measures the linear probe and, within `auto.budget_seconds`, other "
         "candidates (other local backbones, 'partial', 'lp_ft') by cross-validation on the training split, then "
         "trains the best; the job records every candidate's score and time, and why the winner won.",
@@ -58,7 +58,7 @@ class JobOut(BaseModel):
     id: str
     dataset_id: str | None
     backbone: str = Field(description="The backbone trained: 'auto' may have chosen another one than requested.")
-    strategy: Literal["auto"] | Strategy = Field(description="'auto' until a worker has measured and chosen.")
+    strategy: RequestedStrategy = Field(description="'auto' until a worker has measured and chosen.")
     strategy_reason: str | None = Field(description="Why 'auto' chose this strategy; null when it was asked for.")
     search: dict[str, Any] | None = Field(
         description="'auto' only: its options, then (once chosen) every candidate measured or skipped, with "

@@ -14,6 +14,9 @@ from timm.data import create_transform
 from timm.optim import list_optimizers
 
 Strategy = Literal["linear_probe", "partial", "full", "lp_ft"]
+# What a job may ask for: one flat enum in the OpenAPI document (a union of a const and an enum
+# trips generated clients such as openapi-python-client's).
+RequestedStrategy = Literal["auto", "linear_probe", "partial", "full", "lp_ft"]
 STRATEGIES: tuple[str, ...] = ("linear_probe", "partial", "full", "lp_ft")
 Metric = Literal["val_accuracy", "macro_f1", "val_loss"]
 

@@ -4,7 +4,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from app.core.ids import DATASET_ID
-from app.ml.spec import Hyperparameters, Strategy
+from app.ml.spec import Hyperparameters, RequestedStrategy
 
 
 class SweepCreate(BaseModel):
@@ -54,6 +54,6 @@ class Promote(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True)
 
     backbone: str = Field(description="A backbone of the sweep's table.")
-    strategy: Literal["auto"] | Strategy = "auto"
+    strategy: RequestedStrategy = "auto"
     hyperparameters: Hyperparameters = Field(default_factory=Hyperparameters)
     seed: int = Field(0, ge=0, le=2**31 - 1)
