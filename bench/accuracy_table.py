@@ -38,6 +38,9 @@ class Quiet:
     def check(self):
         pass
 
+    def step(self, phase, done, total, images):
+        pass
+
     def epoch_end(self, record):
         pass
 

@@ -30,6 +30,9 @@ class LastEpoch:
     def check(self):
         pass
 
+    def step(self, phase, done, total, images):
+        pass
+
     def epoch_end(self, record):
         self.rate = record["images_per_second"]
 

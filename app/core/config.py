@@ -90,6 +90,7 @@ class Settings(BaseSettings):
     cors_origins: Annotated[list[str], NoDecode] = Field(
         [], description="Origins of web front ends allowed to call the API from a browser, comma-separated (none by default)."
     )
+    sse_keepalive_seconds: float = Field(15, gt=0, description="A keep-alive comment on quiet event streams this often.")
     api_workers: int = Field(1, ge=1, description="API processes of `visiontune serve`, each with its own model cache.")
     serving_device: Literal["auto", "cpu", "cuda"] = Field(
         "auto", description="Where PyTorch serves models: auto = the GPU when there is one (onnxruntime runs on the CPU)."

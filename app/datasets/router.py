@@ -1,8 +1,13 @@
+import asyncio
+import json
+from collections.abc import AsyncIterator
 from typing import Annotated
 
 from fastapi import APIRouter, Depends, Query, Request, Response, status
 from fastapi.concurrency import run_in_threadpool
+from sse_starlette import ServerSentEvent
 
+from app.core import streams
 from app.core.auth import AnyKey, ReadKey, TrainKey
 from app.core.config import get_settings
 from app.core.db import SessionDep
@@ -72,9 +77,32 @@ def list_datasets(principal: ReadKey, session: SessionDep, limit: Annotated[int,
     return {"data": service.list_datasets(session, principal.tenant_id, limit)}
 
 
-@router.get("/{dataset_id}", response_model=DatasetOut)
-def get_dataset(dataset: DatasetDep, _: ReadKey) -> Dataset:
+@router.get("/{dataset_id}", response_model=DatasetOut, responses=streams.STREAM_RESPONSE)
+def get_dataset(
+    dataset: DatasetDep, principal: ReadKey, request: Request,
+    stream: Annotated[bool, Query(description="Stream Server-Sent Events (as `Accept: text/event-stream` does).")] = False,
+):  # fmt: skip
+    """Streamed: a `dataset` event with the dataset now and on each change while it is processed,
+    then an `end` event once it is ready or failed."""
+    if streams.wanted(request, stream):
+        return streams.response(_stream(principal.tenant_id, dataset.id))
     return dataset
+
+
+async def _stream(tenant_id: str, dataset_id: str) -> AsyncIterator[ServerSentEvent]:
+    sent = None
+    while True:
+        current = await run_in_threadpool(service.current, tenant_id, dataset_id)
+        if current is None:
+            yield ServerSentEvent(json.dumps({"status": "deleted"}), event="end")
+            return
+        if current != sent:
+            yield ServerSentEvent(current.model_dump_json(), event="dataset")
+            sent = current
+        if current.status != "processing":
+            yield ServerSentEvent(json.dumps({"status": current.status}), event="end")
+            return
+        await asyncio.sleep(streams.POLL_SECONDS)
 
 
 @router.get("/{dataset_id}/audit", response_model=AuditOut, responses={202: {"model": AuditOut}})

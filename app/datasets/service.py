@@ -15,11 +15,13 @@ from sqlalchemy.orm import Session
 
 from app.core import outbox
 from app.core.config import Settings
+from app.core.db import session_scope
 from app.core.objects import get_store, local_copy
-from app.core.errors import Conflict
+from app.core.errors import Conflict, NotFound
 from app.core.storage import ReceivedFile, remove_quietly, remove_unowned, stale_entries
 from app.core.tenancy import Scoped
 from app.datasets.ingest import IngestLimits, check_format
+from app.datasets.schemas import DatasetOut
 from app.db.tables import Dataset
 from app.jobs.usage import active_job_on_dataset
 from app.tenants.service import check_quota
@@ -89,6 +91,15 @@ def create_dataset(
 
 def get_dataset(session: Session, tenant_id: str, dataset_id: str) -> Dataset:
     return datasets.get(session, tenant_id, dataset_id)
+
+
+def current(tenant_id: str, dataset_id: str) -> DatasetOut | None:
+    """The dataset as it is now, read in a session of its own (for a stream); None once deleted."""
+    with session_scope() as session:
+        try:
+            return DatasetOut.model_validate(get_dataset(session, tenant_id, dataset_id), from_attributes=True)
+        except NotFound:
+            return None
 
 
 def list_datasets(session: Session, tenant_id: str, limit: int) -> list[Dataset]:

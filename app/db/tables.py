@@ -128,6 +128,9 @@ class Job(Base):
     seed: Mapped[int] = mapped_column(Integer)
     status: Mapped[str] = mapped_column(String(20), index=True)
     epoch: Mapped[int] = mapped_column(Integer, default=0)
+    # Within the current phase, as the worker last reported it: phase, step, steps, images_per_second,
+    # eta_seconds (app/jobs/runner.py's reporter).
+    progress: Mapped[dict[str, Any] | None] = mapped_column(JSON)
     metrics: Mapped[dict[str, Any]] = mapped_column(default=dict)
     error_code: Mapped[str | None] = mapped_column(String(60))
     error_message: Mapped[str | None] = mapped_column(Text)

@@ -1,8 +1,13 @@
+import asyncio
+import json
+from collections.abc import AsyncIterator
 from typing import Annotated
 
-from fastapi import APIRouter, Depends, Query, status
+from fastapi import APIRouter, Depends, Header, Query, Request, status
 from fastapi.concurrency import run_in_threadpool
+from sse_starlette import ServerSentEvent
 
+from app.core import streams
 from app.core.auth import AnyKey, ReadKey, TrainKey
 from app.core.config import get_settings
 from app.core.db import SessionDep
@@ -10,8 +15,10 @@ from app.core.ids import BIGINT_MAX, JobId
 from app.db.tables import Job
 from app.jobs import service
 from app.jobs.schemas import JobCreate, JobEventList, JobList, JobOut
+from app.jobs.usage import TERMINAL
 
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
+STREAM_BATCH = 500  # events read per poll of a stream
 
 
 def _job(job_id: JobId, principal: AnyKey, session: SessionDep) -> Job:
@@ -37,15 +44,46 @@ def get_job(job: JobDep, _: ReadKey, session: SessionDep) -> JobOut:
     return service.to_out(session, job)
 
 
-@router.get("/{job_id}/events", response_model=JobEventList)
-def list_events(
+@router.get("/{job_id}/events", response_model=JobEventList, responses=streams.STREAM_RESPONSE)
+async def list_events(
     job: JobDep,
     _: ReadKey,
     session: SessionDep,
+    request: Request,
     after: Annotated[int, Query(ge=0, le=BIGINT_MAX, description="Only events with a larger id (for polling).")] = 0,
     limit: Annotated[int, Query(ge=1, le=1000)] = 1000,
-) -> dict:
-    return {"data": service.list_events(session, job.id, after, limit)}
+    stream: Annotated[bool, Query(description="Stream Server-Sent Events (as `Accept: text/event-stream` does).")] = False,
+    last_event_id: Annotated[int | None, Header(ge=0, le=BIGINT_MAX, description="Resume a stream after this event.")] = None,
+):  # fmt: skip
+    """The job's events, oldest first. Streamed: each event as it happens (`id:` its id, `event:` its
+    type), `progress` events (phase, step, images/s, ETA) as they change, and a last `end` event
+    once the job has finished; a finished job's stream replays its events and ends. A client that
+    reconnects with `Last-Event-ID` continues after that event."""
+    if streams.wanted(request, stream):
+        return streams.response(_stream(job.id, last_event_id if last_event_id is not None else after))
+    return {"data": await run_in_threadpool(service.list_events, session, job.id, after, limit)}
+
+
+async def _stream(job_id: str, after: int) -> AsyncIterator[ServerSentEvent]:
+    sent = None
+    while True:
+        state = await run_in_threadpool(service.stream_state, job_id, after, STREAM_BATCH)
+        if state is None:
+            yield ServerSentEvent(json.dumps({"status": "deleted"}), event="end")
+            return
+        status, progress, events = state
+        for event in events:
+            yield ServerSentEvent(event.model_dump_json(), event=event.type, id=str(event.id))
+            after = event.id
+        if len(events) == STREAM_BATCH:
+            continue
+        if status in TERMINAL:
+            yield ServerSentEvent(json.dumps({"status": status}), event="end")
+            return
+        if progress != sent:
+            yield ServerSentEvent(progress.model_dump_json(), event="progress")
+            sent = progress
+        await asyncio.sleep(streams.POLL_SECONDS)
 
 
 @router.post("/{job_id}/cancel", response_model=JobOut)

@@ -44,12 +44,13 @@ from app.jobs.service import add_event, data_split, fail
 from app.ml.backbone import build_model, preprocessing_of
 from app.ml.export import save_artifact
 from app.ml import auto
-from app.ml.spec import Hyperparameters, resolve, resolve_for_device
+from app.ml.spec import Hyperparameters, resolve, resolve_for_device, total_epochs
 from app.ml.train import CHECKPOINT_NAME, FEATURES_NAME, TrainResult, fine_tune, pick_device
 from app.models.service import NewModel, register_model
 
 logger = logging.getLogger(__name__)
 HEARTBEAT_SECONDS = 2.0
+PROGRESS_SECONDS = 1.0  # a running job's progress is written at most this often (and at the end of each pass)
 
 
 @dataclass
@@ -107,7 +108,8 @@ def _claim(job_id: str, me: str, settings: Settings) -> Outcome | None:
         claimed = session.execute(
             update(Job)
             .where(Job.id == job_id, Job.status == "queued")
-            .values(status="running", claimed_by=me, heartbeat_at=now, started_at=now, attempts=Job.attempts + 1)
+            .values(status="running", claimed_by=me, heartbeat_at=now, started_at=now, attempts=Job.attempts + 1,
+                    progress=None)
         ).rowcount
         if claimed:
             add_event(session, job_id, "status", f"running on {me}")
@@ -143,23 +145,83 @@ def _drop_checkpoint(settings: Settings, job_id: str) -> None:
 
 
 class _DatabaseReporter:
-    """Heartbeats, cancellation checks and per-epoch events, written to the job's rows; the
-    checkpoint goes to the object store once every `checkpoint_upload_seconds` of training, so
-    that any worker, on any machine, can resume. Not every epoch: a linear probe's epochs take a
-    fraction of a second, and sending its 28 MB checkpoint 30 times took 5 s of a 12 s job (to
-    moto's server on 127.0.0.1)."""
+    """Heartbeats, cancellation checks, progress within the phase and per-epoch events, written to
+    the job's rows; the checkpoint goes to the object store once every `checkpoint_upload_seconds`
+    of training, so that any worker, on any machine, can resume. Not every epoch: a linear probe's
+    epochs take a fraction of a second, and sending its 28 MB checkpoint 30 times took 5 s of a
+    12 s job (to moto's server on 127.0.0.1)."""
 
-    def __init__(self, job_id: str, me: str, work_dir: Path, upload_seconds: float):
+    def __init__(self, job_id: str, me: str, work_dir: Path, upload_seconds: float, epochs_done: int):
         self.job_id, self.me, self.work_dir, self.upload_seconds = job_id, me, work_dir, upload_seconds
         self._last_check = 0.0
         self._epoch_started = time.monotonic()
         self._sent_at = time.monotonic()
+        self.epochs = self.network_epochs = self.feature_passes = 0  # what the run will do: set by plan()
+        self._epoch_seconds: float | None = None  # smoothed
+        self._epochs_done = epochs_done
+        self._passes_done = 0
+        self._last: tuple[str, int, float] | None = None  # the previous step: phase, done, when
+        self._step_seconds: dict[str, float] = {}  # per phase: seconds per step, smoothed
+        self._steps: dict[str, int] = {}  # per phase: steps in its latest pass
+        self._progress_at = 0.0
+
+    def plan(self, strategy: str, hp: Hyperparameters) -> None:
+        """What the run ahead does, for the estimate of the time left: its epochs, and its passes
+        over the images to compute a probe's features (training and validation images, and the
+        mirrored training images with flip_views)."""
+        self.epochs = total_epochs(strategy, hp)
+        self.network_epochs = 0 if strategy == "linear_probe" else hp.epochs
+        self.feature_passes = (3 if hp.flip_views else 2) if strategy in ("linear_probe", "lp_ft") else 0
+
+    def phase(self, name: str) -> None:
+        """A phase without steps of its own (searching, decoding), reported as it starts."""
+        self._beat({"progress": {"phase": name, "step": None, "steps": None, "images_per_second": None,
+                                 "eta_seconds": None}})  # fmt: skip
+        self._last_check = time.monotonic()
 
     def check(self) -> None:
         if time.monotonic() - self._last_check < HEARTBEAT_SECONDS:
             return
         self._beat({})
         self._last_check = time.monotonic()
+
+    def step(self, phase: str, done: int, total: int, images: int) -> None:
+        now = time.monotonic()
+        if self._last is not None and self._last[0] == phase and self._last[1] == done - 1:
+            seconds = now - self._last[2]
+            previous = self._step_seconds.get(phase)
+            self._step_seconds[phase] = seconds if previous is None else 0.8 * previous + 0.2 * seconds
+        if phase == "features" and done == total:
+            self._passes_done += 1
+        self._last, self._steps[phase] = (phase, done, now), total
+        if now - self._progress_at < PROGRESS_SECONDS and done != total:
+            return
+        per_step = self._step_seconds.get(phase)
+        self._beat({"progress": {
+            "phase": phase, "step": done, "steps": total,
+            "images_per_second": round(images / per_step, 1) if per_step else None,
+            "eta_seconds": self._eta(phase, done, total),
+        }})  # fmt: skip
+        self._progress_at = self._last_check = now
+
+    def _eta(self, phase: str, done: int, total: int) -> float | None:
+        """Seconds left, at the speeds measured so far: None until they tell."""
+        per_step = self._step_seconds.get(phase)
+        if per_step is None:
+            return None
+        left_in_pass = (total - done) * per_step
+        if phase == "features":
+            if self.network_epochs:  # lp_ft: how fast its network epochs run is not known yet
+                return None
+            passes_left = max(self.feature_passes - self._passes_done - (done < total), 0)
+            return round(left_in_pass + passes_left * total * per_step, 1)  # the probe's epochs: a fraction of a second
+        epochs_left = max(self.epochs - self._epochs_done, 1)  # this one included
+        if self._epoch_seconds is not None:
+            elapsed = time.monotonic() - self._epoch_started
+            return round(max(epochs_left * self._epoch_seconds - elapsed, left_in_pass), 1)
+        if phase == "training":  # the first epoch: its validation is not timed yet
+            return round(left_in_pass + (epochs_left - 1) * total * per_step, 1)
+        return None
 
     def epoch_end(self, record: dict[str, Any]) -> None:
         message = (
@@ -172,9 +234,12 @@ class _DatabaseReporter:
             with outbox.heartbeat(outbox.TRAINING, self.job_id, self.me, self.work_dir):
                 get_store().put(checkpoint_key(self.job_id), self.work_dir / CHECKPOINT_NAME)
             self._sent_at = time.monotonic()
-        metrics.EPOCH_SECONDS.observe(time.monotonic() - self._epoch_started)
+        seconds = time.monotonic() - self._epoch_started
+        metrics.EPOCH_SECONDS.observe(seconds)
+        self._epoch_seconds = seconds if self._epoch_seconds is None else 0.5 * self._epoch_seconds + 0.5 * seconds
         metrics.TRAIN_IMAGES_PER_SECOND.set(record["images_per_second"])
         self._epoch_started = time.monotonic()
+        self._epochs_done = record["epoch"]
         self._beat({"epoch": record["epoch"], "metrics": record}, event=("epoch", message, record))
 
     def _beat(self, values: dict[str, Any], event: tuple[str, str, dict] | None = None) -> None:
@@ -200,7 +265,7 @@ def _train(job_id: str, me: str, settings: Settings, loader_context) -> None:
             raise AppError("The job's dataset was deleted.", code="dataset_missing") from exc
         class_names = [c["name"] for c in dataset.classes]
         backbone, strategy, pretrained, seed, tenant_id = job.backbone, job.strategy, job.pretrained, job.seed, job.tenant_id
-        hp, requested_name, search = dict(job.hyperparameters), job.model_name, job.search
+        hp, requested_name, search, epochs_done = dict(job.hyperparameters), job.model_name, job.search, job.epoch
         split = "the dataset's val/ split" if dataset.has_val_split else f"a stratified {hp['val_fraction']:.0%} hold-out"
         add_event(
             session, job_id, "data", f"{len(train_samples)} training and {len(val_samples)} validation images ({split})",
@@ -209,8 +274,9 @@ def _train(job_id: str, me: str, settings: Settings, loader_context) -> None:
         )  # fmt: skip
     device = pick_device()
     work_dir = settings.jobs_dir / job_id
-    reporter = _DatabaseReporter(job_id, me, work_dir, settings.checkpoint_upload_seconds)
+    reporter = _DatabaseReporter(job_id, me, work_dir, settings.checkpoint_upload_seconds, epochs_done)
     if strategy == "auto":
+        reporter.phase("searching")
         backbone, strategy, hp = _choose(job_id, me, settings, backbone, pretrained, hp, search, seed, train_samples,
                                          class_names, work_dir, reporter, device, loader_context)  # fmt: skip
 
@@ -219,6 +285,8 @@ def _train(job_id: str, me: str, settings: Settings, loader_context) -> None:
         with session_scope() as session:
             add_event(session, job_id, "weights", weights.explain(), {"source": weights.source, "file": str(weights.file)})
     hp = resolve_for_device(Hyperparameters(**hp), strategy, device.type)
+    reporter.plan(strategy, hp)
+    reporter.phase("preparing")  # building the model, decoding the images
     with session_scope() as session:  # the job records exactly what runs, device choices included
         session.execute(update(Job).where(Job.id == job_id).values(hyperparameters=hp.model_dump()))
         threads = torch.get_num_threads()

@@ -45,8 +45,18 @@ class JobCreate(BaseModel):
 
 
 class Progress(BaseModel):
-    epoch: int
-    epochs: int
+    epoch: int = Field(description="Epochs done.")
+    epochs: int = Field(description="Epochs in all (0 while 'auto' has not chosen).")
+    phase: Literal["queued", "searching", "preparing", "features", "training", "validation", "paused", "succeeded",
+                   "failed", "cancelled"] = Field(
+        description="searching: 'auto' measures candidates; preparing: building the model and decoding the images; "
+        "features: a linear probe's backbone pass; then training and validation of each epoch."
+    )  # fmt: skip
+    step: int | None = Field(None, description="Batches done in the current phase's pass (running jobs).")
+    steps: int | None = Field(None, description="Batches in the current phase's pass.")
+    images_per_second: float | None = Field(None, description="Measured throughput of the current phase.")
+    eta_seconds: float | None = Field(None, description="Seconds left, from the measured throughput; null until known.")
+    queue_position: int | None = Field(None, description="Queued jobs only: 1 when it is next.")
 
 
 class JobError(BaseModel):

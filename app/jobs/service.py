@@ -8,17 +8,18 @@ import secrets
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import select, update
+from sqlalchemy import func, select, update
 from sqlalchemy.orm import Session
 
 from app.backbones.service import split_backbone
 from app.core import outbox
 from app.core.config import Settings
+from app.core.db import session_scope
 from app.core.errors import Conflict, NotFound
 from app.core.tenancy import Scoped
 from app.datasets.service import get_dataset, local_dataset
 from app.db.tables import Job, JobEvent, Sweep, utcnow
-from app.jobs.schemas import JobCreate, JobError, JobOut, Progress
+from app.jobs.schemas import JobCreate, JobError, JobEventOut, JobOut, Progress
 from app.jobs.usage import ACTIVE, WAITING
 from app.ml.data import Sample, split_samples
 from app.ml.spec import Hyperparameters, resolve, total_epochs
@@ -121,6 +122,19 @@ def list_events(session: Session, job_id: str, after: int, limit: int) -> list[J
     return list(session.scalars(query))
 
 
+def stream_state(job_id: str, after: int, limit: int) -> tuple[str, Progress, list[JobEventOut]] | None:
+    """A job's status and progress, then its events after `after`: read in that order, so that once
+    the status is final the events read with it are all there will be. None once the job is gone
+    (deleted with its dataset)."""
+    with session_scope() as session:
+        job = session.get(Job, job_id)
+        if job is None:
+            return None
+        status, progress = job.status, _progress(session, job)
+        events = [JobEventOut.model_validate(event, from_attributes=True) for event in list_events(session, job_id, after, limit)]
+        return status, progress, events
+
+
 def _transition(session: Session, job: Job, to: str, allowed_from: tuple[str, ...], code: str, message: str,
                 **values: Any) -> Job:  # fmt: skip
     """Move the job to `to` if it is in one of `allowed_from` (one conditional UPDATE: of two
@@ -174,6 +188,16 @@ def _epochs(job: Job) -> int:
     return total_epochs(job.strategy, Hyperparameters(**job.hyperparameters))
 
 
+def _progress(session: Session, job: Job) -> Progress:
+    progress = Progress(epoch=job.epoch, epochs=_epochs(job), phase=job.status)
+    if job.status == "running":
+        progress = progress.model_copy(update=job.progress or {"phase": "preparing"})
+    elif job.status == "queued":
+        ahead = select(func.count()).where(Job.status == "queued", Job.created_at < job.created_at)
+        progress.queue_position = session.scalar(ahead) + 1
+    return progress
+
+
 def to_out(session: Session, job: Job, model_id: str | None = None) -> JobOut:
     if model_id is None and job.status == "succeeded":
         model_id = model_ids_of_jobs(session, [job.id]).get(job.id)
@@ -190,7 +214,7 @@ def to_out(session: Session, job: Job, model_id: str | None = None) -> JobOut:
         hyperparameters=job.hyperparameters,
         seed=job.seed,
         status=job.status,
-        progress=Progress(epoch=job.epoch, epochs=_epochs(job)),
+        progress=_progress(session, job),
         metrics=job.metrics,
         model_id=model_id,
         error=JobError(code=job.error_code, message=job.error_message or "") if job.error_code else None,

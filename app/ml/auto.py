@@ -92,6 +92,9 @@ class _Quiet:
     def __init__(self, check: Callable[[], None]):
         self.check = check
 
+    def step(self, phase: str, done: int, total: int, images: int) -> None:
+        pass
+
     def epoch_end(self, record: dict[str, Any]) -> None:
         pass
 

@@ -46,6 +46,10 @@ class Reporter(Protocol):
     def check(self) -> None:
         """Called often; raise to stop training (for example, the job was cancelled)."""
 
+    def step(self, phase: str, done: int, total: int, images: int) -> None:
+        """Called after each batch: `done` of `total` batches of `phase` ("features", "training",
+        "validation"), the batch holding `images` images."""
+
     def epoch_end(self, record: dict[str, Any]) -> None:
         """Called after each epoch with its loss, validation metrics, speed and ETA."""
 
@@ -217,12 +221,13 @@ class _Run:
     def _pooled(self, loader) -> tuple[torch.Tensor, torch.Tensor]:
         self.model.eval()
         features, labels = [], []
-        for images, targets in loader:
+        for done, (images, targets) in enumerate(loader, 1):
             self.reporter.check()
             with self._autocast():
                 pooled = self.model.forward_head(self.model.forward_features(self._to_device(images)), pre_logits=True)
             features.append(pooled.float().cpu())
             labels.append(targets)
+            self.reporter.step("features", done, len(loader), len(targets))
         return torch.cat(features).contiguous(), torch.cat(labels).contiguous()
 
     # -- which parameters train -----------------------------------------------------------------
@@ -270,13 +275,15 @@ class _Run:
         criterion = self._criterion(soft_targets=False)
         head.train()
         total = 0.0
-        for batch in order.to(self.device).split(self.hp.batch_size):
+        batches = order.to(self.device).split(self.hp.batch_size)
+        for done, batch in enumerate(batches, 1):
             self.reporter.check()
             loss = criterion(head(x[batch]), y[batch])
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
             total += loss.item() * len(batch)
+            self.reporter.step("training", done, len(batches), len(batch))
         return total / len(order), len(order)
 
     def _network_epoch(self, optimizer, ema, scaler, epoch_seed) -> tuple[float, int]:
@@ -308,6 +315,7 @@ class _Run:
                     ema.update(self.model)
             total += loss.item() * len(targets)
             seen += len(targets)
+            self.reporter.step("training", step + 1, batches, len(targets))
         return total / max(seen, 1), seen
 
     @torch.no_grad()  # not inference_mode: these tensors later feed autograd (probe, calibration)
@@ -319,11 +327,13 @@ class _Run:
         model = model or self.model
         model.eval()
         logits, labels = [], []
-        for images, targets in self._loader(self.val_samples, self.eval_transform, self.val_images, train=False):
+        loader = self._loader(self.val_samples, self.eval_transform, self.val_images, train=False)
+        for done, (images, targets) in enumerate(loader, 1):
             self.reporter.check()
             with self._autocast():
                 logits.append(model(self._to_device(images)).float().cpu())
             labels.append(targets)
+            self.reporter.step("validation", done, len(loader), len(targets))
         return torch.cat(logits), torch.cat(labels)
 
     # -- the run --------------------------------------------------------------------------------

@@ -73,7 +73,9 @@ def test_backbone_catalogue_sees_local_weights(stack):
 def test_linear_probe_reaches_accuracy(stack, probe):
     assert probe["status"] == "succeeded", probe
     assert probe["metrics"]["val_accuracy"] >= 0.93
-    assert probe["progress"] == {"epoch": probe["hyperparameters"]["epochs"], "epochs": probe["hyperparameters"]["epochs"]}
+    epochs = probe["hyperparameters"]["epochs"]
+    assert probe["progress"] == {"epoch": epochs, "epochs": epochs, "phase": "succeeded", "step": None, "steps": None,
+                                 "images_per_second": None, "eta_seconds": None, "queue_position": None}  # fmt: skip
     epoch_events = [e for e in events(stack, probe["id"]) if e["type"] == "epoch"]
     assert len(epoch_events) == probe["hyperparameters"]["epochs"]
     assert all(e["data"]["images_per_second"] > 0 and "eta_seconds" in e["data"] for e in epoch_events)

@@ -50,6 +50,9 @@ class Recorder:
     def check(self):
         pass
 
+    def step(self, phase, done, total, images):
+        pass
+
     def epoch_end(self, record):
         self.records.append(record)
         if self.stop_after is not None and len(self.records) >= self.stop_after:
