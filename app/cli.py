@@ -28,7 +28,7 @@ def worker_argv(background: bool = False, extra: list[str] | None = None) -> lis
     # device. A background worker takes ingests and exports, one at a time too (an ingest decodes
     # on every core already).
     if background:
-        queues = f"{settings.ingest_queue},{settings.export_queue},{settings.audit_queue}"
+        queues = f"{settings.ingest_queue},{settings.export_queue},{settings.audit_queue},{settings.webhook_queue}"
     else:
         queues = f"{training_queue('any')},{training_queue('gpu' if has_gpu() else 'cpu')}"
     return [

@@ -45,6 +45,7 @@ from app.serving.service import Serving
 from app.sweeps.router import router as sweeps_router
 from app.tenants.router import router as tenants_router
 from app.tenants.service import lookup_key
+from app.webhooks.router import router as webhooks_router
 
 logger = logging.getLogger(__name__)
 
@@ -179,7 +180,8 @@ def create_app() -> FastAPI:
 
     app.add_middleware(logs.RequestIds)  # outermost: every log line of the request carries its id
 
-    routers = (datasets_router, backbones_router, jobs_router, models_router, serving_router, sweeps_router, tenants_router)
+    routers = (datasets_router, backbones_router, jobs_router, models_router, serving_router, sweeps_router, tenants_router,
+               webhooks_router)  # fmt: skip
     for router in routers:
         app.include_router(router)
 

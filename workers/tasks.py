@@ -3,12 +3,13 @@
 import logging
 
 from app.core import metrics
-from app.core.broker import AUDIT_TASK, EXPORT_TASK, FINETUNE_TASK, INGEST_TASK
+from app.core.broker import AUDIT_TASK, EXPORT_TASK, FINETUNE_TASK, INGEST_TASK, WEBHOOK_TASK
 from app.core.logs import working_on
 from app.datasets.audit import run_audit
 from app.datasets.runner import run_ingest
 from app.jobs import runner
 from app.models.runner import run_export
+from app.webhooks.runner import run_delivery
 from workers.celery_app import celery_app
 from workers.loader_context import PoolSafeForkContext
 
@@ -44,3 +45,8 @@ def export_model(export_id: str) -> str:
 @celery_app.task(name=AUDIT_TASK)
 def audit_dataset(audit_id: str) -> str:
     return _background(run_audit, audit_id)
+
+
+@celery_app.task(name=WEBHOOK_TASK)
+def deliver_webhook(delivery_id: str) -> str:
+    return _background(run_delivery, delivery_id)

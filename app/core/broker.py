@@ -11,6 +11,7 @@ FINETUNE_TASK = "visiontune.run_finetune"
 INGEST_TASK = "visiontune.ingest_dataset"
 EXPORT_TASK = "visiontune.export_model"
 AUDIT_TASK = "visiontune.audit_dataset"
+WEBHOOK_TASK = "visiontune.deliver_webhook"
 
 
 def make_celery(settings: Settings) -> Celery:
@@ -27,6 +28,7 @@ def make_celery(settings: Settings) -> Celery:
             INGEST_TASK: {"queue": settings.ingest_queue},
             EXPORT_TASK: {"queue": settings.export_queue},
             AUDIT_TASK: {"queue": settings.audit_queue},
+            WEBHOOK_TASK: {"queue": settings.webhook_queue},
         },
         # The job's truth is in the database; the broker only carries "run job X".
         task_ignore_result=True,
@@ -73,7 +75,8 @@ def queue_depths() -> dict[str, int]:
     settings, depths = get_settings(), {}
     with get_celery().connection_for_read() as connection:
         channel = connection.default_channel
-        for queue in (settings.training_queue, settings.ingest_queue, settings.export_queue, settings.audit_queue):
+        for queue in (settings.training_queue, settings.ingest_queue, settings.export_queue, settings.audit_queue,
+                      settings.webhook_queue):
             try:
                 depths[queue] = channel.queue_declare(queue=queue, passive=True).message_count
             except connection.channel_errors:

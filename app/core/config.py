@@ -40,6 +40,7 @@ class Settings(BaseSettings):
     ingest_queue: str = "ingest"
     export_queue: str = "exports"
     audit_queue: str = "audits"
+    webhook_queue: str = "webhooks"
     background_nice: int = Field(
         10, ge=0, le=19, description="How much lower the CPU priority of `visiontune worker --background` is."
     )
@@ -90,7 +91,19 @@ class Settings(BaseSettings):
     cors_origins: Annotated[list[str], NoDecode] = Field(
         [], description="Origins of web front ends allowed to call the API from a browser, comma-separated (none by default)."
     )
+    # Webhooks (app/webhooks): deliveries come from a background worker, never from a request.
+    webhook_timeout_seconds: float = Field(5.0, gt=0, le=60, description="How long a receiver has to answer a delivery.")
+    webhook_max_attempts: int = Field(8, ge=1, le=30, description="Attempts of a delivery before it is marked failed.")
+    webhook_retry_seconds: float = Field(
+        10.0, gt=0, description="The wait before a delivery's second attempt; it doubles after each failed attempt."
+    )
+    webhook_allow_private_addresses: bool = Field(
+        False, description="Allow webhook URLs on private, loopback and link-local addresses (refused by default: SSRF)."
+    )
     sse_keepalive_seconds: float = Field(15, gt=0, description="A keep-alive comment on quiet event streams this often.")
+    sse_max_seconds: float = Field(
+        900, gt=0, description="An event stream is closed after this long (clients reconnect with Last-Event-ID)."
+    )
     api_workers: int = Field(1, ge=1, description="API processes of `visiontune serve`, each with its own model cache.")
     serving_device: Literal["auto", "cpu", "cuda"] = Field(
         "auto", description="Where PyTorch serves models: auto = the GPU when there is one (onnxruntime runs on the CPU)."

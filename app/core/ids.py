@@ -17,6 +17,8 @@ JobId = Annotated[str, Path(pattern=f"^job_{HEX_ID}$")]
 SweepId = Annotated[str, Path(pattern=f"^sweep_{HEX_ID}$")]
 TenantId = Annotated[str, Path(pattern=f"^tn_{HEX_ID}$")]
 KeyId = Annotated[str, Path(pattern=f"^key_{HEX_ID}$")]
+WebhookId = Annotated[str, Path(pattern=f"^wh_{HEX_ID}$")]
+DeliveryId = Annotated[str, Path(pattern=f"^msg_{HEX_ID}$")]
 ModelRef = Annotated[
     str,
     Path(

@@ -1,6 +1,6 @@
 """The outbox: rows say what work must be done; messages only say "do row X".
 
-Three kinds of background work are rows: training jobs, dataset ingests and model exports. Each
+Background work is rows: training jobs, dataset ingests, model exports, audits and webhook deliveries. Each
 row is waiting (no holder) or held by one worker process ("host:pid", with a heartbeat), and
 moves on only by conditional UPDATEs, so a duplicate message, a redelivery or a second worker
 can never do the work twice: whoever does not hold the row drops the message.
@@ -22,12 +22,12 @@ from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import select, update
+from sqlalchemy import or_, select, update
 from sqlalchemy.orm import Session
 
 from app.core import broker
 from app.core.db import session_scope
-from app.db.tables import Audit, Dataset, Export, Job, JobEvent, utcnow
+from app.db.tables import Audit, Dataset, Export, Job, JobEvent, WebhookDelivery, utcnow
 
 logger = logging.getLogger(__name__)
 HEARTBEAT_SECONDS = 2.0
@@ -43,6 +43,7 @@ class Work:
     waiting: str
     held: str
     queue_of: Callable[[Any], str] | None = None  # a row's queue, when rows of a kind go to different ones
+    due: Callable[[], Any] | None = None  # which waiting rows may be sent now (the others wait for a retry time)
 
     def unfinished(self):
         return self.table.status.in_({self.waiting, self.held})
@@ -53,7 +54,9 @@ TRAINING = Work(Job, broker.FINETUNE_TASK, waiting="queued", held="running",
 INGEST = Work(Dataset, broker.INGEST_TASK, waiting="processing", held="processing")
 EXPORT = Work(Export, broker.EXPORT_TASK, waiting="processing", held="processing")
 AUDIT = Work(Audit, broker.AUDIT_TASK, waiting="processing", held="processing")
-KINDS = (TRAINING, INGEST, EXPORT, AUDIT)
+DELIVERY = Work(WebhookDelivery, broker.WEBHOOK_TASK, waiting="pending", held="sending",
+                due=lambda: WebhookDelivery.next_attempt_at <= utcnow())  # fmt: skip
+KINDS = (TRAINING, INGEST, EXPORT, AUDIT, DELIVERY)
 
 
 def worker_identity() -> str:
@@ -100,9 +103,10 @@ def lost(session: Session, work: Work, redispatch_seconds: float, lease_seconds:
     not on every sweep while its message waits)."""
     now = utcnow()
     table = work.table
-    rows = session.execute(
-        select(table.id, table.claimed_by, table.heartbeat_at, table.dispatched_at).where(work.unfinished())
-    ).all()
+    query = select(table.id, table.claimed_by, table.heartbeat_at, table.dispatched_at).where(work.unfinished())
+    if work.due is not None:
+        query = query.where(or_(table.claimed_by.is_not(None), work.due()))
+    rows = session.execute(query).all()
     stale_dispatch, recent = now - timedelta(seconds=redispatch_seconds), now - timedelta(seconds=lease_seconds)
     found = []
     for row in rows:

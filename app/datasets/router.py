@@ -1,4 +1,3 @@
-import asyncio
 import json
 from collections.abc import AsyncIterator
 from typing import Annotated
@@ -91,7 +90,7 @@ def get_dataset(
 
 async def _stream(tenant_id: str, dataset_id: str) -> AsyncIterator[ServerSentEvent]:
     sent = None
-    while True:
+    async for _ in streams.polls():
         current = await run_in_threadpool(service.current, tenant_id, dataset_id)
         if current is None:
             yield ServerSentEvent(json.dumps({"status": "deleted"}), event="end")
@@ -102,7 +101,6 @@ async def _stream(tenant_id: str, dataset_id: str) -> AsyncIterator[ServerSentEv
         if current.status != "processing":
             yield ServerSentEvent(json.dumps({"status": current.status}), event="end")
             return
-        await asyncio.sleep(streams.POLL_SECONDS)
 
 
 @router.get("/{dataset_id}/audit", response_model=AuditOut, responses={202: {"model": AuditOut}})

@@ -13,7 +13,7 @@ import os
 import secrets
 from pathlib import Path
 
-from sqlalchemy import update
+from sqlalchemy import select, update
 
 from app.core import outbox
 from app.core.config import Settings, get_settings
@@ -24,6 +24,7 @@ from app.core.storage import out_of_space_is_507, remove_quietly
 from app.datasets.ingest import IngestResult, ingest_archive
 from app.datasets.service import limits_from, upload_key, upload_path
 from app.db.tables import Dataset, utcnow
+from app.webhooks import service as webhooks
 from app.tenants.service import check_quota
 
 logger = logging.getLogger(__name__)
@@ -100,6 +101,8 @@ def _ready(settings: Settings, dataset_id: str, me: str, result: IngestResult, s
         ).rowcount  # fmt: skip
         if not held:
             raise NotHeld
+        webhooks.record(session, _tenant_of(session, dataset_id), "dataset.ready",
+                        {"id": dataset_id, "status": "ready", "num_images": result.num_images})  # fmt: skip
         if not final.is_dir():
             final.parent.mkdir(parents=True, exist_ok=True)
             try:
@@ -111,6 +114,10 @@ def _ready(settings: Settings, dataset_id: str, me: str, result: IngestResult, s
         session.commit()
     store.delete(upload_key(dataset_id))
     remove_quietly(upload_path(settings, dataset_id))
+
+
+def _tenant_of(session, dataset_id: str) -> str:
+    return session.scalar(select(Dataset.tenant_id).where(Dataset.id == dataset_id))
 
 
 def _content_sha256(directory: Path) -> str:
@@ -130,6 +137,9 @@ def _failed(settings: Settings, dataset_id: str, me: str, error: AppError) -> st
             .where(*outbox.still_held(outbox.INGEST, dataset_id, me))
             .values(status="failed", error=error.as_dict(), size_bytes=0, finished_at=utcnow())
         ).rowcount
+        if held:
+            webhooks.record(session, _tenant_of(session, dataset_id), "dataset.failed",
+                            {"id": dataset_id, "status": "failed", "error": error.as_dict()})  # fmt: skip
         session.commit()
     if not held:
         return "dropped"

@@ -1,4 +1,3 @@
-import asyncio
 import json
 from collections.abc import AsyncIterator
 from typing import Annotated
@@ -66,24 +65,24 @@ async def list_events(
 
 async def _stream(job_id: str, after: int) -> AsyncIterator[ServerSentEvent]:
     sent = None
-    while True:
-        state = await run_in_threadpool(service.stream_state, job_id, after, STREAM_BATCH)
-        if state is None:
-            yield ServerSentEvent(json.dumps({"status": "deleted"}), event="end")
-            return
-        status, progress, events = state
-        for event in events:
-            yield ServerSentEvent(event.model_dump_json(), event=event.type, id=str(event.id))
-            after = event.id
-        if len(events) == STREAM_BATCH:
-            continue
+    async for _ in streams.polls():
+        while True:  # every event since the last poll, in batches
+            state = await run_in_threadpool(service.stream_state, job_id, after, STREAM_BATCH)
+            if state is None:
+                yield ServerSentEvent(json.dumps({"status": "deleted"}), event="end")
+                return
+            status, progress, events = state
+            for event in events:
+                yield ServerSentEvent(event.model_dump_json(), event=event.type, id=str(event.id))
+                after = event.id
+            if len(events) < STREAM_BATCH:
+                break
         if status in TERMINAL:
             yield ServerSentEvent(json.dumps({"status": status}), event="end")
             return
         if progress != sent:
             yield ServerSentEvent(progress.model_dump_json(), event="progress")
             sent = progress
-        await asyncio.sleep(streams.POLL_SECONDS)
 
 
 @router.post("/{job_id}/cancel", response_model=JobOut)

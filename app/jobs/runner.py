@@ -47,6 +47,7 @@ from app.ml import auto
 from app.ml.spec import Hyperparameters, resolve, resolve_for_device, total_epochs
 from app.ml.train import CHECKPOINT_NAME, FEATURES_NAME, TrainResult, fine_tune, pick_device
 from app.models.service import NewModel, register_model
+from app.webhooks import service as webhooks
 
 logger = logging.getLogger(__name__)
 HEARTBEAT_SECONDS = 2.0
@@ -393,6 +394,8 @@ def _register(
             raise JobStopped("cancelled or taken over before the model was registered")
         add_event(session, job_id, "status", f"succeeded: model {model.id} ({model.name}@{model.version})",
                   {"model_id": model.id, "name": model.name, "version": model.version})  # fmt: skip
+        webhooks.record(session, tenant_id, "job.succeeded", {"id": job_id, "status": "succeeded", "model_id": model.id,
+                                                               "model": f"{model.name}@{model.version}"})  # fmt: skip
 
     new = NewModel(
         tenant_id=tenant_id,

@@ -25,6 +25,7 @@ from app.ml.data import Sample, split_samples
 from app.ml.spec import Hyperparameters, resolve, total_epochs
 from app.models.service import model_ids_of_jobs
 from app.tenants.service import check_quota
+from app.webhooks import service as webhooks
 
 jobs = Scoped(Job, "job")
 
@@ -136,7 +137,7 @@ def stream_state(job_id: str, after: int, limit: int) -> tuple[str, Progress, li
 
 
 def _transition(session: Session, job: Job, to: str, allowed_from: tuple[str, ...], code: str, message: str,
-                **values: Any) -> Job:  # fmt: skip
+                webhook_event: str | None = None, **values: Any) -> Job:  # fmt: skip
     """Move the job to `to` if it is in one of `allowed_from` (one conditional UPDATE: of two
     concurrent actors, one wins and the other gets 409)."""
     result = session.execute(
@@ -147,13 +148,16 @@ def _transition(session: Session, job: Job, to: str, allowed_from: tuple[str, ..
         session.refresh(job)
         raise Conflict(f"Job '{job.id}' is {job.status}: it cannot be {to}.", code=code)
     add_event(session, job.id, "status", message)
+    if webhook_event:
+        webhooks.record(session, job.tenant_id, webhook_event, {"id": job.id, "status": to})
     session.commit()
     session.refresh(job)
     return job
 
 
 def cancel_job(session: Session, job: Job) -> Job:
-    return _transition(session, job, "cancelled", WAITING, "job_not_cancellable", "cancelled", finished_at=utcnow())
+    return _transition(session, job, "cancelled", WAITING, "job_not_cancellable", "cancelled", "job.cancelled",
+                       finished_at=utcnow())  # fmt: skip
 
 
 def pause_job(session: Session, job: Job) -> Job:
@@ -178,6 +182,9 @@ def fail(session: Session, job_id: str, code: str, message: str, *, claimed_by: 
     result = session.execute(query.values(status="failed", error_code=code, error_message=message, finished_at=utcnow()))
     if result.rowcount:
         add_event(session, job_id, "status", f"failed: {message}", {"code": code})
+        tenant_id = session.scalar(select(Job.tenant_id).where(Job.id == job_id))
+        webhooks.record(session, tenant_id, "job.failed",
+                        {"id": job_id, "status": "failed", "error": {"code": code, "message": message}})  # fmt: skip
     session.commit()
     return bool(result.rowcount)
 
@@ -189,10 +196,10 @@ def _epochs(job: Job) -> int:
 
 
 def _progress(session: Session, job: Job) -> Progress:
+    if job.status == "running":  # where its worker last said it was
+        return Progress(epoch=job.epoch, epochs=_epochs(job), **(job.progress or {"phase": "preparing"}))
     progress = Progress(epoch=job.epoch, epochs=_epochs(job), phase=job.status)
-    if job.status == "running":
-        progress = progress.model_copy(update=job.progress or {"phase": "preparing"})
-    elif job.status == "queued":
+    if job.status == "queued":
         ahead = select(func.count()).where(Job.status == "queued", Job.created_at < job.created_at)
         progress.queue_position = session.scalar(ahead) + 1
     return progress

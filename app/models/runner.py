@@ -24,6 +24,7 @@ from app.db.tables import Export, Model, utcnow
 from app.jobs.service import validation_images
 from app.ml import onnx_export
 from app.models.service import export_key, exports_dir, local_artifact
+from app.webhooks import service as webhooks
 
 logger = logging.getLogger(__name__)
 
@@ -79,6 +80,10 @@ def _finish(export_id: str, me: str, staging, model_id: str, **values) -> str:
         if not held:
             logger.info("export %s: no longer held by %s, dropped", export_id, me)
             return "dropped"
+        if values["status"] == "ready":
+            export = session.get(Export, export_id)
+            webhooks.record(session, export.tenant_id, "model.exported",
+                            {"id": export_id, "model_id": model_id, "format": export.format})  # fmt: skip
         if staging is not None:
             remove_quietly(final)  # an export made before exports had rows (migration 0006)
             final.parent.mkdir(parents=True, exist_ok=True)

@@ -2,6 +2,7 @@
 real uvicorn process, with real pretrained weights and the real hymenoptera photos."""
 
 import base64
+import json
 import os
 import signal
 import zipfile
@@ -16,21 +17,38 @@ from timm.data import create_transform, resolve_model_data_config
 from app.core.broker import FINETUNE_TASK, make_celery
 from app.core.config import Settings
 from tests.conftest import HYMENOPTERA, Process, free_port, is_ready, start_stack, wait_until
+from tests.jobs.test_streams import read_sse
 from tests.security.hostile_images import (
     gif_header,
     image_bytes,
     png_header,
     tiff_header,
 )
+from tests.webhook_receiver import Receiver
 
 pytestmark = pytest.mark.e2e
 
 
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory, redis_url):
-    stack = start_stack(tmp_path_factory, redis_url, VISIONTUNE_WORKER_METRICS_PORT=str(free_port()))
+    stack = start_stack(tmp_path_factory, redis_url, VISIONTUNE_WORKER_METRICS_PORT=str(free_port()),
+                        VISIONTUNE_WEBHOOK_ALLOW_PRIVATE_ADDRESSES="true")  # the receiver is on 127.0.0.1
     yield stack
     stack.stop()
+
+
+@pytest.fixture(scope="module")
+def receiver():
+    receiver = Receiver()
+    yield receiver
+    receiver.close()
+
+
+@pytest.fixture(scope="module")
+def webhook(stack, receiver) -> dict:
+    response = stack.http.post("/v1/webhooks", json={"url": receiver.url, "events": ["dataset.ready", "job.succeeded"]})
+    assert response.status_code == 201, response.text
+    return response.json()
 
 
 def create_job(stack, dataset_id: str, **fields) -> dict:
@@ -53,14 +71,50 @@ def val_images(per_class: int) -> list[tuple[Path, str]]:
 
 
 @pytest.fixture(scope="module")
-def probe(stack, hymenoptera_zip) -> dict:
+def probe_run(stack, hymenoptera_zip, webhook) -> tuple[dict, list[dict]]:
+    """The linear probe on the whole of hymenoptera, followed from queued to succeeded as Server-Sent
+    Events, with the connection dropped after its first epoch and resumed with Last-Event-ID."""
     dataset = stack.upload(hymenoptera_zip)
     assert dataset["classes"] == [
         {"name": "ants", "train": 124, "val": 70},
         {"name": "bees", "train": 121, "val": 83},
     ]
     job = create_job(stack, dataset["id"], strategy="linear_probe")
-    return stack.wait_job(job["id"])
+    url, sse = f"/v1/jobs/{job['id']}/events", {"Accept": "text/event-stream"}
+    with stack.http.stream("GET", url, headers=sse) as response:
+        streamed = read_sse(response, stop=lambda event: event.get("event") in ("epoch", "end"))
+    last_id = [event["id"] for event in streamed if "id" in event][-1]
+    with stack.http.stream("GET", url, headers=sse | {"Last-Event-ID": last_id}) as response:
+        streamed += read_sse(response)
+    return stack.wait_job(job["id"]), streamed
+
+
+@pytest.fixture(scope="module")
+def probe(probe_run) -> dict:
+    return probe_run[0]
+
+
+def test_a_job_streamed_from_queued_to_succeeded_resumes_after_a_dropped_connection(stack, probe_run):
+    job, streamed = probe_run
+    stored = events(stack, job["id"])
+    # Every stored event exactly once, in order, across the two connections.
+    assert [int(e["id"]) for e in streamed if "id" in e] == [e["id"] for e in stored]
+    assert json.loads(streamed[0]["data"])["message"].startswith("queued")
+    assert streamed[-1] == {"event": "end", "data": json.dumps({"status": "succeeded"})}
+    progress = [json.loads(e["data"]) for e in streamed if e.get("event") == "progress"]
+    features = [p for p in progress if p["phase"] == "features"]
+    assert features and all(p["images_per_second"] is None or p["images_per_second"] > 0 for p in features)
+    assert any(p["eta_seconds"] is not None and p["steps"] >= p["step"] >= 1 for p in features), features
+
+
+def test_webhooks_are_delivered_by_the_worker_and_signed(stack, probe, receiver, webhook):
+    wait_until(lambda: len(receiver.requests) >= 2, 60, "two webhook deliveries", processes=stack.processes)
+    payloads = receiver.verified(webhook["secret"])  # the standardwebhooks library checks each signature
+    assert sorted(p["type"] for p in payloads) == ["dataset.ready", "job.succeeded"]
+    succeeded = next(p for p in payloads if p["type"] == "job.succeeded")
+    assert succeeded["data"]["id"] == probe["id"] and succeeded["data"]["model_id"] == probe["model_id"]
+    logged = stack.http.get(f"/v1/webhooks/{webhook['id']}/deliveries").json()["data"]
+    assert {(d["status"], d["attempts"], d["log"][0]["status_code"]) for d in logged} == {("succeeded", 1, 204)}
 
 
 def test_backbone_catalogue_sees_local_weights(stack):

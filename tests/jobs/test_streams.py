@@ -15,14 +15,15 @@ from tests.uploads import upload_ready
 SSE = {"Accept": "text/event-stream"}
 
 
-def read_sse(response, until_end: bool = True) -> list[dict]:
-    """The stream's events as dicts of their fields (`comment` for keep-alive lines), up to `end`."""
+def read_sse(response, stop=lambda event: event.get("event") == "end") -> list[dict]:
+    """The stream's events as dicts of their fields (`comment` for keep-alive lines), up to the
+    first for which `stop` is true (the `end` event), or until the server closes the stream."""
     events, current = [], {}
     for line in response.iter_lines():
         if line == "":
             if current:
                 events.append(current)
-                if current.get("event") == "end" and until_end:
+                if stop(current):
                     break
             current = {}
         elif line.startswith(":"):
@@ -118,3 +119,18 @@ def test_a_datasets_stream_shows_it_and_ends_once_it_is_ready(client, dataset_id
     assert [e["event"] for e in events] == ["dataset", "end"]
     assert json.loads(events[0]["data"]) == client.get(f"/v1/datasets/{dataset_id}").json()
     assert json.loads(events[1]["data"]) == {"status": "ready"}
+
+
+def test_a_stream_closes_after_sse_max_seconds_and_the_client_resumes(client, dataset_id, monkeypatch):
+    """A job that waits for a worker that never comes holds no connection forever: the stream ends
+    without `end`, and a client reconnects with Last-Event-ID."""
+    from app.core import config
+
+    monkeypatch.setenv("VISIONTUNE_SSE_MAX_SECONDS", "1")
+    config.get_settings.cache_clear()
+    job = new_job(client, dataset_id)
+    with client.stream("GET", f"/v1/jobs/{job['id']}/events", headers=SSE) as response:
+        events = read_sse(response)
+    assert [e.get("event") for e in events if "event" in e] == ["status", "progress"]
+    with client.stream("GET", f"/v1/jobs/{job['id']}/events", headers=SSE | {"Last-Event-ID": events[0]["id"]}) as response:
+        assert [e.get("event") for e in read_sse(response) if "event" in e] == ["progress"]
