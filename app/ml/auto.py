@@ -86,11 +86,22 @@ class Choice:
     features: dict[str, torch.Tensor] | None = None  # the winning probe's training-split features, to reuse
 
 
+class _OutOfBudget(Exception):
+    pass
+
+
 class _Quiet:
-    """The job's reporter for heartbeats and cancellation, without per-epoch events: a fold is not the job."""
+    """The job's reporter for heartbeats and cancellation, without per-epoch events: a fold is not
+    the job. Past `deadline` (a candidate's share of the budget) it stops the candidate."""
 
     def __init__(self, check: Callable[[], None]):
-        self.check = check
+        self.job_check = check
+        self.deadline: float | None = None
+
+    def check(self) -> None:
+        self.job_check()
+        if self.deadline is not None and time.perf_counter() > self.deadline:
+            raise _OutOfBudget
 
     def step(self, phase: str, done: int, total: int, images: int) -> None:
         pass
@@ -122,13 +133,23 @@ def search(
     started = time.perf_counter()
 
     def run(trial: Trial, measure: Callable[[], torch.Tensor]) -> Trial:
+        """Measure a candidate if its estimate fits what is left of the budget; one that runs past
+        the budget all the same (estimates are estimates) is stopped there, and skipped."""
         left = budget_seconds - (time.perf_counter() - started)
         if trial.estimated_seconds is not None and trial.estimated_seconds > left:
             trial.skipped = f"estimated {trial.estimated_seconds:.0f} s, {max(left, 0):.0f} s of the budget left"
-        else:
-            begun = time.perf_counter()
+            note(trial)
+            return trial
+        begun = time.perf_counter()
+        search.reporter.deadline = started + budget_seconds if trial.estimated_seconds is not None else None
+        try:
             search.score(trial, measure())
-            trial.seconds = time.perf_counter() - begun
+        except _OutOfBudget:
+            trial.skipped = (f"stopped after {time.perf_counter() - begun:.0f} s, when the budget ran out "
+                             f"(estimated {trial.estimated_seconds:.0f} s)")  # fmt: skip
+        finally:
+            search.reporter.deadline = None
+        trial.seconds = time.perf_counter() - begun
         note(trial)
         return trial
 

@@ -77,6 +77,21 @@ def test_a_small_budget_measures_the_probe_and_skips_what_would_overrun(tmp_path
     ]
 
 
+def test_a_candidate_that_overruns_its_estimate_is_stopped_when_the_budget_runs_out(tmp_path, monkeypatch):
+    """Estimates are estimates: one that was far too low (made so here) does not let a candidate run
+    past the budget. The budget is set from the probe's own measured time, so the test holds on a
+    fast machine and a slow one alike."""
+    probe_only, _ = search(tmp_path, ["mobilenetv2_100"], 0.001, epochs=10)
+    probe_seconds = probe_only.record["trials"][0]["seconds"]
+    monkeypatch.setattr(auto._Search, "estimate", lambda self, backbone, strategy: 0.001)
+    choice, noted = search(tmp_path, ["mobilenetv2_100"], probe_seconds * 2.5, epochs=10)  # partial takes far longer
+    assert [t.strategy for t in noted] == ["linear_probe", "partial", "lp_ft"]
+    stopped = [t for t in noted[1:] if t.skipped and "when the budget ran out" in t.skipped]
+    assert stopped and all(t.cv_accuracy is None and t.seconds > 0 for t in stopped), [t.record() for t in noted]
+    assert (choice.backbone, choice.strategy) == ("mobilenetv2_100", "linear_probe")
+    assert not (tmp_path / "auto").exists()  # the stopped fold's files are gone too
+
+
 def test_too_little_data_to_measure_keeps_the_probe_and_says_why(tmp_path):
     choice, noted = search(tmp_path, ["mobilenetv2_100"], 60, samples=subset("train", 1))
     assert (choice.strategy, noted) == ("linear_probe", []) and "too few to cross-validate" in choice.reason
