@@ -23,10 +23,13 @@ RUN python -m venv /opt/venv
 
 WORKDIR /src
 
-# Dependencies first, in their own layer: it is rebuilt only when pyproject.toml or
-# constraints.txt change, not on every source edit.
+# Dependencies first, in their own layer: it is rebuilt only when pyproject.toml, constraints.txt
+# or the client SDK (clients/python: the `visiontune` command and its dependency of this repo) change,
+# not on every source edit.
 COPY pyproject.toml constraints.txt ./
-RUN python -c "import tomllib; print('\n'.join(tomllib.load(open('pyproject.toml', 'rb'))['project']['dependencies']))" > /tmp/requirements.txt \
+COPY clients/python ./clients/python
+RUN pip install --no-cache-dir -c constraints.txt ./clients/python \
+    && python -c "import tomllib; print('\n'.join(tomllib.load(open('pyproject.toml', 'rb'))['project']['dependencies']))" > /tmp/requirements.txt \
     && pip install --no-cache-dir -c constraints.txt -r /tmp/requirements.txt
 
 # Then the project itself (a regular, non-editable install into the venv).

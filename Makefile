@@ -16,9 +16,9 @@ endif
 
 .PHONY: install run test test-fast redis-server postgresql bench
 
-$(VENV)/.installed: pyproject.toml constraints.txt
+$(VENV)/.installed: pyproject.toml constraints.txt clients/python/pyproject.toml
 	$(PYTHON) -m venv $(VENV)
-	$(VENV)/bin/pip install -c constraints.txt -e '.[test]'
+	$(VENV)/bin/pip install -c constraints.txt -e clients/python -e '.[test]'
 	touch $@
 
 install: $(VENV)/.installed

@@ -161,7 +161,7 @@ class _DatabaseReporter:
         self._epoch_seconds: float | None = None  # smoothed
         self._epochs_done = epochs_done
         self._passes_done = 0
-        self._last: tuple[str, int, float] | None = None  # the previous step: phase, done, when
+        self._last: tuple[str, float] | None = None  # the previous step: its phase, and when
         self._step_seconds: dict[str, float] = {}  # per phase: seconds per step, smoothed
         self._steps: dict[str, int] = {}  # per phase: steps in its latest pass
         self._progress_at = 0.0
@@ -188,13 +188,13 @@ class _DatabaseReporter:
 
     def step(self, phase: str, done: int, total: int, images: int) -> None:
         now = time.monotonic()
-        if self._last is not None and self._last[0] == phase and self._last[1] == done - 1:
-            seconds = now - self._last[2]
+        if self._last is not None and self._last[0] == phase:  # (a probe's epochs are one step each)
+            seconds = now - self._last[1]
             previous = self._step_seconds.get(phase)
             self._step_seconds[phase] = seconds if previous is None else 0.8 * previous + 0.2 * seconds
         if phase == "features" and done == total:
             self._passes_done += 1
-        self._last, self._steps[phase] = (phase, done, now), total
+        self._last, self._steps[phase] = (phase, now), total
         if now - self._progress_at < PROGRESS_SECONDS and done != total:
             return
         per_step = self._step_seconds.get(phase)

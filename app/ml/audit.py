@@ -142,7 +142,9 @@ def _out_of_fold_probabilities(features: np.ndarray, labels: np.ndarray, seed: i
 
 def _label_issues(pred_probs: np.ndarray, labels: np.ndarray, images: list[AuditImage],
                   class_names: list[str]) -> list[dict[str, Any]]:  # fmt: skip
-    ranked = find_label_issues(labels, pred_probs, return_indices_ranked_by="self_confidence")
+    # n_jobs=1: cleanlab otherwise starts a process pool, which a Celery worker's pool process (a
+    # daemon) may not do ("daemonic processes are not allowed to have children"); it is fast alone.
+    ranked = find_label_issues(labels, pred_probs, return_indices_ranked_by="self_confidence", n_jobs=1)
     return [
         {
             "file": images[index].file,
