@@ -59,15 +59,15 @@ async def list_events(
     once the job has finished; a finished job's stream replays its events and ends. A client that
     reconnects with `Last-Event-ID` continues after that event."""
     if streams.wanted(request, stream):
-        return streams.response(_stream(job.id, last_event_id if last_event_id is not None else after))
+        return streams.response(_stream(job.tenant_id, job.id, last_event_id if last_event_id is not None else after))
     return {"data": await run_in_threadpool(service.list_events, session, job.id, after, limit)}
 
 
-async def _stream(job_id: str, after: int) -> AsyncIterator[ServerSentEvent]:
+async def _stream(tenant_id: str, job_id: str, after: int) -> AsyncIterator[ServerSentEvent]:
     sent = None
     async for _ in streams.polls():
         while True:  # every event since the last poll, in batches
-            state = await run_in_threadpool(service.stream_state, job_id, after, STREAM_BATCH)
+            state = await run_in_threadpool(service.stream_state, tenant_id, job_id, after, STREAM_BATCH)
             if state is None:
                 yield ServerSentEvent(json.dumps({"status": "deleted"}), event="end")
                 return

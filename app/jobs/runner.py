@@ -175,7 +175,7 @@ class _DatabaseReporter:
         self.feature_passes = (3 if hp.flip_views else 2) if strategy in ("linear_probe", "lp_ft") else 0
 
     def phase(self, name: str) -> None:
-        """A phase without steps of its own (searching, decoding), reported as it starts."""
+        """A phase without steps of its own (searching, preparing), reported as it starts."""
         self._beat({"progress": {"phase": name, "step": None, "steps": None, "images_per_second": None,
                                  "eta_seconds": None}})  # fmt: skip
         self._last_check = time.monotonic()

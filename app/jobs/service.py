@@ -123,12 +123,12 @@ def list_events(session: Session, job_id: str, after: int, limit: int) -> list[J
     return list(session.scalars(query))
 
 
-def stream_state(job_id: str, after: int, limit: int) -> tuple[str, Progress, list[JobEventOut]] | None:
+def stream_state(tenant_id: str, job_id: str, after: int, limit: int) -> tuple[str, Progress, list[JobEventOut]] | None:
     """A job's status and progress, then its events after `after`: read in that order, so that once
     the status is final the events read with it are all there will be. None once the job is gone
     (deleted with its dataset)."""
     with session_scope() as session:
-        job = session.get(Job, job_id)
+        job = session.scalar(jobs.select(tenant_id).where(Job.id == job_id))
         if job is None:
             return None
         status, progress = job.status, _progress(session, job)

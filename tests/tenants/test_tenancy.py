@@ -42,9 +42,14 @@ def upload(client, headers, archive) -> dict:
     return ingest(client, post_archive(client, headers, archive))
 
 
-def test_every_endpoint_answers_404_for_another_tenants_ids(client, archive):
+def test_every_endpoint_answers_404_for_another_tenants_ids(client, archive, monkeypatch):
+    from app.core.config import get_settings
+
     _, alice = new_tenant(client, "alice")
     _, bob = new_tenant(client, "bob")
+    monkeypatch.setenv("VISIONTUNE_WEBHOOK_ALLOW_PRIVATE_ADDRESSES", "true")  # a webhook to 127.0.0.1 (never sent here)
+    get_settings.cache_clear()
+    webhook = client.post("/v1/webhooks", headers=alice, json={"url": "http://127.0.0.1:9/", "events": ["model.exported"]})
     dataset = upload(client, alice, archive)
     job = client.post("/v1/jobs", headers=alice, json={"dataset_id": dataset["id"], "backbone": "mobilenetv2_100",
                                                        "strategy": "linear_probe", "model_name": "pets"}).json()  # fmt: skip
@@ -56,8 +61,10 @@ def test_every_endpoint_answers_404_for_another_tenants_ids(client, archive):
     alice_key = client.get("/v1/keys", headers=alice).json()["data"][0]["id"]
     export = client.post(f"/v1/models/{model['model_id']}/exports", headers=alice, json={"format": "onnx"}).json()
     assert run_export(export["id"]) == "ready"
+    [delivery] = client.get(f"/v1/webhooks/{webhook.json()['id']}/deliveries", headers=alice).json()["data"]
     alice_ids = {"dataset_id": dataset["id"], "job_id": job["id"], "sweep_id": sweep["id"], "name": "pets",
-                 "alias": "production", "key_id": alice_key, "format": "onnx"}  # fmt: skip
+                 "alias": "production", "key_id": alice_key, "format": "onnx", "webhook_id": webhook.json()["id"],
+                 "delivery_id": delivery["id"]}  # fmt: skip
     model_refs = [model["model_id"], "pets@1", "pets@production"]
     bodies = {
         "/predict": {"files": {"files": (IMAGE.name, IMAGE.read_bytes())}},
