@@ -19,8 +19,6 @@ from tests.tenants.test_tenancy import new_tenant
 from tests.uploads import upload_ready
 from tests.webhook_receiver import Receiver
 
-# On SQLite and on a real PostgreSQL server.
-pytestmark = pytest.mark.parametrize("database_url", BOTH_DATABASES, indirect=True)
 
 
 @pytest.fixture
@@ -58,6 +56,7 @@ def due_deliveries() -> list[str]:
         return outbox.lost(session, outbox.DELIVERY, get_settings().redispatch_seconds, 60)
 
 
+@pytest.mark.parametrize("database_url", BOTH_DATABASES, indirect=True)  # on SQLite and a real PostgreSQL server
 def test_a_delivery_is_signed_and_logged(private_allowed, client, receiver):
     created = client.post("/v1/webhooks", json={"url": receiver.url, "events": ["job.cancelled", "job.succeeded"]})
     assert created.status_code == 201, created.text
@@ -85,6 +84,7 @@ def test_a_delivery_is_signed_and_logged(private_allowed, client, receiver):
         receiver.verified("whsec_" + "A" * 43)
 
 
+@pytest.mark.parametrize("database_url", BOTH_DATABASES, indirect=True)
 def test_a_failing_receiver_is_retried_with_backoff_then_the_delivery_fails_and_can_be_resent(
     private_allowed, client, receiver
 ):
