@@ -231,6 +231,7 @@ class _Search:
         self.splits = [(torch.as_tensor(tr), torch.as_tensor(te)) for tr, te in splitter.split(np.zeros(len(samples)), self.labels)]
         self.features: dict[str, dict[str, torch.Tensor]] = {}
         self.timings: dict[str, ProbeFeatures] = {}  # each backbone's decode and forward seconds
+        self.speedups: dict[tuple, float] = {}  # (backbone, amp, channels_last): timed once
 
     def hp_for(self, strategy: str) -> Hyperparameters:
         return resolve_for_device(resolve(self.hp, strategy), strategy, self.device.type)
@@ -308,10 +309,13 @@ class _Search:
         probe_hp = self.hp_for("linear_probe")
         if (hp.amp, hp.channels_last) == (probe_hp.amp, probe_hp.channels_last):
             return 1.0
-        model = backbone.build().eval()
-        size = model.pretrained_cfg["input_size"]
-        seconds = [_forward_seconds(model, size, h, self.device) for h in (probe_hp, hp)]
-        return seconds[0] / seconds[1]
+        key = (backbone.name, hp.amp, hp.channels_last)  # `partial` and `lp_ft` train at the same precision
+        if key not in self.speedups:
+            model = backbone.build().eval()
+            size = model.pretrained_cfg["input_size"]
+            seconds = [_forward_seconds(model, size, h, self.device) for h in (probe_hp, hp)]
+            self.speedups[key] = seconds[0] / seconds[1]
+        return self.speedups[key]
 
 
 @torch.no_grad()
