@@ -105,6 +105,7 @@ def serve(host: str, port: int, workers: int | None = None) -> None:
     with more processes. Each has its own model cache and micro-batcher."""
     settings = get_settings()
     workers = workers or settings.api_workers
+    os.environ["VISIONTUNE_API_WORKERS"] = str(workers)  # each process takes its share of the cores
     if workers > 1:
         migrate()  # once, before the processes race to do it
         if settings.metrics_enabled:  # one /metrics for all the processes: each writes its own files here

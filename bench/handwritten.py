@@ -16,7 +16,7 @@ from PIL import Image
 from timm.data import create_transform, resolve_model_data_config
 
 REPO = Path(__file__).resolve().parents[1]
-SHARED = REPO.parent / "shared"
+SHARED = Path(os.environ.get("VISIONTUNE_SHARED_DIR", REPO.parent / "shared"))  # elsewhere on a GPU machine
 HYMENOPTERA = SHARED / "datasets" / "hymenoptera"
 TRASHNET = SHARED / "datasets" / "trashnet"
 WEIGHTS = {
@@ -126,13 +126,13 @@ def logistic_probe(arch: str = "mobilenetv2_100", workers: int = 2, root: Path =
     return {"seconds": time.perf_counter() - started, "val_accuracy": classifier.score(val_x, val_y), "epochs": None}
 
 
-def full_loop_throughput(arch: str, batch_size: int, epochs: int, workers: int) -> float:
+def full_loop_throughput(arch: str, batch_size: int, epochs: int, workers: int, device: str = "cpu", repeat: int = 1) -> float:
     """Images/s of a plain fp32 full fine-tuning loop (training steps only, data loading included)."""
     torch.manual_seed(0)
     torch.set_num_threads(os.cpu_count() or 1)
-    model = pretrained(arch)
+    model = pretrained(arch).to(device)
     config = resolve_model_data_config(model)
-    loader = torch.utils.data.DataLoader(Folder(samples("train"), create_transform(**config, is_training=True)),
+    loader = torch.utils.data.DataLoader(Folder(samples("train") * repeat, create_transform(**config, is_training=True)),
                                          batch_size=batch_size, shuffle=True, num_workers=workers)  # fmt: skip
     optimizer = timm.optim.create_optimizer_v2(model, opt="adamw", lr=2e-4, weight_decay=0.01)
     rates = []
@@ -140,9 +140,12 @@ def full_loop_throughput(arch: str, batch_size: int, epochs: int, workers: int) 
         model.train()
         started, seen = time.perf_counter(), 0
         for images, labels in loader:
+            images, labels = images.to(device), labels.to(device)
             optimizer.zero_grad()
             torch.nn.functional.cross_entropy(model(images), labels, label_smoothing=0.1).backward()
             optimizer.step()
             seen += len(labels)
+        if device != "cpu":
+            torch.cuda.synchronize()
         rates.append(seen / (time.perf_counter() - started))
     return rates[-1]  # the last epoch: warm caches and allocator, like the engine's figure

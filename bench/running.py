@@ -25,6 +25,18 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a process, all its threads, and of its running children (the API
+    processes of `VISIONTUNE_API_WORKERS` > 1)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK") + sum(cpu_seconds(int(c)) for c in children)
+
+
+def progress(message: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
+
+
 @contextmanager
 def running(command: str, data_dir: Path, environment: dict[str, str] | None = None,
             **settings: str) -> Iterator[tuple[subprocess.Popen, httpx.Client]]:  # fmt: skip

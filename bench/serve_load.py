@@ -36,19 +36,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from app.ml.backbone import load_artifact  # noqa: E402
 from app.serving.predictor import ModelCache, preprocess  # noqa: E402
 from bench.handwritten import HYMENOPTERA  # noqa: E402
-from bench.running import running, wait_for_dataset, wait_for_job, zip_hymenoptera  # noqa: E402
+from bench.running import cpu_seconds, progress, running, wait_for_dataset, wait_for_job, zip_hymenoptera  # noqa: E402
 
 CORES = len(os.sched_getaffinity(0))
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 IMAGES = [p.read_bytes() for label in ("ants", "bees") for p in sorted((HYMENOPTERA / "val" / label).iterdir())]
-
-
-def cpu_seconds(pid: int) -> float:
-    """User + system CPU time of a process, all its threads, and of its running children (the API
-    processes of `VISIONTUNE_API_WORKERS` > 1)."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK") + sum(cpu_seconds(int(c)) for c in children)
 
 
 async def load(url: str, headers: httpx.Headers, model_id: str, requests: int, clients: int, server_pid: int) -> dict:
@@ -120,10 +112,6 @@ def rss_bytes(pid: int) -> int:
         if line.startswith("VmRSS:"):
             return int(line.split()[1]) * 1024
     return 0
-
-
-def progress(message: str) -> None:
-    print(f"[{time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
 
 
 def five_models(data_dir: Path) -> list[str]:

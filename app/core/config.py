@@ -108,6 +108,9 @@ class Settings(BaseSettings):
     serving_device: Literal["auto", "cpu", "cuda"] = Field(
         "auto", description="Where PyTorch serves models: auto = the GPU when there is one (onnxruntime runs on the CPU)."
     )
+    serving_cuda_graphs: bool = Field(
+        True, description="On a GPU, replay each model's forward pass as CUDA graphs (one per batch size)."
+    )
 
     # A running job whose worker has not reported for this long is dispatched again by the
     # sweeper (app/sweeper.py) and taken over by the worker that receives it.

@@ -81,6 +81,7 @@ IMAGES_BODY = {
                 }
             },
             "application/json": {"schema": _inline_refs(ImagesBody.model_json_schema())},
+            "image/*": {"schema": {"type": "string", "format": "binary"}},  # one image, the raw body
         },
     }
 }

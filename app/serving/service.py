@@ -7,6 +7,7 @@ bounded number of threads, and runs the forward pass through the model's micro-b
 """
 
 import asyncio
+import os
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -42,8 +43,16 @@ class Answer(Generic[Body]):
 
 
 async def read_images(request: Request, settings: Settings) -> Images:
-    """Images from a multipart body (field `files`, one or more) or JSON (base64), within limits."""
-    if request.headers.get("content-type", "").startswith("application/json"):
+    """Images from a multipart body (field `files`, one or more), JSON (base64), or one image as
+    the raw body (`Content-Type: image/jpeg` etc.: no multipart parsing, the cheapest to serve),
+    within limits."""
+    content_type = request.headers.get("content-type", "")
+    if content_type.startswith("image/"):
+        body = b"".join([chunk async for chunk in capped_body(request, settings.max_predict_bytes)])
+        if not body:
+            raise Invalid("The request body is empty; send the image's bytes.", code="missing_file")
+        return [("image", body)]
+    if content_type.startswith("application/json"):
         body = b"".join([chunk async for chunk in capped_body(request, settings.max_predict_bytes)])
         try:
             images = [(image.filename, image.data) for image in ImagesBody.model_validate_json(body).images]
@@ -74,8 +83,17 @@ class Serving:
             settings.max_wait_ms,
             settings.serving_runtime,
             predictor.serving_device(settings.serving_device),
+            settings.serving_cuda_graphs,
         )
-        self.preprocess_limiter = predictor.preprocess_limiter()
+        # Decoding runs on at most one thread per core, not on all 40 of FastAPI's shared pool: each
+        # holds the GIL between its Pillow calls, and the event loop and the forward-pass thread
+        # queue behind every one of them. With several API processes (`visiontune serve`), each
+        # takes its share of the cores, for decoding and forward passes alike. (Made here, in the
+        # lifespan: a limiter belongs to the event loop that first waits on it.)
+        threads = max(1, len(os.sched_getaffinity(0)) // settings.api_workers)
+        if settings.api_workers > 1:
+            torch.set_num_threads(threads)
+        self.preprocess_limiter = anyio.CapacityLimiter(threads)
         self._export_checked: dict[str, float] = {}
 
     async def predict(self, model: Model, images: Images, top_k: int | None, threshold: float | None) -> Answer:

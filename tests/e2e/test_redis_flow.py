@@ -289,6 +289,8 @@ def test_hostile_images_are_refused_naming_the_file(stack, probe, route):
         for response in (stack.http.post(url, files=files), stack.http.post(url, json=as_json)):
             assert response.status_code == status, (name, response.status_code, response.text)
             assert name in response.json()["error"]["message"], (name, response.text)
+        raw = stack.http.post(url, content=data, headers={"Content-Type": "image/jpeg"})  # one image as the body
+        assert raw.status_code == (422 if data == b"" else status), (name, raw.status_code, raw.text)
     assert stack.http.post(url, files={"files": (good.name, good.read_bytes())}).status_code == 200
     print(f"{route}: {2 * len(HOSTILE_IMAGES)} hostile image requests refused")
 
@@ -353,6 +355,14 @@ def test_batched_results_equal_one_by_one_and_json_equals_multipart(stack, probe
     assert not_an_image.status_code == 415 and "x.jpg" in not_an_image.json()["error"]["message"]
     no_images = stack.http.post(url, json={"images": []})
     assert no_images.status_code == 422 and "images" in no_images.json()["error"]["message"]
+
+    # One image as the raw body: no multipart, the same answers.
+    for (path, _), alone in zip(images, one_by_one):
+        raw = stack.http.post(url, content=path.read_bytes(), headers={"Content-Type": "image/jpeg"})
+        assert raw.status_code == 200, raw.text
+        assert scores(raw.json()) == pytest.approx(scores(alone.json()), abs=1e-5)
+    empty = stack.http.post(url, content=b"", headers={"Content-Type": "image/jpeg"})
+    assert empty.status_code == 422 and empty.json()["error"]["code"] == "missing_file"
 
 
 def test_several_api_processes_serve_the_same_predictions(stack, probe, tmp_path):

@@ -1,0 +1,194 @@
+"""Serving throughput against its no-HTTP floor, with the load from wrk (C, a few threads: it takes
+far less CPU per request than the server, unlike a Python load generator).
+
+    python bench/serve_wrk.py [--data-dir DIR] [--api-workers 1] [--clients 16] [--seconds 20]
+                              [--bodies raw,multipart] [--runtimes auto,torch] [--images DIR]
+
+One run prints, for a mobilenetv2_100 model trained here through the service (kept in --data-dir):
+- the no-HTTP floor of each runtime: images/s of the API's own decode -> preprocess -> forward
+  functions in a plain script, decoding on one thread per core and forwarding batches of
+  `max_batch_size` as the API's micro-batcher does, on the same cores;
+- for each runtime, API process count and body kind (`raw`: one JPEG as the body, `Content-Type:
+  image/jpeg`; `multipart`: the field `files`), wrk's requests/s with `--clients` connections, its
+  p50/p90/p99 latency and failures, the ratio to the floor, and the CPU milliseconds per request
+  of the API and of wrk.
+Needs `wrk` on the PATH (Debian: apt-get install wrk).
+"""
+
+import argparse
+import json
+import os
+import resource
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from app.core.config import Settings  # noqa: E402
+from app.serving.predictor import ModelCache, preprocess, serving_device  # noqa: E402
+from bench.handwritten import HYMENOPTERA  # noqa: E402
+from bench.running import cpu_seconds, progress, running, wait_for_dataset, wait_for_job, zip_hymenoptera  # noqa: E402
+
+CORES = len(os.sched_getaffinity(0))
+BOUNDARY = "visiontune-bench-boundary"
+# wrk's Lua side: every connection cycles through the images, each request one image.
+WRK_SCRIPT = r"""
+local bodies, next_body = {}, 0
+local raw = os.getenv("BENCH_BODY") == "raw"
+for path in io.lines(os.getenv("BENCH_IMAGE_LIST")) do
+  local file = assert(io.open(path, "rb"))
+  local data = file:read("*a")
+  file:close()
+  if raw then
+    table.insert(bodies, data)
+  else
+    table.insert(bodies, "--" .. os.getenv("BENCH_BOUNDARY") .. "\r\n" ..
+      'Content-Disposition: form-data; name="files"; filename="image.jpg"\r\n' ..
+      "Content-Type: image/jpeg\r\n\r\n" .. data .. "\r\n--" .. os.getenv("BENCH_BOUNDARY") .. "--\r\n")
+  end
+end
+wrk.method = "POST"
+wrk.headers["Authorization"] = "Bearer " .. os.getenv("BENCH_KEY")
+wrk.headers["Content-Type"] = raw and "image/jpeg" or ("multipart/form-data; boundary=" .. os.getenv("BENCH_BOUNDARY"))
+
+function init(args)
+  next_body = math.random(#bodies)  -- threads start at different images
+end
+
+function request()
+  next_body = next_body % #bodies + 1
+  return wrk.format(nil, os.getenv("BENCH_PATH"), nil, bodies[next_body])
+end
+
+function done(summary, latency, requests)
+  local e = summary.errors
+  io.write(string.format('{"requests": %d, "seconds": %.3f, "p50": %.3f, "p90": %.3f, "p99": %.3f, ' ..
+    '"non_2xx": %d, "socket_errors": %d}\n', summary.requests, summary.duration / 1e6, latency:percentile(50) / 1e3,
+    latency:percentile(90) / 1e3, latency:percentile(99) / 1e3, e.status, e.connect + e.read + e.write + e.timeout))
+end
+"""
+
+
+def trained_model(data_dir: Path) -> str:
+    """One model trained through the service, with its ONNX export; reused from `bench-model.json`."""
+    listing = data_dir / "bench-model.json"
+    if listing.exists():
+        return json.loads(listing.read_text())
+    progress("training a model through the service")
+    data_dir.mkdir(parents=True, exist_ok=True)
+    archive = zip_hymenoptera(data_dir.parent / "small.zip", per_class=20)
+    with running("up", data_dir) as (_, http):
+        with archive.open("rb") as file:
+            dataset = http.post("/v1/datasets", files={"file": (archive.name, file)}).raise_for_status().json()
+        dataset = wait_for_dataset(http, dataset)
+        job = http.post("/v1/jobs", json={"dataset_id": dataset["id"], "backbone": "mobilenetv2_100"}).raise_for_status()
+        model_id = wait_for_job(http, job.json())["model_id"]
+        http.post(f"/v1/models/{model_id}/exports", json={"format": "onnx"}).raise_for_status()
+        while http.get(f"/v1/models/{model_id}/exports/onnx").json()["status"] == "processing":  # a worker builds it
+            time.sleep(0.5)
+    listing.write_text(json.dumps(model_id))
+    return model_id
+
+
+def floor(data_dir: Path, model_id: str, runtime: str, images: list[bytes]) -> tuple[float, str]:
+    """Images/s of the API's decode -> preprocess -> forward with no HTTP, and the runtime that ran."""
+    settings = Settings(data_dir=data_dir)
+    cache = ModelCache(10**12, settings.max_batch_size, 0, runtime, serving_device(settings.serving_device),
+                       settings.serving_cuda_graphs)
+    onnx_file = data_dir / "exports" / model_id / "model.onnx"
+    loaded = cache.get(model_id, data_dir / "models" / model_id, onnx_file if onnx_file.exists() else None)
+    batch = settings.max_batch_size
+    work = images * max(1, 600 // len(images))
+
+    def decoded(data: bytes) -> torch.Tensor:
+        return preprocess(loaded, [("image.jpg", data)], settings.max_image_pixels)
+
+    with ThreadPoolExecutor(CORES) as pool:
+        for pixels in pool.map(decoded, images[:batch]):  # warm-up
+            loaded.probabilities(pixels)
+        started = time.perf_counter()
+        pending = []
+        for pixels in pool.map(decoded, work):  # decoding runs ahead on the pool's threads
+            pending.append(pixels)
+            if len(pending) == batch:
+                loaded.probabilities(torch.cat(pending))
+                pending = []
+        if pending:
+            loaded.probabilities(torch.cat(pending))
+        return len(work) / (time.perf_counter() - started), loaded.runtime
+
+
+def wrk(base_url: str, path: str, key: str, body: str, image_list: Path, clients: int, seconds: int) -> dict:
+    with tempfile.NamedTemporaryFile("w", suffix=".lua") as script:
+        script.write(WRK_SCRIPT)
+        script.flush()
+        env = {**os.environ, "BENCH_BODY": body, "BENCH_IMAGE_LIST": str(image_list), "BENCH_KEY": key,
+               "BENCH_BOUNDARY": BOUNDARY, "BENCH_PATH": path}  # fmt: skip
+        threads = max(1, min(clients, CORES // 4))
+        argv = [shutil.which("wrk"), "-t", str(threads), "-c", str(clients), "-d", f"{seconds}s", "--timeout", "30s",
+                "-s", script.name, base_url]  # fmt: skip
+        before = resource.getrusage(resource.RUSAGE_CHILDREN)
+        out = subprocess.run(argv, env=env, check=True, capture_output=True, text=True).stdout
+        after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    result = json.loads(out.strip().splitlines()[-1])
+    result["cpu_seconds"] = (after.ru_utime + after.ru_stime) - (before.ru_utime + before.ru_stime)
+    return result
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--data-dir", type=Path, help="the service's data directory, kept; reused when it holds the model")
+    parser.add_argument("--api-workers", default="1", help="comma-separated API process counts to load-test")
+    parser.add_argument("--clients", type=int, default=16)
+    parser.add_argument("--seconds", type=int, default=20)
+    parser.add_argument("--warmup", type=int, default=5, help="seconds of load before measuring: every API process loads the model")
+    parser.add_argument("--bodies", default="raw,multipart")
+    parser.add_argument("--runtimes", default="auto,torch", help="VISIONTUNE_SERVING_RUNTIME values")
+    parser.add_argument("--images", type=Path, default=HYMENOPTERA / "val", help="a folder of JPEGs (searched recursively)")
+    args = parser.parse_args()
+    if shutil.which("wrk") is None:
+        sys.exit("wrk is not on the PATH (Debian: apt-get install wrk)")
+    paths = sorted(p for p in args.images.rglob("*") if p.suffix.lower() in (".jpg", ".jpeg"))
+    images = [p.read_bytes() for p in paths]
+
+    with tempfile.TemporaryDirectory() as tmp:
+        data_dir = args.data_dir or Path(tmp) / "var"
+        model_id = trained_model(data_dir)
+        image_list = Path(tmp) / "images.txt"
+        image_list.write_text("".join(f"{p.resolve()}\n" for p in paths))
+        device = serving_device("auto")
+        where = torch.cuda.get_device_name() if device == "cuda" else "CPU"
+        print(f"{len(images)} JPEGs from {args.images}; {CORES} cores; {where}; wrk with {args.clients} connections, "
+              f"{args.seconds} s per row", flush=True)  # fmt: skip
+        for runtime in args.runtimes.split(","):
+            progress(f"no-HTTP floor, runtime {runtime}")
+            rate, ran = floor(data_dir, model_id, runtime, images)
+            print(f"runtime {runtime} ({ran}): no-HTTP floor {rate:.1f} img/s (decode on {CORES} threads, forward in "
+                  f"batches of {Settings(data_dir=data_dir).max_batch_size})", flush=True)  # fmt: skip
+            for workers in args.api_workers.split(","):
+                with running("serve", data_dir, serving_runtime=runtime, api_workers=workers) as (service, http):
+                    key = http.headers["Authorization"].split()[1]
+                    target = (str(http.base_url).rstrip("/"), f"/v1/models/{model_id}/predict")
+                    wrk(*target, key, "raw", image_list, args.clients, args.warmup)
+                    for body in args.bodies.split(","):
+                        progress(f"wrk: runtime {runtime}, {workers} API process(es), {body} body")
+                        server_cpu = cpu_seconds(service.pid)
+                        r = wrk(*target, key, body, image_list, args.clients, args.seconds)
+                        server_cpu = cpu_seconds(service.pid) - server_cpu
+                        rps = r["requests"] / r["seconds"]
+                        print(f"  {workers} API process(es), {body:9s} {rps:7.1f} req/s ({rps / rate:.2f}x floor)  "
+                              f"p50 {r['p50']:6.1f} ms  p90 {r['p90']:6.1f} ms  p99 {r['p99']:6.1f} ms  "
+                              f"non-2xx {r['non_2xx']}  socket errors {r['socket_errors']}  CPU per request: "
+                              f"API {1000 * server_cpu / r['requests']:.2f} ms, wrk {1000 * r['cpu_seconds'] / r['requests']:.2f} ms",
+                              flush=True)  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,55 @@
+"""The PyTorch forward replayed as CUDA graphs on a GPU (app.serving.predictor.CudaGraphs).
+
+The comparisons need a CUDA GPU and run where there is one (the lent GPU machines). Without one,
+what is checked is that a CPU-served model never builds graphs."""
+
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+import torch
+
+from app.ml.backbone import CalibratedClassifier, build_model
+from app.ml.export import save_artifact
+from app.serving.predictor import CudaGraphs, ModelCache
+from tests.conftest import MOBILENET_WEIGHTS
+
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+def _classifier(device: str) -> CalibratedClassifier:
+    model = build_model("mobilenetv2_100", 2, weights_file=MOBILENET_WEIGHTS).eval()
+    return CalibratedClassifier(model, 1.5).eval().to(device, memory_format=torch.channels_last)
+
+
+def _eager(classifier: CalibratedClassifier, pixels: torch.Tensor) -> torch.Tensor:
+    with torch.inference_mode():
+        return classifier(pixels.cuda().contiguous(memory_format=torch.channels_last)).cpu()
+
+
+@needs_cuda
+def test_replayed_graphs_answer_as_the_eager_forward_at_every_batch_size():
+    classifier = _classifier("cuda")
+    graphs = CudaGraphs(classifier, max_batch_size=8)
+    for batch in (1, 3, 8, 3):  # 3 twice: the second call replays the graph captured by the first
+        pixels = torch.rand(batch, 3, 224, 224)
+        assert torch.allclose(graphs(pixels), _eager(classifier, pixels), atol=1e-6)
+    assert sorted(graphs._graphs) == [1, 3, 8]
+
+
+@needs_cuda
+def test_concurrent_callers_each_get_their_own_rows():
+    classifier = _classifier("cuda")
+    graphs = CudaGraphs(classifier, max_batch_size=8)
+    inputs = [torch.rand(4, 3, 224, 224) for _ in range(16)]
+    with ThreadPoolExecutor(8) as pool:
+        replayed = list(pool.map(graphs, inputs))
+    for pixels, output in zip(inputs, replayed, strict=True):
+        assert torch.allclose(output, _eager(classifier, pixels), atol=1e-6)
+
+
+def test_a_model_served_on_the_cpu_has_no_graphs(tmp_path):
+    save_artifact(build_model("mobilenetv2_100", 2, weights_file=MOBILENET_WEIGHTS), tmp_path, ["ants", "bees"], {}, 1.5)
+    loaded = ModelCache(10**12, 8, 1.0, "torch", "cpu", cuda_graphs=True).get("m", tmp_path, None)
+    assert loaded.graphs is None
+    probabilities = loaded.probabilities(torch.rand(2, 3, 224, 224))
+    assert probabilities.shape == (2, 2) and torch.allclose(probabilities.sum(1), torch.ones(2))
