@@ -1,5 +1,5 @@
-"""`visiontune` command: serve (API), worker (Celery: training, or --background for ingests and
-exports), up (the API and both workers, for local use), migrate, keys."""
+"""The server's `visiontune` commands: serve (API), worker (Celery: training, or --background for
+ingests and exports), up (the API and both workers, for local use), migrate, keys."""
 
 import argparse
 import os
@@ -165,13 +165,14 @@ def supervise(children: list[subprocess.Popen]) -> int:
     return 0 if requested else next(child.returncode for child in children if child.returncode is not None) or 1
 
 
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="visiontune", description=__doc__)
-    commands = parser.add_subparsers(dest="command", required=True)
-    for name, help_text in (("serve", "run the HTTP API"), ("up", "run the API and its workers together")):
-        command = commands.add_parser(name, help=help_text)
+def register(commands: argparse._SubParsersAction) -> None:
+    """Add the server's commands to `visiontune`: the client CLI (visiontune_client.cli) calls this
+    through the entry-point group `visiontune.commands`, and `main` below for `python -m app.cli`."""
+    for name, help_text, run in (("serve", "run the HTTP API", _serve), ("up", "run the API and its workers together", _up)):
+        command = commands.add_parser(name, help=help_text, description=help_text)
         command.add_argument("--host", default="127.0.0.1")
         command.add_argument("--port", type=int, default=8000)
+        command.set_defaults(run=run)
     serve_command = commands.choices["serve"]
     serve_command.add_argument("--workers", type=int, help="API processes (default: VISIONTUNE_API_WORKERS, 1)")
     worker = commands.add_parser("worker", help="run a Celery worker: training, or --background")
@@ -179,7 +180,8 @@ def main(argv: list[str] | None = None) -> None:
                         "(queues ingest, exports) at a lower CPU priority, instead of training jobs")  # fmt: skip
     worker.add_argument("--gpus", help="comma-separated GPU indices: one training worker per GPU, e.g. 0,1")
     worker.add_argument("celery_args", nargs=argparse.REMAINDER, help="extra arguments for `celery worker`, after --")
-    commands.add_parser("migrate", help="apply database migrations")
+    worker.set_defaults(run=_worker)
+    commands.add_parser("migrate", help="apply database migrations").set_defaults(run=lambda _: migrate())
     keys = commands.add_parser("keys", help="API keys, on the server itself (e.g. the first admin key)")
     key_commands = keys.add_subparsers(dest="keys_command", required=True)
     create = key_commands.add_parser("create", help="create a key and print it (shown only this once)")
@@ -189,29 +191,45 @@ def main(argv: list[str] | None = None) -> None:
     create.add_argument("--operator", action="store_true", help="add the operator scope: tenants, quotas, "
                         "every tenant's keys (the platform's administrator, not a tenant's)")  # fmt: skip
     create.add_argument("--name", default="", help="a note to recognise the key by")
+    create.set_defaults(run=_keys_create, parser=create)
+
+
+def _serve(args: argparse.Namespace) -> None:
+    serve(args.host, args.port, args.workers)
+
+
+def _up(args: argparse.Namespace) -> int:
+    return up(args.host, args.port)
+
+
+def _worker(args: argparse.Namespace) -> int | None:
+    extra = args.celery_args[1:] if args.celery_args[:1] == ["--"] else args.celery_args  # `-- --opt` passes --opt
+    if args.gpus:
+        return gpu_workers([gpu.strip() for gpu in args.gpus.split(",") if gpu.strip()], extra)
+    run_worker(args.background, extra)
+    return None
+
+
+def _keys_create(args: argparse.Namespace) -> None:
+    from app.tenants.schemas import KeyCreate, TenantCreate
+
+    scopes = [scope.strip() for scope in args.scopes.split(",") if scope.strip()] + ["operator"] * args.operator
+    try:  # the same validation as the admin API
+        TenantCreate(name=args.tenant)
+        KeyCreate(name=args.name, scopes=scopes)
+    except ValueError as exc:
+        args.parser.error(str(exc))
+    print(create_key(args.tenant, scopes, args.name))
+
+
+def main(argv: list[str] | None = None) -> None:
+    """The server's commands alone (`python -m app.cli`); `visiontune` has them beside the client's."""
+    parser = argparse.ArgumentParser(prog="visiontune", description=__doc__)
+    register(parser.add_subparsers(dest="command", required=True))
     args = parser.parse_args(argv)
-
-    if args.command == "serve":
-        serve(args.host, args.port, args.workers)
-    elif args.command == "up":
-        sys.exit(up(args.host, args.port))
-    elif args.command == "worker":
-        extra = args.celery_args[1:] if args.celery_args[:1] == ["--"] else args.celery_args  # `-- --opt` passes --opt
-        if args.gpus:
-            sys.exit(gpu_workers([gpu.strip() for gpu in args.gpus.split(",") if gpu.strip()], extra))
-        run_worker(args.background, extra)
-    elif args.command == "migrate":
-        migrate()
-    elif args.command == "keys":
-        from app.tenants.schemas import KeyCreate, TenantCreate
-
-        scopes = [scope.strip() for scope in args.scopes.split(",") if scope.strip()] + ["operator"] * args.operator
-        try:  # the same validation as the admin API
-            TenantCreate(name=args.tenant)
-            KeyCreate(name=args.name, scopes=scopes)
-        except ValueError as exc:
-            parser.error(str(exc))
-        print(create_key(args.tenant, scopes, args.name))
+    code = args.run(args)
+    if code:
+        sys.exit(code)
 
 
 if __name__ == "__main__":

@@ -206,6 +206,8 @@ def create_app() -> FastAPI:
             headers = {"Allow": ", ".join(_allowed_methods(request))}
         if exc.status_code == 413:
             message = f"The request body is larger than this endpoint accepts ({settings.max_request_bytes} bytes)."
+        if exc.status_code == 404 and message == "Not Found":  # no such route, rather than no such object
+            message = f"No endpoint {request.method} {request.url.path} here: is the API's base URL right?"
         return _error(exc.status_code, code, message, headers=headers)
 
     @app.exception_handler(Exception)

@@ -4,6 +4,7 @@ Last-Event-ID), and packing a folder. httpx.MockTransport stands in for a server
 one cannot misbehave on demand."""
 
 import asyncio
+import io
 import json
 import shutil
 import socket
@@ -16,6 +17,7 @@ from pathlib import Path
 import httpx
 import pytest
 import visiontune_client as vt
+from visiontune_client.resources.jobs import ProgressLine
 from visiontune_client import _http
 from visiontune_client.packing import ProgressReader, pack_folder
 from visiontune_client.streams import SSEDecoder
@@ -295,10 +297,26 @@ def test_waiting_for_a_job_shows_progress_and_raises_its_failure(sleeps, capsys)
         "failed",
     )
     assert str(caught.value) == f"job {JOB_ID} failed: out_of_memory: Out of memory."
-    shown = capsys.readouterr().err
-    assert "\rtraining | epoch 0/3 | 42 img/s | ETA 1m15s" in shown
-    assert "\rvalidation | epoch 2/3 | val_accuracy 0.950 | 42 img/s | ETA 1m15s" in shown
-    assert shown.endswith("\n")
+    shown = capsys.readouterr().err.splitlines()  # not a terminal: a line per change
+    assert "training | epoch 0/3 | 42 img/s | ETA 1m15s" in shown
+    assert "validation | epoch 2/3 | val_accuracy 0.950 | 42 img/s | ETA 1m15s" in shown
+    assert len(shown) == len(set(shown))
+
+
+def test_on_a_terminal_the_progress_line_is_rewritten_in_place():
+    class Terminal(io.StringIO):
+        def isatty(self) -> bool:
+            return True
+
+    out = Terminal()
+    line = ProgressLine(out)
+    progress = {"phase": "training", "epoch": 1, "epochs": 3, "images_per_second": 40.0, "eta_seconds": 61}
+    for event in (vt.Event(None, "progress", "", progress, None), vt.Event(None, "progress", "", progress, None),
+                  vt.Event(5, "epoch", "", {"val_accuracy": 0.9}, None)):  # fmt: skip
+        line.update(event)
+    line.finish()
+    assert out.getvalue() == ("\rtraining | epoch 1/3 | 40 img/s | ETA 1m01s"
+                              "\rtraining | epoch 1/3 | val_accuracy 0.900 | 40 img/s | ETA 1m01s\n")  # fmt: skip
 
 
 # -- packing a folder ----------------------------------------------------------------------------------

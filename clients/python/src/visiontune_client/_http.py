@@ -56,7 +56,7 @@ def resolve_config(base_url: str | None, api_key: str | None, timeout: float, ma
     """Arguments first, then `VISIONTUNE_API_URL` / `VISIONTUNE_API_KEY`; no key at all is an error."""
     key = api_key or os.environ.get(KEY_ENV)
     if not key:
-        raise MissingAPIKeyError(f"no API key: pass api_key=... or set {KEY_ENV}")
+        raise MissingAPIKeyError(f"no API key: pass one (api_key=..., or --api-key on the command line) or set {KEY_ENV}")
     url = base_url or os.environ.get(URL_ENV) or DEFAULT_URL
     return Config(url.rstrip("/"), key, timeout, max_retries)
 

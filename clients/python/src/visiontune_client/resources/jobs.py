@@ -11,7 +11,7 @@ from typing import Any, TextIO
 from visiontune_client._http import Deadline
 from visiontune_client.errors import JobCancelledError, JobFailedError
 from visiontune_client.resources._base import Resource, check_failed, params, q
-from visiontune_client.streams import ServerSentEvent, follow
+from visiontune_client.streams import follow
 from visiontune_client.types import Event, Job, Progress
 
 
@@ -99,7 +99,7 @@ class Jobs(Resource):
             async with aclosing(follow(self._t, f"{path}/events", Deadline.after(timeout), what)) as events:
                 async for sse in events:
                     if line:
-                        line.update(sse)
+                        line.update(Event.from_sse(sse))
         finally:
             if line:
                 line.finish()
@@ -111,17 +111,18 @@ class Jobs(Resource):
 
 
 class ProgressLine:
-    """A job's live status on one terminal line, rewritten in place with a carriage return: phase,
-    epoch, the latest validation accuracy, images per second, time left."""
+    """A job's live status: phase, epoch, the latest validation accuracy, images per second, time
+    left. On a terminal, one line rewritten in place with a carriage return; elsewhere (a log
+    file, a pipe), a new line each time the status changes."""
 
     def __init__(self, out: TextIO):
         self._out = out
+        self._tty = out.isatty()
         self._progress: Progress | None = None
         self._accuracy: float | None = None
-        self._width = 0
+        self._shown = ""
 
-    def update(self, sse: ServerSentEvent) -> None:
-        event = Event.from_sse(sse)
+    def update(self, event: Event) -> None:
         if event.type == "progress":
             self._progress = Progress.from_json(event.data)
         elif event.type == "epoch" and event.data.get("val_accuracy") is not None:
@@ -129,9 +130,11 @@ class ProgressLine:
         else:
             return
         text = self.render()
-        self._out.write("\r" + text.ljust(self._width))
+        if text == self._shown:
+            return
+        self._out.write("\r" + text.ljust(len(self._shown)) if self._tty else text + "\n")
         self._out.flush()
-        self._width = len(text)
+        self._shown = text
 
     def render(self) -> str:
         p = self._progress
@@ -150,6 +153,6 @@ class ProgressLine:
         return " | ".join(parts)
 
     def finish(self) -> None:
-        if self._width:
+        if self._tty and self._shown:
             self._out.write("\n")
             self._out.flush()
