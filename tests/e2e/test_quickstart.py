@@ -15,10 +15,11 @@ from tests.conftest import HYMENOPTERA, REPO, SHARED, WEIGHTS_DIR, Process, empt
 pytestmark = pytest.mark.e2e
 
 
-def quickstart_script() -> str:
+def quickstart_block(name: str) -> str:
+    """The README block under `<!-- quickstart-NAME: ... -->`."""
     readme = (REPO / "README.md").read_text()
-    match = re.search(r"<!-- quickstart:.*?-->\s*```bash\n(.*?)```", readme, re.S)
-    assert match, "README.md has no quickstart block"
+    match = re.search(rf"<!-- quickstart-{name}:.*?-->\s*```\w+\n(.*?)```", readme, re.S)
+    assert match, f"README.md has no quickstart-{name} block"
     return match.group(1)
 
 
@@ -68,20 +69,32 @@ def processes_using(root: Path) -> list[int]:
 
 
 def test_quickstart_as_written_on_embedded_broker(embedded_service):
+    """The three ways the README shows, each run as written: the CLI, the Python SDK, curl."""
     url, http, root, process = embedded_service
-    run = subprocess.run(
-        ["bash", "-euo", "pipefail", "-c", quickstart_script()],
-        cwd=root, env={**os.environ, "API": url, "SHARED": str(SHARED), "KEY": http.headers["Authorization"].split()[1]},
-        capture_output=True, text=True, timeout=900,
-    )
-    assert run.returncode == 0, f"{run.stdout}\n{run.stderr}\n{process.tail()}"
-    assert (root / "var" / "broker.db").exists(), "the embedded SQLite broker was not used"
+    key = http.headers["Authorization"].split()[1]
+    env = {**os.environ, "SHARED": str(SHARED), "VISIONTUNE_API_URL": url, "VISIONTUNE_API_KEY": key,
+           "API": url, "KEY": key}  # fmt: skip
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env['PATH']}"  # as in an activated venv: `visiontune`
 
-    lines = run.stdout.strip().splitlines()
-    assert re.fullmatch(r"job job_\w+: succeeded", lines[-3]), run.stdout
-    assert float(lines[-2]) >= 0.93
-    prediction = httpx.Response(200, content=lines[-1]).json()["predictions"][0]
+    def run(argv: list[str]) -> list[str]:
+        done = subprocess.run(argv, cwd=root, env=env, capture_output=True, text=True, timeout=900)
+        assert done.returncode == 0, f"{done.stdout}\n{done.stderr}\n{process.tail()}"
+        return done.stdout.strip().splitlines()
+
+    cli = run(["bash", "-euo", "pipefail", "-c", quickstart_block("cli")])
+    assert re.fullmatch(r"job job_\w+: succeeded \(mobilenetv2_100, linear_probe\)", cli[0]), cli
+    assert float(next(line.split(": ")[1] for line in cli if line.startswith("  val_accuracy: "))) >= 0.93
+    assert cli[-3].split() == ["IMAGE", "RANK", "LABEL", "SCORE"] and cli[-2].split()[1:3] == ["1", "bees"], cli
+
+    status, label = run([sys.executable, "-c", quickstart_block("python")])
+    assert status.split()[0] == "succeeded" and float(status.split()[1]) >= 0.93 and label == "bees", status
+
+    curl = run(["bash", "-euo", "pipefail", "-c", quickstart_block("curl")])
+    assert re.fullmatch(r"job job_\w+: succeeded", curl[-3]), curl
+    assert float(curl[-2]) >= 0.93
+    prediction = httpx.Response(200, content=curl[-1]).json()["predictions"][0]
     assert prediction["labels"][0]["label"] == "bees"
+    assert (root / "var" / "broker.db").exists(), "the embedded SQLite broker was not used"
 
     model_id = http.get("/v1/models").json()["data"][0]["id"]
     images = [(p, label) for label in ("ants", "bees") for p in sorted((HYMENOPTERA / "val" / label).iterdir())[10:20]]

@@ -88,6 +88,7 @@ def add_client_commands(commands: argparse._SubParsersAction) -> None:
     upload.add_argument("path")
     upload.add_argument("--name", help="a name for the dataset (default: the file or folder name)")
     upload.add_argument("--no-wait", dest="wait", action="store_false", help="return once uploaded")
+    upload.add_argument("--quiet", "-q", action="store_true", help="print only the dataset's id")
     command(datasets, "list", datasets_list, "the newest datasets")
     show = command(datasets, "show", datasets_show, "one dataset")
     show.add_argument("dataset_id")
@@ -103,6 +104,7 @@ def add_client_commands(commands: argparse._SubParsersAction) -> None:
     create.add_argument("--model-name", help="register the model under this name")
     create.add_argument("--wait", action="store_true", help="follow the job with a live progress line until it "
                         "ends; Ctrl-C asks whether to cancel it")  # fmt: skip
+    create.add_argument("--quiet", "-q", action="store_true", help="print only the job's id")
     command(jobs, "list", jobs_list, "the newest jobs")
     show = command(jobs, "show", jobs_show, "one job")
     show.add_argument("job_id")
@@ -188,6 +190,8 @@ def datasets_upload(args: argparse.Namespace) -> None:
         if args.wait:
             print(f"uploaded {dataset.id}; the server is checking it ...", file=sys.stderr)
             dataset = api.datasets.wait(dataset.id)
+    if args.quiet:
+        return print(dataset.id)
     show_dataset(dataset, args.json)
 
 
@@ -220,10 +224,10 @@ def jobs_create(args: argparse.Namespace) -> int:
         job = api.jobs.create(args.dataset, backbone=args.backbone, strategy=args.strategy,
                               hyperparameters=hyperparameters, model_name=args.model_name)  # fmt: skip
         if not args.wait:
-            return show_job(job, args.json)
+            return print(job.id) if args.quiet else show_job(job, args.json)
         print(f"job {job.id} queued; following it (Ctrl-C to stop)", file=sys.stderr)
         try:
-            follow_job(api, job.id, ProgressLine(sys.stderr) if not args.json else None)
+            follow_job(api, job.id, None if args.json or args.quiet else ProgressLine(sys.stderr))
         except KeyboardInterrupt:
             sys.stderr.write("\n")
             if ask(f"Cancel job {job.id}? [y/N] "):
@@ -233,7 +237,10 @@ def jobs_create(args: argparse.Namespace) -> int:
                 print(f"job {job.id} goes on; follow it with: visiontune jobs logs --follow {job.id}", file=sys.stderr)
             return 130
         job = api.jobs.get(job.id)
-    show_job(job, args.json)
+    if args.quiet:
+        print(job.id)
+    else:
+        show_job(job, args.json)
     return 0 if job.status == "succeeded" else 1
 
 
