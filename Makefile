@@ -14,7 +14,7 @@ ifneq ($(wildcard $(SHARED)/weights),)
 export VISIONTUNE_WEIGHTS_DIR ?= $(abspath $(SHARED)/weights)
 endif
 
-.PHONY: install run test test-fast redis-server postgresql bench
+.PHONY: install run test test-fast redis-server postgresql wrk bench
 
 $(VENV)/.installed: pyproject.toml constraints.txt clients/python/pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -33,6 +33,10 @@ redis-server:
 postgresql:
 	@ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || (apt-get update && apt-get install -y postgresql)
 
+# bench/serve_wrk.py's load generator
+wrk:
+	@command -v wrk >/dev/null || (apt-get update && apt-get install -y wrk)
+
 test: install redis-server postgresql
 	$(VENV)/bin/lint-imports
 	$(VENV)/bin/pytest
@@ -40,8 +44,9 @@ test: install redis-server postgresql
 test-fast: install
 	$(VENV)/bin/pytest -m "not e2e"
 
-bench: install
+bench: install wrk
 	$(VENV)/bin/python bench/e2e_linear_probe.py
 	$(VENV)/bin/python bench/full_throughput.py
 	$(VENV)/bin/python bench/accuracy_table.py
 	$(VENV)/bin/python bench/serve_load.py
+	$(VENV)/bin/python bench/serve_wrk.py

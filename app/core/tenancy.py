@@ -4,10 +4,10 @@ never reachable, and a foreign id answers exactly as a missing one (404)."""
 
 from typing import Any, Generic, TypeVar
 
-from sqlalchemy import Select, select
+from sqlalchemy import Select, and_, or_, select
 from sqlalchemy.orm import Session
 
-from app.core.errors import NotFound
+from app.core.errors import Invalid, NotFound
 
 T = TypeVar("T")
 
@@ -35,7 +35,14 @@ class Scoped(Generic[T]):
             raise self.not_found(ref)
         return found
 
-    def list(self, session: Session, tenant_id: str, limit: int, *where: Any) -> list[T]:
-        """The tenant's rows matching `where`, newest first."""
-        query = self.select(tenant_id).where(*where).order_by(self.table.created_at.desc()).limit(limit)
-        return list(session.scalars(query))
+    def list(self, session: Session, tenant_id: str, limit: int, *where: Any, after: str | None = None) -> list[T]:
+        """The tenant's rows matching `where`, newest first; with `after` (a row's id), the rows after
+        it in that order. Keyset pagination: rows added since the first page shift nothing."""
+        created_at, row_id = self.table.created_at, self.table.id
+        query = self.select(tenant_id).where(*where)
+        if after is not None:
+            cursor = session.scalar(self.select(tenant_id).where(row_id == after))
+            if cursor is None:
+                raise Invalid(f"after='{after}' is not one of your {self.noun}s.", code="invalid_cursor")
+            query = query.where(or_(created_at < cursor.created_at, and_(created_at == cursor.created_at, row_id < after)))
+        return list(session.scalars(query.order_by(created_at.desc(), row_id.desc()).limit(limit)))

@@ -11,6 +11,7 @@ from app.core.auth import AnyKey, ReadKey, TrainKey
 from app.core.config import get_settings
 from app.core.db import SessionDep
 from app.core.ids import DatasetId
+from app.core.pagination import PageDep
 from app.core.storage import OWN_BODY_LIMIT, receive_file
 from app.datasets import audit, service
 from app.datasets.schemas import AuditOut, DatasetList, DatasetOut
@@ -72,8 +73,8 @@ async def upload_dataset(request: Request, response: Response, principal: TrainK
 
 
 @router.get("", response_model=DatasetList)
-def list_datasets(principal: ReadKey, session: SessionDep, limit: Annotated[int, Query(ge=1, le=1000)] = 100) -> dict:
-    return {"data": service.list_datasets(session, principal.tenant_id, limit)}
+def list_datasets(principal: ReadKey, session: SessionDep, page: PageDep) -> dict:
+    return {"data": service.list_datasets(session, principal.tenant_id, page.limit, page.after)}
 
 
 @router.get("/{dataset_id}", response_model=DatasetOut, responses=streams.STREAM_RESPONSE)

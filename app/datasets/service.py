@@ -102,8 +102,8 @@ def current(tenant_id: str, dataset_id: str) -> DatasetOut | None:
             return None
 
 
-def list_datasets(session: Session, tenant_id: str, limit: int) -> list[Dataset]:
-    return datasets.list(session, tenant_id, limit)
+def list_datasets(session: Session, tenant_id: str, limit: int, after: str | None = None) -> list[Dataset]:
+    return datasets.list(session, tenant_id, limit, after=after)
 
 
 def local_dataset(settings: Settings, dataset: Dataset) -> Path:

@@ -11,6 +11,7 @@ from app.core.auth import AnyKey, ReadKey, TrainKey
 from app.core.config import get_settings
 from app.core.db import SessionDep
 from app.core.ids import BIGINT_MAX, JobId
+from app.core.pagination import PageDep
 from app.db.tables import Job
 from app.jobs import service
 from app.jobs.schemas import JobCreate, JobEventList, JobList, JobOut
@@ -34,8 +35,8 @@ async def create_job(request: JobCreate, principal: TrainKey, session: SessionDe
 
 
 @router.get("", response_model=JobList)
-def list_jobs(principal: ReadKey, session: SessionDep, limit: Annotated[int, Query(ge=1, le=1000)] = 100) -> JobList:
-    return JobList(data=service.list_jobs(session, principal.tenant_id, limit))
+def list_jobs(principal: ReadKey, session: SessionDep, page: PageDep) -> JobList:
+    return JobList(data=service.list_jobs(session, principal.tenant_id, page.limit, after=page.after))
 
 
 @router.get("/{job_id}", response_model=JobOut)

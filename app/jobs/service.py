@@ -89,8 +89,8 @@ def get_job(session: Session, tenant_id: str, job_id: str) -> Job:
     return jobs.get(session, tenant_id, job_id)
 
 
-def list_jobs(session: Session, tenant_id: str, limit: int, *where: Any) -> list[JobOut]:
-    found = jobs.list(session, tenant_id, limit, *where)
+def list_jobs(session: Session, tenant_id: str, limit: int, *where: Any, after: str | None = None) -> list[JobOut]:
+    found = jobs.list(session, tenant_id, limit, *where, after=after)
     model_ids = model_ids_of_jobs(session, [job.id for job in found])
     return [to_out(session, job, model_ids.get(job.id)) for job in found]
 

@@ -1,9 +1,9 @@
 """/v1/models: the registry (models, versions, aliases, downloads, exports). HTTP to
 `app.models.service`; predictions are in `app.serving.router`."""
 
-from typing import Annotated, Literal
+from typing import Literal
 
-from fastapi import APIRouter, Query, Request, Response, status
+from fastapi import APIRouter, Request, Response, status
 from fastapi.responses import FileResponse
 from sqlalchemy.orm import Session
 from starlette.background import BackgroundTask
@@ -12,6 +12,7 @@ from app.core.auth import ReadKey, TrainKey
 from app.core.config import get_settings
 from app.core.db import SessionDep
 from app.core.ids import AliasName, ModelName
+from app.core.pagination import PageDep
 from app.core.storage import remove_quietly
 from app.db.tables import Export, Model
 from app.models import service
@@ -27,8 +28,9 @@ def _out(session: Session, model: Model) -> ModelOut:
 
 
 @router.get("", response_model=ModelList)
-def list_models(principal: ReadKey, session: SessionDep, limit: Annotated[int, Query(ge=1, le=1000)] = 100) -> ModelList:
-    return ModelList(data=[_out(session, model) for model in service.list_models(session, principal.tenant_id, limit)])
+def list_models(principal: ReadKey, session: SessionDep, page: PageDep) -> ModelList:
+    found = service.list_models(session, principal.tenant_id, page.limit, page.after)
+    return ModelList(data=[_out(session, model) for model in found])
 
 
 @router.get("/{model_id}", response_model=ModelOut)

@@ -134,8 +134,8 @@ def get_model(session: Session, tenant_id: str, ref: str) -> Model:
     return models.first(session, tenant_id, ref, Model.id == pointer.with_only_columns(ModelAlias.model_id).scalar_subquery())
 
 
-def list_models(session: Session, tenant_id: str, limit: int) -> list[Model]:
-    return models.list(session, tenant_id, limit)
+def list_models(session: Session, tenant_id: str, limit: int, after: str | None = None) -> list[Model]:
+    return models.list(session, tenant_id, limit, after=after)
 
 
 def model_ids_of_jobs(session: Session, job_ids: list[str]) -> dict[str, str]:

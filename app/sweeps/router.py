@@ -1,12 +1,13 @@
 from typing import Annotated
 
-from fastapi import APIRouter, Depends, Query, status
+from fastapi import APIRouter, Depends, status
 from fastapi.concurrency import run_in_threadpool
 
 from app.core.auth import AnyKey, ReadKey, TrainKey
 from app.core.config import get_settings
 from app.core.db import SessionDep
 from app.core.ids import SweepId
+from app.core.pagination import PageDep
 from app.db.tables import Sweep
 from app.jobs import service as jobs
 from app.jobs.schemas import JobOut
@@ -30,8 +31,8 @@ async def create_sweep(request: SweepCreate, principal: TrainKey, session: Sessi
 
 
 @router.get("", response_model=SweepList)
-def list_sweeps(principal: ReadKey, session: SessionDep, limit: Annotated[int, Query(ge=1, le=1000)] = 100) -> SweepList:
-    sweeps = service.list_sweeps(session, principal.tenant_id, limit)
+def list_sweeps(principal: ReadKey, session: SessionDep, page: PageDep) -> SweepList:
+    sweeps = service.list_sweeps(session, principal.tenant_id, page.limit, page.after)
     return SweepList(data=[service.to_out(session, sweep) for sweep in sweeps])
 
 

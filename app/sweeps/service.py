@@ -38,8 +38,8 @@ def get_sweep(session: Session, tenant_id: str, sweep_id: str) -> Sweep:
     return sweeps.get(session, tenant_id, sweep_id)
 
 
-def list_sweeps(session: Session, tenant_id: str, limit: int) -> list[Sweep]:
-    return sweeps.list(session, tenant_id, limit)
+def list_sweeps(session: Session, tenant_id: str, limit: int, after: str | None = None) -> list[Sweep]:
+    return sweeps.list(session, tenant_id, limit, after=after)
 
 
 def to_out(session: Session, sweep: Sweep) -> SweepOut:

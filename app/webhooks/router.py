@@ -8,6 +8,7 @@ from app.core.auth import AdminKey, AnyKey, ReadKey
 from app.core.config import get_settings
 from app.core.db import SessionDep
 from app.core.ids import DeliveryId, WebhookId
+from app.core.pagination import PageDep
 from app.db.tables import Webhook
 from app.webhooks import service
 from app.webhooks.schemas import DeliveryList, DeliveryOut, WebhookCreate, WebhookCreated, WebhookList, WebhookOut
@@ -31,8 +32,8 @@ def create_webhook(request: WebhookCreate, principal: AdminKey, session: Session
 
 
 @router.get("", response_model=WebhookList)
-def list_webhooks(principal: ReadKey, session: SessionDep, limit: Annotated[int, Query(ge=1, le=1000)] = 100) -> dict:
-    return {"data": service.list_webhooks(session, principal.tenant_id, limit)}
+def list_webhooks(principal: ReadKey, session: SessionDep, page: PageDep) -> dict:
+    return {"data": service.list_webhooks(session, principal.tenant_id, page.limit, page.after)}
 
 
 @router.get("/{webhook_id}", response_model=WebhookOut)

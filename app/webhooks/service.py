@@ -107,5 +107,5 @@ def get(session: Session, tenant_id: str, webhook_id: str) -> Webhook:
     return webhooks.get(session, tenant_id, webhook_id)
 
 
-def list_webhooks(session: Session, tenant_id: str, limit: int) -> list[Webhook]:
-    return webhooks.list(session, tenant_id, limit)
+def list_webhooks(session: Session, tenant_id: str, limit: int, after: str | None = None) -> list[Webhook]:
+    return webhooks.list(session, tenant_id, limit, after=after)

@@ -181,3 +181,21 @@ def test_unknown_dataset_is_404_with_the_envelope(client):
     response = client.get(f"/v1/datasets/ds_{'0' * 24}")
     assert response.status_code == 404
     assert response.json()["error"]["code"] == "dataset_not_found"
+
+
+def test_lists_page_newest_first_with_after(client, settings_env):
+    """Five uploads (synthetic images: the point is the listing), paged two at a time with `after`;
+    an upload between two pages shifts nothing; a cursor that is not the tenant's is refused."""
+    ids = [post(client, zip_bytes(two_classes()), filename=f"d{i}.zip").json()["id"] for i in range(5)]
+    newest_first = list(reversed(ids))
+    first = client.get("/v1/datasets", params={"limit": 2}).json()["data"]
+    assert [d["id"] for d in first] == newest_first[:2]
+    post(client, zip_bytes(two_classes()), filename="later.zip")  # added while paging: not in the later pages
+    pages, after = [first], first[-1]["id"]
+    while page := client.get("/v1/datasets", params={"limit": 2, "after": after}).json()["data"]:
+        pages.append(page)
+        after = page[-1]["id"]
+    assert [[d["id"] for d in page] for page in pages] == [newest_first[:2], newest_first[2:4], newest_first[4:]]
+    refused = client.get("/v1/datasets", params={"after": "ds_" + "0" * 24})
+    assert refused.status_code == 422 and refused.json()["error"]["code"] == "invalid_cursor"
+    assert "ds_000000000000000000000000" in refused.json()["error"]["message"]

@@ -80,6 +80,7 @@ def test_the_sdk_runs_the_whole_flow(stack, tmp_path, capfd):
             with pytest.raises(vt.InvalidDatasetError):  # refused before anything is sent
                 client.datasets.upload(tmp_path / "bugs" / "train" / "ants")
             assert [d.name for d in client.datasets.list()] == ["bugs"]
+            assert [j.id for j in client.jobs.iter(page_size=1)] == [j.id for j in client.jobs.list()]  # `after` pages
 
         wait_until(lambda: len(receiver.requests) >= 3, 60, "three webhook deliveries", processes=stack.processes)
         payloads = receiver.verified(hook.secret)

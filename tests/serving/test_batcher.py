@@ -130,7 +130,10 @@ def test_a_prediction_that_cannot_finish_answers_504_at_the_deadline(client, mon
     stuck = threading.Event()
 
     async def never(*_args, **_kwargs):
-        await asyncio.to_thread(stuck.wait, 30)
+        try:
+            await asyncio.to_thread(stuck.wait, 30)
+        finally:  # cancelled at the deadline: let the thread go, or asyncio.run waits for it to end
+            stuck.set()
 
     class Row:
         id, classes = "model_x", ["a", "b"]

@@ -195,12 +195,17 @@ def datasets_upload(args: argparse.Namespace) -> None:
     show_dataset(dataset, args.json)
 
 
+def show_list(items: list, as_json: bool, header: Sequence[str], row: Callable[[Any], Sequence[Any]]) -> None:
+    if as_json:
+        return emit_json([item.raw for item in items])
+    table([row(item) for item in items], header)
+
+
 def datasets_list(args: argparse.Namespace) -> None:
     with client(args) as api:
         datasets = api.datasets.list()
-    if args.json:
-        return emit_json([d.raw for d in datasets])
-    table([(d.id, d.name, d.status, d.num_images, len(d.classes)) for d in datasets], ("ID", "NAME", "STATUS", "IMAGES", "CLASSES"))
+    show_list(datasets, args.json, ("ID", "NAME", "STATUS", "IMAGES", "CLASSES"),
+              lambda d: (d.id, d.name, d.status, d.num_images, len(d.classes)))  # fmt: skip
 
 
 def datasets_show(args: argparse.Namespace) -> None:
@@ -267,9 +272,8 @@ def ask(question: str) -> bool:
 def jobs_list(args: argparse.Namespace) -> None:
     with client(args) as api:
         jobs = api.jobs.list()
-    if args.json:
-        return emit_json([j.raw for j in jobs])
-    table([(j.id, j.status, j.backbone, j.strategy, j.model_id or "") for j in jobs], ("ID", "STATUS", "BACKBONE", "STRATEGY", "MODEL"))
+    show_list(jobs, args.json, ("ID", "STATUS", "BACKBONE", "STRATEGY", "MODEL"),
+              lambda j: (j.id, j.status, j.backbone, j.strategy, j.model_id or ""))  # fmt: skip
 
 
 def jobs_show(args: argparse.Namespace) -> None:
@@ -327,11 +331,9 @@ def predict_images(args: argparse.Namespace) -> None:
 def models_list(args: argparse.Namespace) -> None:
     with client(args) as api:
         models = api.models.list()
-    if args.json:
-        return emit_json([m.raw for m in models])
-    rows = [(m.id, f"{m.name}@{m.version}", ",".join(m.aliases or []), m.backbone, m.metrics.get("val_accuracy", ""))
-            for m in models]  # fmt: skip
-    table(rows, ("ID", "NAME", "ALIASES", "BACKBONE", "VAL_ACCURACY"))
+    show_list(models, args.json, ("ID", "NAME", "ALIASES", "BACKBONE", "VAL_ACCURACY"),
+              lambda m: (m.id, f"{m.name}@{m.version}", ",".join(m.aliases or []), m.backbone,
+                         m.metrics.get("val_accuracy", "")))  # fmt: skip
 
 
 def models_show(args: argparse.Namespace) -> None:

@@ -1,7 +1,7 @@
 """What every resource shares: running its coroutines on the client's transport, and polling."""
 
 import os
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import AsyncGenerator, Awaitable, Callable, Mapping
 from pathlib import Path
 from typing import Any, Protocol, TypeVar
 from urllib.parse import quote
@@ -65,6 +65,23 @@ class Resource:
     def _list(self, parse: Callable[[Mapping[str, Any]], T], path: str, **query: Any) -> list[T]:
         """A list endpoint's `data`, each item given to `parse`."""
         return self._call(lambda body: [parse(item) for item in body["data"]], "GET", path, params=params(**query))
+
+    def _iter(self, parse: Callable[[Mapping[str, Any]], T], path: str, page_size: int) -> Any:
+        """Every item of a newest-first list endpoint, `page_size` a request, each page starting
+        `after` the last item of the one before (pages stay stable while items are added)."""
+        return self._t.iterate(self._newest_first(parse, path, page_size))
+
+    async def _newest_first(
+        self, parse: Callable[[Mapping[str, Any]], T], path: str, page_size: int
+    ) -> AsyncGenerator[T, None]:
+        after = None
+        while True:
+            page = (await self._t.json("GET", path, params=params(limit=page_size, after=after)))["data"]
+            for raw in page:
+                yield parse(raw)
+            if len(page) < page_size:
+                return
+            after = page[-1]["id"]
 
     async def _download(self, path: str, destination: str | os.PathLike[str]) -> Path:
         """Stream `path`'s body into the file `destination` (written whole or not at all)."""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
 from contextlib import aclosing
 from functools import partial
 from pathlib import Path
@@ -43,9 +44,13 @@ class Datasets(Resource):
     def get(self, dataset_id: str) -> Dataset:
         return self._call(Dataset.from_json, "GET", f"/v1/datasets/{q(dataset_id)}")
 
-    def list(self, limit: int = 100) -> list[Dataset]:
-        """The newest `limit` datasets (at most 1000)."""
-        return self._list(Dataset.from_json, "/v1/datasets", limit=limit)
+    def list(self, limit: int = 100, after: str | None = None) -> list[Dataset]:
+        """The newest `limit` datasets (at most 1000), or those after the dataset `after`."""
+        return self._list(Dataset.from_json, "/v1/datasets", limit=limit, after=after)
+
+    def iter(self, page_size: int = 100) -> Iterator[Dataset]:
+        """Every dataset, newest first, `page_size` a request."""
+        return self._iter(Dataset.from_json, "/v1/datasets", page_size)
 
     def delete(self, dataset_id: str) -> None:
         return self._call(ignore, "DELETE", f"/v1/datasets/{q(dataset_id)}")

@@ -41,9 +41,13 @@ class Jobs(Resource):
     def get(self, job_id: str) -> Job:
         return self._call(self._job, "GET", f"/v1/jobs/{q(job_id)}")
 
-    def list(self, limit: int = 100) -> list[Job]:
-        """The newest `limit` jobs (at most 1000)."""
-        return self._list(self._job, "/v1/jobs", limit=limit)
+    def list(self, limit: int = 100, after: str | None = None) -> list[Job]:
+        """The newest `limit` jobs (at most 1000), or those after the job `after`."""
+        return self._list(self._job, "/v1/jobs", limit=limit, after=after)
+
+    def iter(self, page_size: int = 100) -> Iterator[Job]:
+        """Every job, newest first, `page_size` a request."""
+        return self._iter(self._job, "/v1/jobs", page_size)
 
     def cancel(self, job_id: str) -> Job:
         return self._call(self._job, "POST", f"/v1/jobs/{q(job_id)}/cancel")

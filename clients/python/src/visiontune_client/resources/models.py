@@ -4,7 +4,7 @@ model id, `name@version` or `name@alias` (e.g. `pets@production`)."""
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from functools import partial
 from pathlib import Path
 from typing import Any, TypeAlias, TypeVar
@@ -36,9 +36,13 @@ class Models(Resource):
     def get(self, ref: str) -> Model:
         return self._call(Model.from_json, "GET", f"/v1/models/{q(ref)}")
 
-    def list(self, limit: int = 100) -> list[Model]:
-        """The newest `limit` models (at most 1000)."""
-        return self._list(Model.from_json, "/v1/models", limit=limit)
+    def list(self, limit: int = 100, after: str | None = None) -> list[Model]:
+        """The newest `limit` models (at most 1000), or those after the model `after`."""
+        return self._list(Model.from_json, "/v1/models", limit=limit, after=after)
+
+    def iter(self, page_size: int = 100) -> Iterator[Model]:
+        """Every model, newest first, `page_size` a request."""
+        return self._iter(Model.from_json, "/v1/models", page_size)
 
     def delete(self, ref: str) -> None:
         return self._call(ignore, "DELETE", f"/v1/models/{q(ref)}")

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
 from visiontune_client._http import Transport
@@ -23,9 +23,13 @@ class Sweeps(Resource):
     def get(self, sweep_id: str) -> Sweep:
         return self._call(Sweep.from_json, "GET", f"/v1/sweeps/{q(sweep_id)}")
 
-    def list(self, limit: int = 100) -> list[Sweep]:
-        """The newest `limit` sweeps (at most 1000)."""
-        return self._list(Sweep.from_json, "/v1/sweeps", limit=limit)
+    def list(self, limit: int = 100, after: str | None = None) -> list[Sweep]:
+        """The newest `limit` sweeps (at most 1000), or those after the sweep `after`."""
+        return self._list(Sweep.from_json, "/v1/sweeps", limit=limit, after=after)
+
+    def iter(self, page_size: int = 100) -> Iterator[Sweep]:
+        """Every sweep, newest first, `page_size` a request."""
+        return self._iter(Sweep.from_json, "/v1/sweeps", page_size)
 
     def promote(
         self,

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import builtins
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 
 from visiontune_client.resources._base import Resource, ignore, params, q
 from visiontune_client.types import Delivery, Webhook
@@ -16,8 +16,13 @@ class Webhooks(Resource):
         body = params(url=url, events=list(events), description=description)
         return self._call(Webhook.from_json, "POST", "/v1/webhooks", json=body)
 
-    def list(self, limit: int = 100) -> list[Webhook]:
-        return self._list(Webhook.from_json, "/v1/webhooks", limit=limit)
+    def list(self, limit: int = 100, after: str | None = None) -> list[Webhook]:
+        """The newest `limit` webhooks (at most 1000), or those after the webhook `after`."""
+        return self._list(Webhook.from_json, "/v1/webhooks", limit=limit, after=after)
+
+    def iter(self, page_size: int = 100) -> Iterator[Webhook]:
+        """Every webhook, newest first, `page_size` a request."""
+        return self._iter(Webhook.from_json, "/v1/webhooks", page_size)
 
     def get(self, webhook_id: str) -> Webhook:
         return self._call(Webhook.from_json, "GET", f"/v1/webhooks/{q(webhook_id)}")
