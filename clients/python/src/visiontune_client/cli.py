@@ -24,7 +24,7 @@ from importlib.metadata import entry_points
 from typing import Any, TextIO
 
 from visiontune_client.client import Client
-from visiontune_client.errors import APIConnectionError, APIError, VisionTuneError
+from visiontune_client.errors import APIError, VisionTuneError
 from visiontune_client.resources.jobs import ProgressLine
 from visiontune_client.types import Event
 
@@ -46,10 +46,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         request = f" (request {exc.request_id})" if exc.request_id else ""
         print(f"visiontune: error: {exc.message} [{exc.status_code} {exc.code}]{request}", file=sys.stderr)
         code = 1
-    except APIConnectionError as exc:
-        print(f"visiontune: error: {exc}", file=sys.stderr)
-        code = 1
-    except (VisionTuneError, OSError) as exc:  # a folder that is not a dataset, a file that is not there
+    except (VisionTuneError, OSError) as exc:  # unreachable server, no key, a folder that is not a dataset...
         print(f"visiontune: error: {exc}", file=sys.stderr)
         code = 1
     sys.exit(code or 0)
@@ -146,13 +143,12 @@ def emit_json(value: Any) -> None:
     print(json.dumps(value, indent=2, default=str))
 
 
-def table(rows: list[Sequence[Any]], header: Sequence[str], out: TextIO | None = None) -> None:
-    """Columns padded to their widest cell."""
-    out = out or sys.stdout
+def table(rows: list[Sequence[Any]], header: Sequence[str]) -> None:
+    """Columns padded to their widest cell, on stdout."""
     cells = [[str(c) for c in row] for row in [header, *rows]]
     widths = [max(len(row[i]) for row in cells) for i in range(len(header))]
     for row in cells:
-        out.write("  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip() + "\n")
+        print("  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip())
 
 
 class Bar:
