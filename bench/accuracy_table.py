@@ -47,7 +47,7 @@ class Quiet:
 
 def train(arch: str, strategy: str, root: Path, features: dict | None = None):
     names, train_samples, val_samples = classes(root), samples("train", root), samples("val", root)
-    hp = resolve_for_device(resolve(Hyperparameters(), strategy), strategy, "cpu")
+    hp = resolve_for_device(resolve(Hyperparameters(), strategy), "cpu")
     model = build_model(arch, len(names), weights_file=WEIGHTS[arch])
     with tempfile.TemporaryDirectory() as work_dir:
         if features is not None:  # what `auto` computed already, as a job's final training reads it back

@@ -3,7 +3,8 @@ mobilenetv2_100 on hymenoptera, through the real service: `visiontune up` (API +
 the embedded broker, or on Redis with --broker redis://...), real HTTP, real weights, default
 settings ("strategy": "auto" picks the linear probe for this dataset).
 
-    python bench/e2e_linear_probe.py [--broker URL] [--backbone mobilenetv2_100] [--distributed [--repeat N]]
+    python bench/e2e_linear_probe.py [--broker URL] [--backbone mobilenetv2_100] [--strategy linear_probe]
+                                     [--distributed [--repeat N]]
 
 With --distributed, the same run is made again on PostgreSQL, Redis and an S3 store (moto's
 server, all on 127.0.0.1), and the ratio of the two upload -> served times is printed; with
@@ -29,7 +30,8 @@ from bench.handwritten import HYMENOPTERA, WEIGHTS, frozen_tutorial  # noqa: E40
 from bench.running import distributed_backends, running, wait_for_dataset, wait_for_job, zip_hymenoptera  # noqa: E402
 
 
-def upload_to_served(root: Path, archive: Path, backbone: str, environment: dict[str, str], **settings) -> dict:
+def upload_to_served(root: Path, archive: Path, backbone: str, strategy: str | None, environment: dict[str, str],
+                     **settings) -> dict:  # fmt: skip
     """One run through the real service: seconds of each step, and the job."""
     with running("up", root / "var", environment, **settings) as (_, http):
         started = time.perf_counter()
@@ -37,7 +39,8 @@ def upload_to_served(root: Path, archive: Path, backbone: str, environment: dict
             dataset = http.post("/v1/datasets", files={"file": (archive.name, file)}).raise_for_status().json()
         dataset = wait_for_dataset(http, dataset)
         uploaded = time.perf_counter()
-        job = http.post("/v1/jobs", json={"dataset_id": dataset["id"], "backbone": backbone}).raise_for_status().json()
+        request = {"dataset_id": dataset["id"], "backbone": backbone} | ({"strategy": strategy} if strategy else {})
+        job = http.post("/v1/jobs", json=request).raise_for_status().json()
         job = wait_for_job(http, job)
         trained = time.perf_counter()
         image = next((HYMENOPTERA / "val" / "bees").iterdir())
@@ -51,6 +54,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--broker", default="", help="broker URL (default: the embedded SQLite broker)")
     parser.add_argument("--backbone", default="mobilenetv2_100")
+    parser.add_argument("--strategy", help="ask for this strategy (default: the server's, auto)")
     parser.add_argument("--distributed", action="store_true",
                         help="also run on PostgreSQL, Redis and an S3 store (moto's server), and compare")  # fmt: skip
     parser.add_argument("--repeat", type=int, default=1, help="with --distributed: pairs of runs (median ratio)")
@@ -63,11 +67,11 @@ def main() -> None:
         archive = zip_hymenoptera(root / "hymenoptera.zip")
         for attempt in range(args.repeat if args.distributed else 1):
             runs[args.broker or "embedded (SQLite, sqla+sqlite broker, local files)"] = upload_to_served(
-                root / f"embedded-{attempt}", archive, args.backbone, {}, **settings)  # fmt: skip
+                root / f"embedded-{attempt}", archive, args.backbone, args.strategy, {}, **settings)  # fmt: skip
             if args.distributed:
                 with distributed_backends(root) as environment:
                     runs["PostgreSQL + Redis + S3 (moto)"] = upload_to_served(
-                        root / f"distributed-{attempt}", archive, args.backbone, environment)  # fmt: skip
+                        root / f"distributed-{attempt}", archive, args.backbone, args.strategy, environment)  # fmt: skip
                 embedded, distributed = runs.values()
                 ratios.append(distributed["total"] / embedded["total"])
 

@@ -39,7 +39,7 @@ class LastEpoch:
 
 def engine_throughput(arch: str, epochs: int, batch_size: int, workers: int, device: str, repeat: int, **options) -> float:
     hp = Hyperparameters(epochs=epochs, batch_size=batch_size, workers=workers, **options)
-    hp = resolve_for_device(resolve(hp, "full"), "full", device)
+    hp = resolve_for_device(resolve(hp, "full"), device)
     model = build_model(arch, 2, weights_file=WEIGHTS[arch])
     reporter = LastEpoch()
     with tempfile.TemporaryDirectory() as work_dir:
@@ -56,7 +56,7 @@ def main() -> None:
     parser.add_argument("--repeat", type=int, default=1, help="each epoch goes through the training photos this many times")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", choices=["cpu", "cuda"])
     args = parser.parse_args()
-    workers = resolve_for_device(Hyperparameters(), "full", args.device).workers
+    workers = resolve_for_device(Hyperparameters(), args.device).workers
     common = (args.arch, args.epochs, args.batch_size, workers, args.device, args.repeat)
 
     baseline = full_loop_throughput(args.arch, args.batch_size, args.epochs, workers, args.device, args.repeat)
@@ -66,7 +66,7 @@ def main() -> None:
         ("engine defaults, no image cache", engine_throughput(*common, image_cache=False)),
         ("engine defaults (image cache on)", engine_throughput(*common)),
     ]
-    defaults = resolve_for_device(Hyperparameters(), "full", args.device)
+    defaults = resolve_for_device(Hyperparameters(), args.device)
     where = torch.cuda.get_device_name() if args.device == "cuda" else f"CPU, {torch.get_num_threads()} threads"
     print(f"{args.arch}, full fine-tune on {where}, batch {args.batch_size}, {workers} DataLoader worker(s), "
           f"{os.cpu_count()} cores; engine defaults here: amp={defaults.amp}, "

@@ -285,7 +285,7 @@ def _train(job_id: str, me: str, settings: Settings, loader_context) -> None:
     if weights is not None:
         with session_scope() as session:
             add_event(session, job_id, "weights", weights.explain(), {"source": weights.source, "file": str(weights.file)})
-    hp = resolve_for_device(Hyperparameters(**hp), strategy, device.type)
+    hp = resolve_for_device(Hyperparameters(**hp), device.type)
     reporter.plan(strategy, hp)
     reporter.phase("preparing")  # building the model, decoding the images
     with session_scope() as session:  # the job records exactly what runs, device choices included

@@ -234,7 +234,7 @@ class _Search:
         self.speedups: dict[tuple, float] = {}  # (backbone, amp, channels_last): timed once
 
     def hp_for(self, strategy: str) -> Hyperparameters:
-        return resolve_for_device(resolve(self.hp, strategy), strategy, self.device.type)
+        return resolve_for_device(resolve(self.hp, strategy), self.device.type)
 
     def score(self, trial: Trial, logits: torch.Tensor) -> None:
         metrics = classification_metrics(logits, self.labels, self.class_names)
@@ -302,10 +302,12 @@ class _Search:
         return self.folds * per_fold
 
     def _speedup(self, backbone: Backbone, hp: Hyperparameters) -> float:
-        """How many times faster than the probe's feature pass a forward pass runs at `hp`'s precision:
-        on a CPU the probe keeps exact fp32 features while the network may train in bf16, which is
-        from about 1.4x (tf_efficientnet_lite0) to 3x (mobilenetv2_100) faster on this machine's cores.
-        Timed on one small batch of noise (speed does not depend on the pixels), after a warm-up."""
+        """How many times faster than the probe's feature pass a forward pass runs at `hp`'s precision
+        and memory format: 1 when they are the same (the defaults: bf16 where the device has it, for
+        the probe too). Where they differ (e.g. a job asking for fp32 features, `amp: false`), bf16
+        was from about 1.4x (tf_efficientnet_lite0) to 3x (mobilenetv2_100) faster than fp32 on this
+        machine's cores. Timed on one small batch of noise (speed does not depend on the pixels),
+        after a warm-up."""
         probe_hp = self.hp_for("linear_probe")
         if (hp.amp, hp.channels_last) == (probe_hp.amp, probe_hp.channels_last):
             return 1.0

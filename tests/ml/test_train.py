@@ -60,7 +60,7 @@ class Recorder:
 
 
 def hyperparameters(strategy: str, **values) -> Hyperparameters:
-    return resolve_for_device(resolve(Hyperparameters(**values), strategy), strategy, "cpu")
+    return resolve_for_device(resolve(Hyperparameters(**values), strategy), "cpu")
 
 
 def train(tmp_path, strategy: str, reporter=None, train=TRAIN, **values):
