@@ -17,6 +17,7 @@ from pathlib import Path
 import httpx
 import pytest
 import visiontune_client as vt
+from visiontune_client.cli import Bar
 from visiontune_client.resources.jobs import ProgressLine
 from visiontune_client import _http
 from visiontune_client.packing import ProgressReader, pack_folder
@@ -303,11 +304,25 @@ def test_waiting_for_a_job_shows_progress_and_raises_its_failure(sleeps, capsys)
     assert len(shown) == len(set(shown))
 
 
-def test_on_a_terminal_the_progress_line_is_rewritten_in_place():
-    class Terminal(io.StringIO):
-        def isatty(self) -> bool:
-            return True
+class Terminal(io.StringIO):
+    def isatty(self) -> bool:
+        return True
 
+
+@pytest.mark.parametrize(("packing", "labels"), [(True, ["packing", "uploading"]), (False, ["uploading"])])
+def test_the_upload_bar_names_what_it_is_doing(packing, labels):
+    """A folder is packed, then uploaded (the callback starts again from 0); an archive is only uploaded."""
+    out = Terminal()
+    bar = Bar(out, packing=packing)
+    packed = [(0, 100), (50, 100), (100, 100)] if packing else []  # bytes packed, then bytes uploaded
+    for done, total in packed + [(0, 120), (60, 120), (120, 120)]:
+        bar(done, total)
+    bar.finish()
+    shown = [line.split()[0] for line in out.getvalue().strip().split("\r") if line]
+    assert sorted(set(shown), key=shown.index) == labels and out.getvalue().endswith("MiB\n")
+
+
+def test_on_a_terminal_the_progress_line_is_rewritten_in_place():
     out = Terminal()
     line = ProgressLine(out)
     progress = {"phase": "training", "epoch": 1, "epochs": 3, "images_per_second": 40.0, "eta_seconds": 61}

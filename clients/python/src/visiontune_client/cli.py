@@ -155,8 +155,9 @@ class Bar:
     """A byte-progress bar on stderr, rewritten in place; silent when stderr is not a terminal.
     (Written here rather than taken from tqdm or rich: the SDK depends on httpx alone.)"""
 
-    def __init__(self, out: TextIO):
-        self.out, self.label, self.last_done = out, "packing", -1
+    def __init__(self, out: TextIO, packing: bool):
+        """`packing`: a folder, zipped before the upload (an archive is only uploaded)."""
+        self.out, self.label, self.last_done = out, "packing" if packing else "uploading", -1
         self.active = out.isatty()
 
     def __call__(self, done: int, total: int) -> None:
@@ -178,7 +179,7 @@ class Bar:
 
 def datasets_upload(args: argparse.Namespace) -> None:
     with client(args) as api:
-        bar = Bar(sys.stderr)
+        bar = Bar(sys.stderr, packing=os.path.isdir(args.path))
         try:
             dataset = api.datasets.upload(args.path, name=args.name, progress=bar)
         finally:
