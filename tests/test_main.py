@@ -31,6 +31,8 @@ def test_openapi_documents_every_endpoint(client):
         "/v1/sweeps", "/v1/sweeps/{sweep_id}", "/v1/sweeps/{sweep_id}/promote", "/v1/models/{model_id}/embed",
         "/v1/models/{model_id}/exports", "/v1/models/{model_id}/exports/{format}",
         "/v1/models/{model_id}/exports/{format}/download", "/v1/models/{name}/aliases/{alias}",
+        "/v1/datasets/{dataset_id}/images", "/v1/datasets/{dataset_id}/images/{path}",
+        "/v1/models/{model_id}/validation-predictions",
     ):
         assert path in paths, path
     assert "multipart/form-data" in paths["/v1/datasets"]["post"]["requestBody"]["content"]

@@ -2,7 +2,7 @@ import json
 from collections.abc import AsyncIterator
 from typing import Annotated
 
-from fastapi import APIRouter, Depends, Query, Request, Response, status
+from fastapi import APIRouter, Depends, Path, Query, Request, Response, status
 from fastapi.concurrency import run_in_threadpool
 from sse_starlette import ServerSentEvent
 
@@ -13,8 +13,8 @@ from app.core.db import SessionDep
 from app.core.ids import DatasetId
 from app.core.pagination import PageDep
 from app.core.storage import OWN_BODY_LIMIT, receive_file
-from app.datasets import audit, service
-from app.datasets.schemas import AuditOut, DatasetList, DatasetOut
+from app.datasets import audit, images, service
+from app.datasets.schemas import AuditOut, DatasetList, DatasetOut, ImageList
 from app.db.tables import Audit, Dataset
 
 router = APIRouter(prefix="/v1/datasets", tags=["datasets"])
@@ -116,6 +116,38 @@ def get_audit(
     if found.status == "processing":
         response.status_code = status.HTTP_202_ACCEPTED
     return found
+
+
+@router.get("/{dataset_id}/images", response_model=ImageList)
+def list_images(
+    dataset: DatasetDep, _: ReadKey,
+    label: Annotated[str | None, Query(max_length=200, description="Only the images of this class.")] = None,
+    limit: Annotated[int, Query(ge=1, le=200, description="Images per page, in path order.")] = 20,
+    after: Annotated[str | None, Query(max_length=2000, description="The `path` of the last image of the previous "
+                                       "page: this page starts after it.")] = None,
+) -> dict:  # fmt: skip
+    """The images a ready dataset keeps (those its jobs train and validate on), sorted by path. 409
+    `dataset_not_ready` while it is processing or once it failed; 422 `unknown_label` for a class it
+    does not have."""
+    return {"data": images.list_images(get_settings(), dataset, label, limit, after)}
+
+
+@router.get(
+    "/{dataset_id}/images/{path:path}",
+    response_class=Response,
+    responses={200: {"content": {"image/jpeg": {"schema": {"type": "string", "format": "binary"}}},
+                     "description": "A JPEG thumbnail"}},
+)  # fmt: skip
+def get_image(
+    dataset: DatasetDep, _: ReadKey,
+    path: Annotated[str, Path(max_length=2000, description="An image's `path`, as GET /v1/datasets/{dataset_id}/images "
+                              "lists it.")],
+    size: Annotated[int, Query(ge=16, le=512, description="The thumbnail's longest side at most, in pixels.")] = 160,
+) -> Response:  # fmt: skip
+    """A thumbnail of one of the dataset's images, the right way up (EXIF orientation applied).
+    A path that is not one of its images is 404 `image_not_found`."""
+    thumbnail = images.thumbnail(get_settings(), dataset, path, size)
+    return Response(thumbnail, media_type="image/jpeg", headers={"Cache-Control": "private, max-age=3600"})
 
 
 @router.delete("/{dataset_id}", status_code=status.HTTP_204_NO_CONTENT)

@@ -49,3 +49,21 @@ class AuditOut(BaseModel):
 
 class DatasetList(BaseModel):
     data: list[DatasetOut]
+
+
+class ImageOut(BaseModel):
+    path: str = Field(
+        description="Relative to the dataset's root, '/'-separated: `<split>/<class>/<file>` (e.g. "
+        "`train/bees/1.jpg`; deeper when the upload had folders inside a class folder). Its thumbnail: "
+        "GET /v1/datasets/{dataset_id}/images/{path}."
+    )
+    label: str = Field(description="Its class.")
+    split: Literal["train", "val"] = Field(
+        description="Where the dataset keeps it: `val` only when the upload had its own val/ (or valid/, validation/) "
+        "split. A dataset without one keeps every image in train/, and a job holds out a stratified share of those "
+        "for validation."
+    )
+
+
+class ImageList(BaseModel):
+    data: list[ImageOut]

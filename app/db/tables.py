@@ -178,6 +178,11 @@ class Model(Base):
     preprocessing: Mapped[dict[str, Any]] = mapped_column()
     size_bytes: Mapped[int] = mapped_column(BigInteger)
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    # Each validation image of its job as the kept weights predicted it: [{"path", "label",
+    # "predicted", "confidence"}] in the split's order; None for models registered before 0013.
+    # Deferred: a list as long as the validation split, read only by its own endpoint, never by
+    # the lookups every prediction makes.
+    validation: Mapped[list[Any] | None] = mapped_column(JSON, deferred=True)
 
 
 class Export(BackgroundWork, Base):

@@ -39,9 +39,10 @@ from app.core.errors import AppError, NotFound
 from app.core.objects import StorageUnavailable, get_store
 from app.core.outbox import holder_gone, worker_identity
 from app.db.tables import Job, Model, utcnow
-from app.datasets.service import get_dataset
+from app.datasets.service import get_dataset, local_dataset
 from app.jobs.service import add_event, data_split, fail
 from app.ml.backbone import build_model, preprocessing_of
+from app.ml.data import Sample
 from app.ml.export import save_artifact
 from app.ml import auto
 from app.ml.spec import Hyperparameters, resolve, resolve_for_device, total_epochs
@@ -299,8 +300,9 @@ def _train(job_id: str, me: str, settings: Settings, loader_context) -> None:
     result = fine_tune(model, train_samples, val_samples, class_names, strategy, hp, seed, work_dir, reporter, device,
                        loader_context)  # fmt: skip
     model_name = requested_name or default_model_name(dataset.name, split_model_name_tag(backbone)[0])
+    validation = validation_predictions(result, val_samples, local_dataset(settings, dataset), class_names)
     with outbox.heartbeat(outbox.TRAINING, job_id, me, work_dir):  # saving and sending the model takes a while
-        _register(job_id, me, settings, result, tenant_id, model_name, dataset.id, backbone, class_names)
+        _register(job_id, me, settings, result, tenant_id, model_name, dataset.id, backbone, class_names, validation)
     _drop_checkpoint(settings, job_id)
 
 
@@ -372,9 +374,23 @@ def _other_local_backbones(settings: Settings, requested: str, limit: int = 3) -
     return sorted(names.values(), key=lambda name: model_shape(split_model_name_tag(name)[0])[0])[:limit]
 
 
+def validation_predictions(
+    result: TrainResult, val_samples: list[Sample], dataset_dir: Path, class_names: list[str]
+) -> list[dict[str, Any]]:
+    """Each validation image as the kept weights predicted it, in the split's order: its path
+    relative to the dataset's root (as the dataset's images endpoint names it), true and top-1
+    class, and the calibrated probability of the latter, as the served model reports it."""
+    confidence, predicted = torch.softmax(result.val_logits / result.temperature, dim=1).max(dim=1)
+    return [
+        {"path": path.relative_to(dataset_dir).as_posix(), "label": class_names[label],
+         "predicted": class_names[top], "confidence": round(probability, 6)}
+        for (path, label), top, probability in zip(val_samples, predicted.tolist(), confidence.tolist(), strict=True)
+    ]  # fmt: skip
+
+
 def _register(
     job_id: str, me: str, settings: Settings, result: TrainResult, tenant_id: str, name: str, dataset_id: str,
-    backbone: str, class_names: list[str],
+    backbone: str, class_names: list[str], validation: list[dict[str, Any]],
 ) -> None:  # fmt: skip
     """Hand the trained model to the registry, which adds it in the same transaction that marks the
     job succeeded (only if this worker still holds the job)."""
@@ -407,6 +423,7 @@ def _register(
         metrics={k: v for k, v in metrics.items() if k != "history"},
         preprocessing=preprocessing_of(result.model),
         artifact=staging,
+        validation=validation,
     )
     try:
         register_model(settings, new, succeed)

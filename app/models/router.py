@@ -1,9 +1,9 @@
 """/v1/models: the registry (models, versions, aliases, downloads, exports). HTTP to
 `app.models.service`; predictions are in `app.serving.router`."""
 
-from typing import Literal
+from typing import Annotated, Literal
 
-from fastapi import APIRouter, Request, Response, status
+from fastapi import APIRouter, Query, Request, Response, status
 from fastapi.responses import FileResponse
 from sqlalchemy.orm import Session
 from starlette.background import BackgroundTask
@@ -17,7 +17,15 @@ from app.core.storage import remove_quietly
 from app.db.tables import Export, Model
 from app.models import service
 from app.models.dependencies import ModelDep
-from app.models.schemas import AliasOut, AliasUpdate, ExportCreate, ExportOut, ModelList, ModelOut
+from app.models.schemas import (
+    AliasOut,
+    AliasUpdate,
+    ExportCreate,
+    ExportOut,
+    ModelList,
+    ModelOut,
+    ValidationPredictions,
+)
 
 router = APIRouter(prefix="/v1/models", tags=["models"])
 ExportFormat = Literal["onnx"]
@@ -36,6 +44,18 @@ def list_models(principal: ReadKey, session: SessionDep, page: PageDep) -> Model
 @router.get("/{model_id}", response_model=ModelOut)
 def get_model(model: ModelDep, _: ReadKey, session: SessionDep) -> ModelOut:
     return _out(session, model)
+
+
+@router.get("/{model_id}/validation-predictions", response_model=ValidationPredictions)
+def list_validation_predictions(
+    model: ModelDep, _: ReadKey, session: SessionDep,
+    wrong: Annotated[bool, Query(description="Only the misclassified images, most confident first.")] = False,
+    limit: Annotated[int, Query(ge=1, le=1000)] = 50,
+) -> dict:  # fmt: skip
+    """Each image of the validation split its job measured the model on, as the model predicted it
+    (in the split's order): the dataset's own val/ images, or the stratified hold-out of its train/
+    images. Empty for a model registered before these were kept."""
+    return {"dataset_id": model.dataset_id, "data": service.validation_predictions(session, model, wrong, limit)}
 
 
 @router.put("/{name}/aliases/{alias}", response_model=AliasOut)

@@ -28,6 +28,23 @@ class ModelList(BaseModel):
     data: list[ModelOut]
 
 
+class ValidationPrediction(BaseModel):
+    path: str = Field(
+        description="The image, relative to the dataset's root as GET /v1/datasets/{dataset_id}/images lists it "
+        "(and serves its thumbnail at GET /v1/datasets/{dataset_id}/images/{path})."
+    )
+    label: str = Field(description="Its true class.")
+    predicted: str = Field(description="The model's top-1 class.")
+    confidence: float = Field(
+        description="The calibrated probability of `predicted`: softmax(logits / temperature), as the job measured it."
+    )
+
+
+class ValidationPredictions(BaseModel):
+    dataset_id: str = Field(description="The dataset whose images these are.")
+    data: list[ValidationPrediction]
+
+
 class ExportCreate(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True)
 

@@ -49,6 +49,8 @@ class NewModel:
     metrics: dict[str, Any]
     preprocessing: dict[str, Any]
     artifact: Path  # a complete artifact directory outside the registry (staging); moved in, not copied
+    # Each validation image as the kept weights predicted it: {"path", "label", "predicted", "confidence"}.
+    validation: list[dict[str, Any]] | None = None
 
 
 def register_model(settings: Settings, new: NewModel, finish: Callable[[Session, Model], None]) -> Model:
@@ -116,6 +118,7 @@ def _insert(session: Session, new: NewModel, model_id: str, size: int, finish: C
         metrics=new.metrics,
         preprocessing=new.preprocessing,
         size_bytes=size,
+        validation=new.validation,
     )
     finish(session, model)
     session.add(model)
@@ -136,6 +139,17 @@ def get_model(session: Session, tenant_id: str, ref: str) -> Model:
 
 def list_models(session: Session, tenant_id: str, limit: int, after: str | None = None) -> list[Model]:
     return models.list(session, tenant_id, limit, after=after)
+
+
+def validation_predictions(session: Session, model: Model, wrong: bool, limit: int) -> list[dict[str, Any]]:
+    """The model's validation images as its kept weights predicted them, in the split's order; with
+    `wrong`, only the misclassified ones, most confident first (ties in the split's order). A model
+    registered before they were kept (migration 0013) has none."""
+    query = models.select(model.tenant_id).where(Model.id == model.id).with_only_columns(Model.validation)
+    predictions = session.scalar(query) or []
+    if wrong:
+        predictions = sorted((p for p in predictions if p["predicted"] != p["label"]), key=lambda p: -p["confidence"])
+    return predictions[:limit]
 
 
 def model_ids_of_jobs(session: Session, job_ids: list[str]) -> dict[str, str]:

@@ -64,7 +64,7 @@ def test_every_endpoint_answers_404_for_another_tenants_ids(client, archive, mon
     [delivery] = client.get(f"/v1/webhooks/{webhook.json()['id']}/deliveries", headers=alice).json()["data"]
     alice_ids = {"dataset_id": dataset["id"], "job_id": job["id"], "sweep_id": sweep["id"], "name": "pets",
                  "alias": "production", "key_id": alice_key, "format": "onnx", "webhook_id": webhook.json()["id"],
-                 "delivery_id": delivery["id"]}  # fmt: skip
+                 "delivery_id": delivery["id"], "path": f"val/bees/{IMAGE.name}"}  # fmt: skip
     model_refs = [model["model_id"], "pets@1", "pets@production"]
     bodies = {
         "/predict": {"files": {"files": (IMAGE.name, IMAGE.read_bytes())}},
