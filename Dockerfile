@@ -35,7 +35,8 @@ RUN pip install --no-cache-dir -c constraints.txt ./clients/python \
 # Then the project itself (a regular, non-editable install into the venv).
 COPY app ./app
 COPY workers ./workers
-RUN pip install --no-cache-dir -c constraints.txt .
+# The console's charting library, pinned and checked, from the npm registry (not committed).
+RUN python -m app.console.vendor && pip install --no-cache-dir -c constraints.txt .
 
 
 FROM ${PYTHON_IMAGE}

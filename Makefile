@@ -14,11 +14,12 @@ ifneq ($(wildcard $(SHARED)/weights),)
 export VISIONTUNE_WEIGHTS_DIR ?= $(abspath $(SHARED)/weights)
 endif
 
-.PHONY: install run test test-fast redis-server postgresql wrk bench
+.PHONY: install run test test-fast redis-server postgresql chromium wrk bench
 
-$(VENV)/.installed: pyproject.toml constraints.txt clients/python/pyproject.toml
+$(VENV)/.installed: pyproject.toml constraints.txt clients/python/pyproject.toml app/console/vendor.py
 	$(PYTHON) -m venv $(VENV)
 	$(VENV)/bin/pip install -c constraints.txt -e clients/python -e '.[test]'
+	$(VENV)/bin/python -m app.console.vendor  # the console's charting library, from the npm registry
 	touch $@
 
 install: $(VENV)/.installed
@@ -33,11 +34,15 @@ redis-server:
 postgresql:
 	@ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || (apt-get update && apt-get install -y postgresql)
 
+# The console's browser tests drive Debian's Chromium (browsers cannot be downloaded here).
+chromium:
+	@command -v chromedriver >/dev/null || (apt-get update && apt-get install -y chromium chromium-driver)
+
 # bench/serve_wrk.py's load generator
 wrk:
 	@command -v wrk >/dev/null || (apt-get update && apt-get install -y wrk)
 
-test: install redis-server postgresql
+test: install redis-server postgresql chromium
 	$(VENV)/bin/lint-imports
 	$(VENV)/bin/pytest
 

@@ -28,6 +28,8 @@ from prometheus_client import (
 from prometheus_client.registry import Collector
 
 from app.backbones.router import router as backbones_router
+from app.console.router import console_files
+from app.console.router import router as console_router
 from app.core import logs, metrics
 from app.core.broker import broker_reachable, queue_depths
 from app.core.config import get_settings
@@ -184,6 +186,8 @@ def create_app() -> FastAPI:
                webhooks_router)  # fmt: skip
     for router in routers:
         app.include_router(router)
+    app.include_router(console_router)  # / -> the web console
+    app.mount("/console", console_files(), name="console")
 
     @app.exception_handler(AppError)
     async def app_error(_: Request, exc: AppError) -> JSONResponse:

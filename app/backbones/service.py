@@ -107,8 +107,12 @@ def model_shape(architecture: str) -> tuple[int, list[int]]:
     return sum(p.numel() for p in model.parameters()), list(model.pretrained_cfg.get("input_size", (3, 224, 224)))
 
 
-def list_backbones(settings: Settings, search: str | None, limit: int, offset: int) -> tuple[int, list[dict]]:
+def list_backbones(
+    settings: Settings, search: str | None, limit: int, offset: int, with_weights: bool = False
+) -> tuple[int, list[dict]]:
     names = timm.list_models(f"*{search}*" if search else "")
+    if with_weights:  # a file lookup per architecture: about a second over the whole zoo
+        names = [name for name in names if find_weights(settings, name).file is not None]
     page = names[offset : offset + limit]
     items = []
     for architecture in page:
