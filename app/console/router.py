@@ -6,14 +6,17 @@ the console can never do more than that key may. Its pages carry a strict Conten
 scripts and styles only from this origin's files (no inline code, no CDN), and nothing may frame it.
 """
 
+import logging
+
 from fastapi import APIRouter
 from fastapi.responses import RedirectResponse
 from fastapi.staticfiles import StaticFiles
 from starlette.responses import Response
 from starlette.types import Scope
 
-from app.console.vendor import VENDOR_DIR
+from app.console.vendor import PACKAGES, VENDOR_DIR, stamp
 
+logger = logging.getLogger(__name__)
 STATIC_DIR = VENDOR_DIR.parent
 
 CONTENT_SECURITY_POLICY = "; ".join([
@@ -50,4 +53,7 @@ def root() -> RedirectResponse:
 
 
 def console_files() -> ConsoleFiles:
+    missing = [f"{p.name}@{p.version}" for p in PACKAGES if not stamp(p).exists()]
+    if missing:  # an install that skipped `make install`'s step: the console's pages cannot load
+        logger.warning("the web console lacks %s: run `python -m app.console.vendor`", ", ".join(missing))
     return ConsoleFiles(directory=STATIC_DIR, html=True)

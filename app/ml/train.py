@@ -204,26 +204,31 @@ class _Run:
         if self.features is None:
             path = self.work_dir / FEATURES_NAME
             self.features = load_file(path) if path.exists() else {}
-            views = [("train", self.train_samples, self.train_images, False), ("val", self.val_samples, self.val_images, False)]
+            # The validation features in full precision, as the prediction endpoint computes them:
+            # every epoch's metrics, the kept head, its calibration and the reported figures are
+            # then those of the model served (a bf16 feature can flip a close call). Only the
+            # training features take the faster bf16 path.
+            views = [("train", self.train_samples, self.train_images, False, False),
+                     ("val", self.val_samples, self.val_images, False, True)]  # fmt: skip
             if self.hp.flip_views:
-                views.append(("train_flip", self.train_samples, self.train_images, True))
+                views.append(("train_flip", self.train_samples, self.train_images, True, False))
             missing = [view for view in views if f"{view[0]}_x" not in self.features]
-            for name, samples, images, flip in missing:
-                self.features[f"{name}_x"], self.features[f"{name}_y"] = self.features_of(samples, images, flip)
+            for name, samples, images, flip, exact in missing:
+                self.features[f"{name}_x"], self.features[f"{name}_y"] = self.features_of(samples, images, flip, exact)
             if missing:
                 save_file(self.features, path)
         return self.features
 
-    def features_of(self, samples, images, flip: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
-        return self._pooled(self._loader(samples, self.eval_transform, images, train=False, flip=flip))
+    def features_of(self, samples, images, flip: bool = False, exact: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+        return self._pooled(self._loader(samples, self.eval_transform, images, train=False, flip=flip), exact)
 
     @torch.no_grad()  # not inference_mode: these tensors later feed autograd (probe, calibration)
-    def _pooled(self, loader) -> tuple[torch.Tensor, torch.Tensor]:
+    def _pooled(self, loader, exact: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
         self.model.eval()
         features, labels = [], []
         for done, (images, targets) in enumerate(loader, 1):
             self.reporter.check()
-            with self._autocast():
+            with contextlib.nullcontext() if exact else self._autocast():
                 pooled = self.model.forward_head(self.model.forward_features(self._to_device(images)), pre_logits=True)
             features.append(pooled.float().cpu())
             labels.append(targets)

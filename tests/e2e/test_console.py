@@ -208,6 +208,19 @@ def test_an_archive_dropped_is_uploaded_as_it_is_and_swept(stack, browser, small
     assert sorted(browser.js("return [...document.querySelectorAll('#sweep-table tbody tr')].map(r => r.cells[1].textContent)")) == [
         "mobilenetv2_100", "tf_efficientnet_lite0"]
     browser.screenshot("08-sweep")
+
+    # A long job, cancelled from its page.
+    browser.driver.get(f"{stack.url}/console/#/train?dataset={dataset_id}")
+    browser.find("#backbone-list input:checked")
+    browser.js("document.querySelector('#train-strategy').value = 'full'")
+    browser.find("#hp-epochs").send_keys("200")
+    browser.find("#start-training").click()
+    status = "return document.querySelector('#job-status .badge')?.dataset.status"
+    browser.wait(lambda: browser.js(status) == "running", 120, "the job to run")
+    browser.find("#cancel-job").click()
+    browser.driver.switch_to.alert.accept()  # "Cancel this job?"
+    browser.wait(lambda: browser.js(status) == "cancelled", 60, "the job to be cancelled")
+    assert not browser.find("#cancel-job").is_displayed()
     assert browser.console_errors() == []
 
 
