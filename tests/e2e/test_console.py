@@ -183,9 +183,23 @@ def test_upload_train_inspect_and_try_a_model(stack, browser):
     assert "Server time" in browser.text("#predict-timing")
     browser.screenshot("07-predict")
 
+    # Point an alias at it, and export it to ONNX (a background worker builds and checks it).
+    browser.find("#alias-name").send_keys("production")
+    browser.find("#alias-form button[type=submit]").click()
+    browser.wait(lambda: "now points at version 1" in browser.text("#model-action-status"), 30, "the alias")
+    model_id = browser.driver.current_url.rsplit("/", 1)[1]
+    assert stack.http.get("/v1/models/hymenoptera-mobilenetv2_100@production").json()["id"] == model_id
+    browser.find("#export-onnx").click()
+    browser.wait(lambda: "ONNX ready" in browser.text("#model-action-status"), 180, "the ONNX export")
+    assert "top-1 agreement with PyTorch 100.0%" in browser.text("#model-action-status")
+
     assert browser.console_errors() == []
     urls = browser.request_urls()
     assert any("/v1/jobs/" in url for url in urls) and not any(key in url for url in urls)
+
+    browser.find("#sign-out").click()
+    browser.find("#api-key")
+    assert browser.js("return sessionStorage.length + localStorage.length") == 0
 
 
 def test_an_archive_dropped_is_uploaded_as_it_is_and_swept(stack, browser, small_hymenoptera_zip):
