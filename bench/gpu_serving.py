@@ -156,7 +156,7 @@ def main() -> None:
     if not torch.cuda.is_available():
         sys.exit("no CUDA device")
     images = [p.read_bytes() for p in sorted(args.images.rglob("*")) if p.suffix.lower() in (".jpg", ".jpeg")]
-    loaded = ModelCache(10**12, 1, 0, "torch", "cuda").get("bench", args.artifact, None)
+    loaded = ModelCache(10**12, 1, 0, "torch", "cuda").get("bench", args.artifact, {})
     print(f"{torch.cuda.get_device_name()}, PyTorch {torch.__version__}, {CORES} cores", flush=True)
     decode_table(loaded, images)
     forward_table(loaded.classifier, resolve_model_data_config(loaded.classifier.model)["input_size"])

@@ -86,7 +86,7 @@ def raw_forward(forward: Callable[[torch.Tensor], object]) -> tuple[dict[int, fl
 def preprocess_ms(artifact: Path) -> float:
     """Milliseconds per image of what the API does before the forward pass (decode, EXIF, resize,
     crop, to tensor), in a plain script on one thread, over the same JPEGs the clients send."""
-    loaded = ModelCache(10**12, 1, 0, "torch").get("bench", artifact, None)  # as the API loads it
+    loaded = ModelCache(10**12, 1, 0, "torch").get("bench", artifact, {})  # as the API loads it
     started = time.perf_counter()
     for data in IMAGES:
         preprocess(loaded, [("x.jpg", data)], 10**9)  # the API's own function

@@ -2,7 +2,8 @@
 far less CPU per request than the server, unlike a Python load generator).
 
     python bench/serve_wrk.py [--data-dir DIR] [--api-workers 1] [--clients 16] [--seconds 20]
-                              [--bodies raw,multipart] [--runtimes auto,torch] [--images DIR]
+                              [--bodies raw,multipart] [--runtimes auto,torch,onnxruntime,onnxruntime-int8]
+                              [--images DIR]
 
 One run prints, for a mobilenetv2_100 model trained here through the service (kept in --data-dir):
 - the no-HTTP floor of each runtime: images/s of the API's own decode -> preprocess -> forward
@@ -32,6 +33,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from app.core.config import Settings  # noqa: E402
+from app.models.service import EXPORT_FORMATS, export_key  # noqa: E402
 from app.serving.predictor import ModelCache, preprocess, serving_device  # noqa: E402
 from bench.handwritten import HYMENOPTERA  # noqa: E402
 from bench.running import cpu_seconds, progress, running, wait_for_dataset, wait_for_job, zip_hymenoptera  # noqa: E402
@@ -77,7 +79,8 @@ end
 
 
 def trained_model(data_dir: Path) -> str:
-    """One model trained through the service, with its ONNX export; reused from `bench-model.json`."""
+    """One model trained through the service, with its ONNX exports (fp32 and, where it passes its
+    gate, int8); reused from `bench-model.json`."""
     listing = data_dir / "bench-model.json"
     if listing.exists():
         return json.loads(listing.read_text())
@@ -90,9 +93,11 @@ def trained_model(data_dir: Path) -> str:
         dataset = wait_for_dataset(http, dataset)
         job = http.post("/v1/jobs", json={"dataset_id": dataset["id"], "backbone": "mobilenetv2_100"}).raise_for_status()
         model_id = wait_for_job(http, job.json())["model_id"]
-        http.post(f"/v1/models/{model_id}/exports", json={"format": "onnx"}).raise_for_status()
-        while http.get(f"/v1/models/{model_id}/exports/onnx").json()["status"] == "processing":  # a worker builds it
-            time.sleep(0.5)
+        for format in ("onnx", "onnx-int8"):
+            http.post(f"/v1/models/{model_id}/exports", json={"format": format}).raise_for_status()
+            while (export := http.get(f"/v1/models/{model_id}/exports/{format}").json())["status"] == "processing":
+                time.sleep(0.5)  # a worker builds it
+            print(f"{format} export {export['status']}: {json.dumps(export['parity'])}", flush=True)
     listing.write_text(json.dumps(model_id))
     return model_id
 
@@ -102,8 +107,8 @@ def floor(data_dir: Path, model_id: str, runtime: str, images: list[bytes]) -> t
     settings = Settings(data_dir=data_dir)
     cache = ModelCache(10**12, settings.max_batch_size, 0, runtime, serving_device(settings.serving_device),
                        settings.serving_cuda_graphs)
-    onnx_file = data_dir / "exports" / model_id / "model.onnx"
-    loaded = cache.get(model_id, data_dir / "models" / model_id, onnx_file if onnx_file.exists() else None)
+    exports = {f: data_dir / export_key(model_id, f) / "model.onnx" for f in EXPORT_FORMATS}
+    loaded = cache.get(model_id, data_dir / "models" / model_id, {f: path for f, path in exports.items() if path.exists()})
     batch = settings.max_batch_size
     work = images * max(1, 600 // len(images))
 

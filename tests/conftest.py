@@ -138,7 +138,7 @@ def served_predictions_reproduce_reported_accuracy() -> None:
     from app.core.db import session_scope
     from app.db.tables import Dataset, Job, Model
     from app.jobs.service import data_split
-    from app.models.service import local_artifact, local_onnx
+    from app.models.service import local_artifact, local_exports
     from app.serving.predictor import ModelCache, preprocess
 
     settings = get_settings()
@@ -149,7 +149,7 @@ def served_predictions_reproduce_reported_accuracy() -> None:
         for model, job in trained:
             _, val = data_split(session, settings, job)
             cache = ModelCache(2**40, 8, 0.0, settings.serving_runtime)
-            loaded = cache.get(model.id, local_artifact(settings, model.id), local_onnx(settings, model.id))
+            loaded = cache.get(model.id, local_artifact(settings, model.id), local_exports(settings, model.id))
             correct = 0
             for start in range(0, len(val), 16):
                 batch = val[start : start + 16]

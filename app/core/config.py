@@ -70,10 +70,11 @@ class Settings(BaseSettings):
     # Chosen by measurement under concurrent clients (bench/serve_load.py prints batching on and off).
     max_batch_size: int = Field(8, description="Micro-batching: most images in one forward pass; 1 turns it off.")
     max_wait_ms: float = Field(5.0, description="Micro-batching: longest wait for more images to batch.")
-    serving_runtime: Literal["auto", "torch", "onnxruntime"] = Field(
+    serving_runtime: Literal["auto", "torch", "onnxruntime", "onnxruntime-int8"] = Field(
         "auto",
-        description="For models with an ONNX export: auto times both runtimes at load and keeps the faster; "
-        "onnxruntime always uses the export; torch never does. Models without an export run in PyTorch.",
+        description="For models with ONNX exports: auto times PyTorch and each export (fp32, int8) at load and keeps "
+        "the fastest; onnxruntime always uses the fp32 export, onnxruntime-int8 the int8 one; torch never uses an "
+        "export. A model without the export asked for runs in PyTorch.",
     )
     predict_timeout_s: float = Field(
         60.0, gt=0, description="A prediction not answered this long after its body arrived gets 504."

@@ -109,13 +109,14 @@ def data_split(session: Session, settings: Settings, job: Job) -> tuple[list[Sam
                          job.hyperparameters["val_fraction"], job.seed)  # fmt: skip
 
 
-def validation_images(session: Session, settings: Settings, tenant_id: str, job_id: str) -> list[Path]:
+def model_split(session: Session, settings: Settings, tenant_id: str, job_id: str) -> tuple[list[Sample], list[Sample]]:
+    """The (train, val) images of the job that made a model: an export checks its parity on the
+    validation images, and int8 calibrates on the training images."""
     try:
-        _, val = data_split(session, settings, get_job(session, tenant_id, job_id))
+        return data_split(session, settings, get_job(session, tenant_id, job_id))
     except NotFound as exc:
-        raise Conflict("The model's dataset was deleted: its validation images are needed for the parity check.",
+        raise Conflict("The model's dataset was deleted: its images are needed to build and check an export.",
                        code="dataset_missing") from exc  # fmt: skip
-    return [path for path, _ in val]
 
 
 def list_events(session: Session, job_id: str, after: int, limit: int) -> list[JobEvent]:

@@ -1,6 +1,7 @@
-"""Worker side of an export: claim it, build the ONNX file in staging, check its parity with
-PyTorch on the model's validation images, and make the export `ready` (moved into place) or
-`failed` (with the parity report). Called by workers/tasks.py on the `exports` queue.
+"""Worker side of an export: claim it, build the ONNX file in staging (fp32, or int8 calibrated on
+the model's training images), check its parity with PyTorch on the model's validation images, and
+make the export `ready` (moved into place) or `failed` (with the parity report). Called by
+workers/tasks.py on the `exports` queue.
 
 As with ingests (app/datasets/runner.py), the row decides: a message for an export that is held
 by a live worker, finished or deleted with its model does nothing, and a worker that dies leaves
@@ -12,7 +13,7 @@ import logging
 import os
 import secrets
 
-from sqlalchemy import update
+from sqlalchemy import select, update
 
 from app.core import outbox
 from app.core.config import get_settings
@@ -21,7 +22,7 @@ from app.core.errors import AppError, Invalid
 from app.core.objects import StorageUnavailable, get_store
 from app.core.storage import remove_quietly
 from app.db.tables import Export, Model, utcnow
-from app.jobs.service import validation_images
+from app.jobs.service import model_split
 from app.ml import onnx_export
 from app.models.service import export_key, exports_dir, local_artifact
 from app.webhooks import service as webhooks
@@ -43,19 +44,25 @@ def run_export(export_id: str) -> str:
     try:
         with outbox.heartbeat(outbox.EXPORT, export_id, me, staging):
             with session_scope() as session:
-                images = validation_images(session, settings, model.tenant_id, model.job_id)
+                train, val = model_split(session, settings, model.tenant_id, model.job_id)
             staging.mkdir(parents=True)
-            report = onnx_export.export_onnx(local_artifact(settings, model.id), staging / "model.onnx", images)
+            artifact, out = local_artifact(settings, model.id), staging / "model.onnx"
+            if export.format == "onnx-int8":
+                report = onnx_export.export_onnx_int8(artifact, out, [path for path, _ in train], val)
+                refused = (f"int8 export refused: top-1 agreement with PyTorch {report.top1_agreement:.4f} (needs >= "
+                           f"{onnx_export.MIN_INT8_AGREEMENT}), accuracy {report.accuracy_int8:.4f} against "
+                           f"{report.accuracy_fp32:.4f} (may drop {onnx_export.MAX_INT8_ACCURACY_DROP} at most) on "
+                           f"{report.images} validation images.")  # fmt: skip
+            else:
+                report = onnx_export.export_onnx(artifact, out, [path for path, _ in val])
+                refused = (f"ONNX export refused: top-1 agreement {report.top1_agreement:.4f} (needs 1.0), max probability "
+                           f"difference {report.max_abs_prob_diff:.2e} (needs <= 1e-4) on {report.images} validation "
+                           "images.")  # fmt: skip
             if not report.passed:
-                raise Invalid(
-                    f"ONNX export refused: top-1 agreement {report.top1_agreement:.4f} (needs 1.0), max probability "
-                    f"difference {report.max_abs_prob_diff:.2e} (needs <= 1e-4) on {report.images} validation images.",
-                    code="parity_failed",
-                    details=[report.as_dict()],
-                )
+                raise Invalid(refused, code="parity_failed", details=[report.as_dict()])
             (staging / "parity.json").write_text(json.dumps(report.as_dict()))
             return _finish(export_id, me, staging, model.id, status="ready", parity=report.as_dict(),
-                           size_bytes=(staging / "model.onnx").stat().st_size)  # fmt: skip
+                           size_bytes=out.stat().st_size)  # fmt: skip
     except StorageUnavailable as error:
         return outbox.wait_for_store(outbox.EXPORT, export_id, me, error.message)
     except AppError as error:
@@ -72,8 +79,9 @@ def run_export(export_id: str) -> str:
 def _finish(export_id: str, me: str, staging, model_id: str, **values) -> str:
     """Record the outcome if this worker still holds the export; a ready one's files move into
     place inside that transaction (a failed commit takes them back out)."""
-    final = exports_dir(get_settings(), model_id)
     with session_scope() as session:
+        format = session.scalar(select(Export.format).where(Export.id == export_id))
+        final = exports_dir(get_settings(), model_id, format)
         held = session.execute(
             update(Export).where(*outbox.still_held(outbox.EXPORT, export_id, me)).values(finished_at=utcnow(), **values)
         ).rowcount
@@ -88,7 +96,7 @@ def _finish(export_id: str, me: str, staging, model_id: str, **values) -> str:
             remove_quietly(final)  # an export made before exports had rows (migration 0006)
             final.parent.mkdir(parents=True, exist_ok=True)
             os.replace(staging, final)
-            get_store().put_tree(export_key(model_id))  # complete before the row says ready
+            get_store().put_tree(export_key(model_id, format))  # complete before the row says ready
         try:
             session.commit()
         except BaseException:

@@ -48,7 +48,7 @@ class ValidationPredictions(BaseModel):
 class ExportCreate(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True)
 
-    format: Literal["onnx"] = "onnx"
+    format: Literal["onnx", "onnx-int8"] = "onnx"
 
 
 class ExportOut(BaseModel):
@@ -56,14 +56,15 @@ class ExportOut(BaseModel):
 
     id: str
     model_id: str
-    format: Literal["onnx"]
+    format: Literal["onnx", "onnx-int8"]
     status: Literal["processing", "ready", "failed"] = Field(
         description="processing: a worker is building and checking it; ready: download it from "
         "/v1/models/{ref}/exports/{format}/download; failed: `error` says why (POST again to retry)."
     )
     size_bytes: int
     parity: dict[str, Any] | None = Field(
-        description="On the model's validation images: images, max_abs_prob_diff, top1_agreement, passed, opset."
+        description="On the model's validation images: images, max_abs_prob_diff, top1_agreement, passed, and for "
+        "onnx opset, for onnx-int8 calibration_images, accuracy_fp32 and accuracy_int8."
     )
     error: ErrorBody | None
     created_at: datetime

@@ -187,16 +187,21 @@ def artifact_key(model_id: str) -> str:
     return f"models/{model_id}"
 
 
-def export_key(model_id: str) -> str:
-    return f"exports/{model_id}"
+EXPORT_FORMATS = ("onnx", "onnx-int8")
+
+
+def export_key(model_id: str, format: str = "onnx") -> str:
+    """The fp32 ONNX export where it always was; another format in a tree of its own, still named
+    by the model's id (what orphan collection checks), so that finishing one never touches another."""
+    return f"exports/{model_id}" if format == "onnx" else f"exports-{format}/{model_id}"
 
 
 def artifact_dir(settings: Settings, model_id: str) -> Path:
     return settings.data_dir / artifact_key(model_id)
 
 
-def exports_dir(settings: Settings, model_id: str) -> Path:
-    return settings.data_dir / export_key(model_id)
+def exports_dir(settings: Settings, model_id: str, format: str = "onnx") -> Path:
+    return settings.data_dir / export_key(model_id, format)
 
 
 def local_artifact(settings: Settings, model_id: str) -> Path:
@@ -210,16 +215,19 @@ def model_exists(model_id: str) -> bool:
         return session.scalar(select(Model.id).where(Model.id == model_id)) is not None
 
 
-def export_ready(model_id: str) -> bool:
+def ready_exports(model_id: str) -> set[str]:
+    """The formats of the model's exports that are ready."""
     with session_scope() as session:
-        return session.scalar(select(Export.id).where(Export.model_id == model_id, Export.status == "ready")) is not None
+        return set(session.scalars(select(Export.format).where(Export.model_id == model_id, Export.status == "ready")))
 
 
-def local_onnx(settings: Settings, model_id: str) -> Path | None:
-    """The model's ONNX file on this machine if its export is ready, else None."""
-    if not export_ready(model_id):
-        return None
-    return local_copy(export_key(model_id), settings.artifact_cache_bytes) / "model.onnx"
+def local_exports(settings: Settings, model_id: str) -> dict[str, Path]:
+    """The model's ready exports on this machine, by format (fetched from the object store on first use)."""
+    return {format: local_export(settings, model_id, format) for format in sorted(ready_exports(model_id))}
+
+
+def local_export(settings: Settings, model_id: str, format: str) -> Path:
+    return local_copy(export_key(model_id, format), settings.artifact_cache_bytes) / "model.onnx"
 
 
 def zip_artifact(settings: Settings, model: Model) -> Path:
@@ -243,7 +251,7 @@ def delete_model(session: Session, settings: Settings, model: Model) -> None:
                        "delete the alias first.", code="model_has_aliases", details=[{"aliases": pointing}])  # fmt: skip
     session.delete(session.merge(model))
     session.commit()
-    for key in (artifact_key(model.id), export_key(model.id)):
+    for key in (artifact_key(model.id), *(export_key(model.id, format) for format in EXPORT_FORMATS)):
         get_store().delete(key)
         remove_quietly(settings.data_dir / key)
 
@@ -251,7 +259,8 @@ def delete_model(session: Session, settings: Settings, model: Model) -> None:
 def collect_orphans(session: Session, settings: Settings, older_than: float) -> list[str]:
     """Remove artifact and export directories that no model row owns (a process stopped between
     moving an artifact in and committing its row, or between deleting a row and its files)."""
-    return remove_unowned(session, Model, [settings.models_dir, settings.exports_dir], older_than)
+    exports = [exports_dir(settings, "", format) for format in EXPORT_FORMATS]  # data_dir/exports, data_dir/exports-onnx-int8
+    return remove_unowned(session, Model, [settings.models_dir, *exports], older_than)
 
 
 def get_export(session: Session, model: Model, format: str) -> Export:
@@ -289,10 +298,9 @@ def request_export(session: Session, model: Model, format: str) -> tuple[Export,
     return export, True
 
 
-def existing_onnx(settings: Settings, session: Session, model: Model) -> Path:
-    export = get_export(session, model, "onnx")
-    path = local_onnx(settings, model.id)
-    if path is None:
-        raise Conflict(f"The ONNX export of model '{model.id}' is {export.status}, not ready: GET "
-                       f"/v1/models/{model.id}/exports/onnx says why.", code="export_not_ready")
-    return path
+def existing_export(settings: Settings, session: Session, model: Model, format: str) -> Path:
+    export = get_export(session, model, format)
+    if export.status != "ready":
+        raise Conflict(f"The {format} export of model '{model.id}' is {export.status}, not ready: GET "
+                       f"/v1/models/{model.id}/exports/{format} says why.", code="export_not_ready")
+    return local_export(settings, model.id, format)

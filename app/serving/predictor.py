@@ -72,10 +72,14 @@ class CudaGraphs:
         return self._graphs[len(pixels)]
 
 
+# Each export format, and the runtime name a prediction reports (X-Runtime) when it serves.
+EXPORT_RUNTIMES = {"onnx": "onnxruntime", "onnx-int8": "onnxruntime-int8"}
+
+
 @dataclass
 class LoadedModel:
     classifier: CalibratedClassifier  # [0, 1] pixels -> calibrated probabilities, in PyTorch
-    onnx: onnxruntime.InferenceSession | None  # the same function from the parity-checked export, if chosen
+    onnx: onnxruntime.InferenceSession | None  # the same function from a parity-checked export, if chosen
     transform: Callable  # PIL image -> [0, 1] pixels
     resize: int  # the longest side `transform` resizes to: JPEGs are decoded no larger than needed
     labels: list[str]
@@ -83,12 +87,14 @@ class LoadedModel:
     batcher: MicroBatcher
     device: torch.device  # where the PyTorch classifier runs; pixels arrive and results leave on the CPU
     timings: dict[str, float] | None = None  # seconds per runtime, when `auto` timed them at load
-    export_may_come: bool = False  # loaded with no export while onnxruntime was allowed: one may appear
+    exports_seen: frozenset[str] = frozenset()  # the ready export formats when it was loaded
+    export_may_come: bool = False  # loaded without every export while onnxruntime was allowed: one may appear
     graphs: CudaGraphs | None = None  # the PyTorch forward replayed as CUDA graphs, on a GPU
+    onnx_runtime: str = "onnxruntime"  # which export `onnx` runs: "onnxruntime" (fp32) or "onnxruntime-int8"
 
     @property
     def runtime(self) -> str:
-        return "torch" if self.onnx is None else "onnxruntime"
+        return "torch" if self.onnx is None else self.onnx_runtime
 
     def probabilities(self, pixels: torch.Tensor) -> torch.Tensor:
         if self.onnx is not None:
@@ -138,8 +144,8 @@ class ModelCache:
                 return self._models[model_id]
         return None
 
-    def get(self, model_id: str, directory: Path, onnx_file: Path | None) -> LoadedModel:
-        """`onnx_file`: the model's parity-checked export, if it has one."""
+    def get(self, model_id: str, directory: Path, exports: dict[str, Path]) -> LoadedModel:
+        """`exports`: the model's parity-checked ONNX files by format ("onnx", "onnx-int8")."""
         if (loaded := self.cached(model_id)) is not None:
             return loaded
         with self._lock:
@@ -148,7 +154,7 @@ class ModelCache:
             with self._lock:
                 if model_id in self._models:
                     return self._models[model_id]
-            loaded = self._load(directory, onnx_file)
+            loaded = self._load(directory, exports)
             with self._lock:
                 self._models[model_id] = loaded
                 self._loading.pop(model_id, None)
@@ -175,7 +181,7 @@ class ModelCache:
             del evicted
             release_memory()
 
-    def _load(self, directory: Path, onnx_file: Path | None) -> LoadedModel:
+    def _load(self, directory: Path, exports: dict[str, Path]) -> LoadedModel:
         model = load_artifact(directory).eval()
         for parameter in model.parameters():
             parameter.requires_grad_(False)
@@ -195,36 +201,46 @@ class ModelCache:
             device=self.device,
             graphs=CudaGraphs(classifier, self.max_batch_size) if self.cuda_graphs else None,
         )
-        loaded.export_may_come = self.runtime != "torch" and onnx_file is None
-        if self.runtime != "torch" and onnx_file is not None:
-            options = onnxruntime.SessionOptions()
-            options.intra_op_num_threads = torch.get_num_threads()
-            # No busy-waiting between forward passes: spinning threads take the CPU that the
-            # request threads need for decoding.
-            options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-            session = onnxruntime.InferenceSession(str(onnx_file), options, providers=["CPUExecutionProvider"])
+        loaded.exports_seen = frozenset(exports)
+        loaded.export_may_come = self.runtime != "torch" and set(EXPORT_RUNTIMES) - loaded.exports_seen != set()
+        # `auto` considers every export this model has; a runtime named asks for its own export.
+        allowed = EXPORT_RUNTIMES if self.runtime == "auto" else [f for f, name in EXPORT_RUNTIMES.items() if name == self.runtime]
+        sessions = {EXPORT_RUNTIMES[f]: (self._session(exports[f]), exports[f]) for f in allowed if f in exports}
+        if sessions:
             if self.runtime == "auto":
-                loaded.timings = self._time_runtimes(loaded, session)
-            if self.runtime == "onnxruntime" or min(loaded.timings, key=loaded.timings.get) == "onnxruntime":
-                loaded.onnx = session
-                loaded.nbytes += onnx_file.stat().st_size
+                loaded.timings = self._time_runtimes(loaded, {name: session for name, (session, _) in sessions.items()})
+                chosen = min(loaded.timings, key=loaded.timings.get)
+            else:
+                chosen = self.runtime
+            if chosen != "torch":
+                loaded.onnx, loaded.onnx_runtime = sessions[chosen][0], chosen
+                loaded.nbytes += sessions[chosen][1].stat().st_size
         loaded.batcher = MicroBatcher(loaded.probabilities, self.max_batch_size, self.max_wait_ms)
         return loaded
 
-    def _time_runtimes(self, loaded: LoadedModel, session: onnxruntime.InferenceSession) -> dict[str, float]:
-        """Time both runtimes on a full batch of this model's input size, on this machine: which
-        is faster depends on the architecture and the hardware."""
+    @staticmethod
+    def _session(onnx_file: Path) -> onnxruntime.InferenceSession:
+        options = onnxruntime.SessionOptions()
+        options.intra_op_num_threads = torch.get_num_threads()
+        # No busy-waiting between forward passes: spinning threads take the CPU that the
+        # request threads need for decoding.
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        return onnxruntime.InferenceSession(str(onnx_file), options, providers=["CPUExecutionProvider"])
+
+    def _time_runtimes(self, loaded: LoadedModel, sessions: dict[str, onnxruntime.InferenceSession]) -> dict[str, float]:
+        """Time PyTorch and each export on a full batch of this model's input size, on this
+        machine: which is fastest depends on the architecture and the hardware."""
         input_size = resolve_model_data_config(loaded.classifier.model)["input_size"]
         pixels = torch.rand(self.max_batch_size, *input_size)
         seconds = {}
-        for onnx in (None, session):
-            loaded.onnx = onnx
+        for name, onnx in [("torch", None), *sessions.items()]:
+            loaded.onnx, loaded.onnx_runtime = onnx, name
             loaded.probabilities(pixels)  # warm-up: first calls allocate and pick kernels
             started = time.perf_counter()
             for _ in range(3):
                 loaded.probabilities(pixels)
-            seconds[loaded.runtime] = time.perf_counter() - started
-        loaded.onnx = None
+            seconds[name] = time.perf_counter() - started
+        loaded.onnx, loaded.onnx_runtime = None, "onnxruntime"
         logger.info("runtime timings for %d images x3: %s", len(pixels), seconds)
         return seconds
 

@@ -25,7 +25,7 @@ from app.core.config import Settings
 from app.core.errors import DeadlineExceeded, Invalid, NotFound
 from app.core.storage import capped_body, parse_multipart
 from app.db.tables import Model
-from app.models.service import export_ready, local_artifact, local_onnx, model_exists
+from app.models.service import local_artifact, local_exports, model_exists, ready_exports
 from app.serving import predictor
 from app.serving.predictor import LoadedModel, ModelCache
 
@@ -131,7 +131,7 @@ class Serving:
     def _load(self, model_id: str) -> LoadedModel:
         try:
             directory = local_artifact(self.settings, model_id)  # fetched from the object store on first use
-            return self.cache.get(model_id, directory, local_onnx(self.settings, model_id))
+            return self.cache.get(model_id, directory, local_exports(self.settings, model_id))
         except Exception:
             # Deleted since this request found its row (the row goes first, then the files, which
             # may vanish under the load): that is a 404, not a server error.
@@ -139,14 +139,14 @@ class Serving:
                 raise NotFound(f"Model '{model_id}' was deleted.", code="model_not_found") from None
             raise
 
-    async def _export_appeared(self, model_id: str) -> bool:
-        """Whether a worker has finished an export of a model loaded without one: asked of the
+    async def _export_appeared(self, model_id: str, seen: frozenset[str]) -> bool:
+        """Whether a worker has finished an export the model was loaded without: asked of the
         database at most every EXPORT_CHECK_SECONDS per model, not on every request."""
         now = time.monotonic()
         if now - self._export_checked.get(model_id, 0.0) < EXPORT_CHECK_SECONDS:
             return False
         self._export_checked[model_id] = now
-        return await run_in_threadpool(export_ready, model_id)
+        return bool(await run_in_threadpool(ready_exports, model_id) - seen)
 
     def unload(self, model_id: str) -> None:
         """Drop a model from this process's cache (it was deleted)."""
@@ -167,7 +167,7 @@ class Serving:
     async def _prepare(self, model: Model, images: Images) -> tuple[LoadedModel, torch.Tensor]:
         # `cached` never waits, so the event loop may call it; a load goes to a thread.
         loaded = self.cache.cached(model.id)
-        if loaded is not None and loaded.export_may_come and await self._export_appeared(model.id):
+        if loaded is not None and loaded.export_may_come and await self._export_appeared(model.id, loaded.exports_seen):
             self.cache.evict(model.id)  # load it again to choose its runtime; requests holding it still get answers
             loaded = None
         if loaded is None:

@@ -190,7 +190,7 @@ def test_upload_train_inspect_and_try_a_model(stack, browser):
     model_id = browser.driver.current_url.rsplit("/", 1)[1]
     assert stack.http.get("/v1/models/hymenoptera-mobilenetv2_100@production").json()["id"] == model_id
     browser.find("#export-onnx").click()
-    browser.wait(lambda: "ONNX ready" in browser.text("#model-action-status"), 180, "the ONNX export")
+    browser.wait(lambda: "onnx ready" in browser.text("#model-action-status"), 180, "the ONNX export")
     assert "top-1 agreement with PyTorch 100.0%" in browser.text("#model-action-status")
 
     assert browser.console_errors() == []

@@ -456,6 +456,34 @@ def test_onnx_export_matches_pytorch_on_validation_images(stack, probe, tmp_path
     assert stack.http.post(url, json={"format": "tflite"}).status_code == 422
 
 
+def test_an_int8_export_is_kept_only_within_its_gate(stack, probe):
+    """Static int8 calibrated on the model's training images: ready only if its top-1 agrees with
+    PyTorch on >= 99% of the 153 validation images and its accuracy drops <= 0.5 points; either
+    way the report says what was measured, and a refused one cannot be downloaded."""
+    url = f"/v1/models/{probe['model_id']}/exports"
+    assert stack.http.post(url, json={"format": "onnx-int8"}).status_code == 202
+
+    def finished():
+        export = stack.http.get(f"{url}/onnx-int8").json()
+        return export if export["status"] != "processing" else None
+
+    export = wait_until(finished, 300, "the int8 export", processes=stack.processes)
+    parity = export["parity"]
+    assert parity["images"] == 153 and parity["calibration_images"] == 128
+    within = parity["top1_agreement"] >= 0.99 and parity["accuracy_fp32"] - parity["accuracy_int8"] <= 0.005
+    assert parity["passed"] == within and export["status"] == ("ready" if within else "failed"), export
+    download = stack.http.get(f"{url}/onnx-int8/download")
+    if within:
+        fp32_weights = stack.http.get(f"/v1/models/{probe['model_id']}").json()["size_bytes"]
+        assert download.status_code == 200 and len(download.content) < fp32_weights / 2  # int8 weights
+        image = val_images(1)[0][0]
+        served = stack.http.post(f"/v1/models/{probe['model_id']}/predict", files=[("files", (image.name, image.read_bytes()))])
+        assert served.headers["X-Runtime"] in ("torch", "onnxruntime", "onnxruntime-int8")
+    else:
+        assert export["error"]["code"] == "parity_failed" and "int8 export refused" in export["error"]["message"]
+        assert download.status_code == 409 and download.json()["error"]["code"] == "export_not_ready"
+
+
 def test_versions_and_moving_an_alias_under_load(stack, small_dataset):
     import asyncio
     import threading

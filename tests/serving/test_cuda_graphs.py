@@ -49,7 +49,7 @@ def test_concurrent_callers_each_get_their_own_rows():
 
 def test_a_model_served_on_the_cpu_has_no_graphs(tmp_path):
     save_artifact(build_model("mobilenetv2_100", 2, weights_file=MOBILENET_WEIGHTS), tmp_path, ["ants", "bees"], {}, 1.5)
-    loaded = ModelCache(10**12, 8, 1.0, "torch", "cpu", cuda_graphs=True).get("m", tmp_path, None)
+    loaded = ModelCache(10**12, 8, 1.0, "torch", "cpu", cuda_graphs=True).get("m", tmp_path, {})
     assert loaded.graphs is None
     probabilities = loaded.probabilities(torch.rand(2, 3, 224, 224))
     assert probabilities.shape == (2, 2) and torch.allclose(probabilities.sum(1), torch.ones(2))

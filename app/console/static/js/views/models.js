@@ -94,25 +94,30 @@ function tryIt(model) {
 
 function actions(model) {
   const status = h("p", { id: "model-action-status", role: "status" });
-  const exportButton = h("button", { type: "button", id: "export-onnx" }, "Export to ONNX");
-  exportButton.addEventListener("click", async () => {
-    exportButton.disabled = true;
-    try {
-      let built = await api(`/models/${model.id}/exports`, { method: "POST", json: { format: "onnx" } });
-      while (built.status === "processing") {
-        status.textContent = "A worker is exporting and checking the ONNX model…";
-        await sleep(1500);
-        built = await api(`/models/${model.id}/exports/onnx`);
+  // fp32 is kept only if it matches PyTorch exactly; int8 only if it keeps nearly every answer and the accuracy.
+  const exportButton = (format, text) => {
+    const button = h("button", { type: "button", id: `export-${format}` }, text);
+    button.addEventListener("click", async () => {
+      button.disabled = true;
+      try {
+        let built = await api(`/models/${model.id}/exports`, { method: "POST", json: { format } });
+        while (built.status === "processing") {
+          status.textContent = `A worker is building and checking the ${format} export…`;
+          await sleep(1500);
+          built = await api(`/models/${model.id}/exports/${format}`);
+        }
+        if (built.status === "failed") throw new Error(built.error?.message ?? "The export failed.");
+        const file = `${model.name}-${model.version}${format === "onnx-int8" ? ".int8" : ""}.onnx`;
+        status.replaceChildren(`${format} ready (${bytes(built.size_bytes)}, top-1 agreement with PyTorch ${percent(built.parity?.top1_agreement)}). `,
+          h("button", { type: "button", class: "secondary", onclick: () => save(`/models/${model.id}/exports/${format}/download`, file, status) }, `Download ${file}`));
+      } catch (error) {
+        status.textContent = describe(error);
+      } finally {
+        button.disabled = false;
       }
-      if (built.status === "failed") throw new Error(built.error?.message ?? "The export failed.");
-      status.replaceChildren(`ONNX ready (${bytes(built.size_bytes)}, top-1 agreement with PyTorch ${percent(built.parity?.top1_agreement)}). `,
-        h("button", { type: "button", class: "secondary", onclick: () => save(`/models/${model.id}/exports/onnx/download`, `${model.name}-${model.version}.onnx`, status) }, "Download ONNX"));
-    } catch (error) {
-      status.textContent = describe(error);
-    } finally {
-      exportButton.disabled = false;
-    }
-  });
+    });
+    return button;
+  };
   const alias = h("input", { type: "text", id: "alias-name", placeholder: "production", maxlength: "64" });
   const version = h("input", { type: "number", id: "alias-version", min: "1", value: String(model.version) });
   const moveAlias = async (event) => {
@@ -126,7 +131,7 @@ function actions(model) {
     }
   };
   return h("section", { class: "card", id: "model-actions" }, h("h2", {}, "Export, download, aliases"),
-    h("div", { class: "row" }, exportButton,
+    h("div", { class: "row" }, exportButton("onnx", "Export to ONNX"), exportButton("onnx-int8", "Export to ONNX int8"),
       h("button", { type: "button", class: "secondary", id: "download-model",
         onclick: () => save(`/models/${model.id}/download`, `${model.name}-${model.version}.zip`, status) }, "Download (safetensors + config)")),
     h("form", { class: "row", id: "alias-form", onsubmit: moveAlias },
