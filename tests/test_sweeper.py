@@ -79,6 +79,7 @@ def test_files_no_row_owns_are_collected_once_old_enough(client):
         "orphan dataset": settings.datasets_dir / "ds_orphan",
         "orphan artifact": settings.models_dir / "model_orphan",
         "orphan export": settings.exports_dir / "model_orphan",
+        "orphan int8 export": settings.data_dir / "exports-onnx-int8" / "model_orphan",
         "queued job's checkpoint": settings.jobs_dir / job["id"],
         "unknown job's checkpoint": settings.jobs_dir / "job_orphan",
         "staging leftover": settings.staging_dir / "upload-orphan",
@@ -92,8 +93,8 @@ def test_files_no_row_owns_are_collected_once_old_enough(client):
     young.mkdir()
     with session_scope() as session:
         removed = sweeper.collect_orphans(session, settings, older_than=3600)
-    assert sorted(removed) == sorted(["ds_orphan", "model_orphan", "model_orphan", "job_orphan", "upload-orphan",
-                                      "ds_gone", dataset["id"]])  # fmt: skip
+    assert sorted(removed) == sorted(["ds_orphan", "model_orphan", "model_orphan", "model_orphan", "job_orphan",
+                                      "upload-orphan", "ds_gone", dataset["id"]])  # fmt: skip
     kept = {name for name, path in paths.items() if path.exists()}
     assert kept == {"owned dataset", "queued job's checkpoint"} and young.exists()
 

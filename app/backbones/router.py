@@ -17,9 +17,9 @@ async def list_backbones(
     search: Annotated[str | None, Query(max_length=100, description="Substring of a timm architecture name")] = None,
     limit: Annotated[int, Query(ge=1, le=100)] = 20,
     offset: Annotated[int, Query(ge=0)] = 0,
-    with_weights: Annotated[
-        bool, Query(description="Only those with pretrained weights on this server (what training can start from here).")
+    pretrained_here: Annotated[
+        bool, Query(description="Only those whose pretrained weights are on this server (what training can start from).")
     ] = False,
 ) -> BackboneList:
-    total, items = await run_in_threadpool(service.list_backbones, get_settings(), search, limit, offset, with_weights)
+    total, items = await run_in_threadpool(service.list_backbones, get_settings(), search, limit, offset, pretrained_here)
     return BackboneList(total=total, data=items)

@@ -108,10 +108,10 @@ def model_shape(architecture: str) -> tuple[int, list[int]]:
 
 
 def list_backbones(
-    settings: Settings, search: str | None, limit: int, offset: int, with_weights: bool = False
+    settings: Settings, search: str | None, limit: int, offset: int, pretrained_here: bool = False
 ) -> tuple[int, list[dict]]:
     names = timm.list_models(f"*{search}*" if search else "")
-    if with_weights:  # a file lookup per architecture: about a second over the whole zoo
+    if pretrained_here:  # a file lookup per architecture: about a second over the whole zoo
         names = [name for name in names if find_weights(settings, name).file is not None]
     page = names[offset : offset + limit]
     items = []

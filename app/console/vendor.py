@@ -5,6 +5,7 @@ uPlot draws the live training curves: small (50 kB), no dependencies, MIT, and i
 through the DOM rather than inline <style> (so the console's Content-Security-Policy stays strict).
 It is pinned here with the registry's sha512 integrity and unpacked into static/vendor/, which git
 ignores (its code is not ours to commit). Run `python -m app.console.vendor` to fetch it again.
+An install-time tool: the server never imports or runs it (tests/security/test_no_unsafe_loading.py).
 """
 
 import base64

@@ -54,16 +54,16 @@ def test_weights_in_the_hub_cache_are_found_there(client):
     resnet = entry(client, "resnet18")
     assert resnet["weights_available"] is True and resnet["weights_source"] == "hub-cache"
     # ... and so among those training can start from here (the web console's backbone picker)
-    assert "resnet18" in [b["name"] for b in backbones(client, with_weights="true", search="resnet")["data"]]
+    assert "resnet18" in [b["name"] for b in backbones(client, pretrained_here="true", search="resnet")["data"]]
 
 
-def test_only_those_with_weights_here(client):
+def test_only_those_pretrained_here_here(client):
     """The two files in ../shared/weights, out of the whole zoo; the search narrows them further."""
-    listing = backbones(client, with_weights="true", limit=100)
+    listing = backbones(client, pretrained_here="true", limit=100)
     assert listing["total"] == 2
     assert [(b["name"], b["weights_source"]) for b in listing["data"]] == [
         ("mobilenetv2_100", "local"), ("tf_efficientnet_lite0", "local")]
-    assert [b["name"] for b in backbones(client, with_weights="true", search="lite")["data"]] == ["tf_efficientnet_lite0"]
+    assert [b["name"] for b in backbones(client, pretrained_here="true", search="lite")["data"]] == ["tf_efficientnet_lite0"]
 
 
 def test_pages_and_limits(client):

@@ -5,7 +5,7 @@ import { badge, describe, h, percent, seconds, sleep, when } from "../ui.js";
 
 export async function list(view, { signal }) {
   const [datasets, backbones, sweeps] = await Promise.all([api("/datasets?limit=100", { signal }),
-    api("/backbones?with_weights=true&limit=100", { signal }), api("/sweeps?limit=100", { signal })]);
+    api("/backbones?pretrained_here=true&limit=100", { signal }), api("/sweeps?limit=100", { signal })]);
   const dataset = h("select", { id: "sweep-dataset" },
     datasets.data.filter((d) => d.status === "ready").map((d) => h("option", { value: d.id }, d.name)));
   const picks = backbones.data.map((b) => h("label", {}, h("input", { type: "checkbox", name: "sweep-backbone", value: b.name, checked: true }),

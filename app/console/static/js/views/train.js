@@ -28,7 +28,7 @@ export async function form(view, { query, signal }) {
   let asked = 0;
   const findBackbones = async () => {
     const mine = ++asked;
-    const params = new URLSearchParams({ limit: "50", with_weights: String(onlyLocal.checked) });
+    const params = new URLSearchParams({ limit: "50", pretrained_here: String(onlyLocal.checked) });
     if (search.value.trim()) params.set("search", search.value.trim());
     const listing = await api(`/backbones?${params}`, { signal });
     if (mine !== asked) return;  // a later search already answered
