@@ -166,6 +166,7 @@ class Int8Report:
 def export_onnx_int8(
     artifact_dir: Path, out_path: Path, calibration_images: list[Path], validation: list[tuple[Path, int]], seed: int = 0,
     min_agreement: float = MIN_INT8_AGREEMENT, max_accuracy_drop: float = MAX_INT8_ACCURACY_DROP,
+    fp32_onnx: Path | None = None,
 ) -> Int8Report:
     """Write `out_path`: the model's ONNX graph with int8 weights and activations (onnxruntime's
     static quantization, QDQ format, per-channel weights), its activation ranges calibrated on up to
@@ -173,7 +174,8 @@ def export_onnx_int8(
     its top-1 class agrees with the fp32 model's on at least `min_agreement` of them and its
     accuracy is at most `max_accuracy_drop` below; otherwise the file is removed. (MinMax
     calibration: percentile and entropy calibration took 3 to 6 times as long and flipped the same
-    borderline images on hymenoptera.)
+    borderline images on hymenoptera.) `fp32_onnx`: the model's parity-checked fp32 export, if it
+    has one; otherwise one is exported here first.
 
     The classifier head and what follows it (temperature, softmax) stay in float: quantized logits
     would move the calibrated probabilities by whole percents, for little speed."""
@@ -186,10 +188,11 @@ def export_onnx_int8(
 
     def build() -> Int8Report:
         with tempfile.TemporaryDirectory() as work:
-            fp32, prepared = Path(work) / "fp32.onnx", Path(work) / "prepared.onnx"
-            fp32_parity = export_onnx(artifact_dir, fp32, [path for path, _ in validation[:PARITY_BATCH_SIZE]])
-            if not fp32_parity.passed:
-                raise RuntimeError(f"the fp32 graph to quantize failed its own parity check: {fp32_parity.as_dict()}")
+            fp32, prepared = fp32_onnx or Path(work) / "fp32.onnx", Path(work) / "prepared.onnx"
+            if fp32_onnx is None:
+                fp32_parity = export_onnx(artifact_dir, fp32, [path for path, _ in validation[:PARITY_BATCH_SIZE]])
+                if not fp32_parity.passed:
+                    raise RuntimeError(f"the fp32 graph to quantize failed its own parity check: {fp32_parity.as_dict()}")
             quant_pre_process(str(fp32), str(prepared))  # shape inference and graph folding, as onnxruntime advises
             quantize_static(
                 str(prepared), str(out_path), _Calibration(chosen, transform),

@@ -1,7 +1,7 @@
 """/v1/models: the registry (models, versions, aliases, downloads, exports). HTTP to
 `app.models.service`; predictions are in `app.serving.router`."""
 
-from typing import Annotated, Literal
+from typing import Annotated
 
 from fastapi import APIRouter, Query, Request, Response, status
 from fastapi.responses import FileResponse
@@ -21,6 +21,7 @@ from app.models.schemas import (
     AliasOut,
     AliasUpdate,
     ExportCreate,
+    ExportFormat,
     ExportOut,
     ModelList,
     ModelOut,
@@ -28,7 +29,6 @@ from app.models.schemas import (
 )
 
 router = APIRouter(prefix="/v1/models", tags=["models"])
-ExportFormat = Literal["onnx", "onnx-int8"]
 
 
 def _out(session: Session, model: Model) -> ModelOut:

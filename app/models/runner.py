@@ -24,7 +24,7 @@ from app.core.storage import remove_quietly
 from app.db.tables import Export, Model, utcnow
 from app.jobs.service import model_split
 from app.ml import onnx_export
-from app.models.service import export_key, exports_dir, local_artifact
+from app.models.service import export_key, exports_dir, local_artifact, local_export, ready_exports
 from app.webhooks import service as webhooks
 
 logger = logging.getLogger(__name__)
@@ -48,7 +48,8 @@ def run_export(export_id: str) -> str:
             staging.mkdir(parents=True)
             artifact, out = local_artifact(settings, model.id), staging / "model.onnx"
             if export.format == "onnx-int8":
-                report = onnx_export.export_onnx_int8(artifact, out, [path for path, _ in train], val)
+                fp32 = local_export(settings, model.id, "onnx") if "onnx" in ready_exports(model.id) else None
+                report = onnx_export.export_onnx_int8(artifact, out, [path for path, _ in train], val, fp32_onnx=fp32)
                 refused = (f"int8 export refused: top-1 agreement with PyTorch {report.top1_agreement:.4f} (needs >= "
                            f"{onnx_export.MIN_INT8_AGREEMENT}), accuracy {report.accuracy_int8:.4f} against "
                            f"{report.accuracy_fp32:.4f} (may drop {onnx_export.MAX_INT8_ACCURACY_DROP} at most) on "

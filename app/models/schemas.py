@@ -7,6 +7,9 @@ from app.core.errors import ErrorBody
 from app.core.ids import BIGINT_MAX
 
 
+ExportFormat = Literal["onnx", "onnx-int8"]  # fp32 ONNX, and its int8 quantization
+
+
 class ModelOut(BaseModel):
     model_config = ConfigDict(protected_namespaces=())
 
@@ -48,7 +51,7 @@ class ValidationPredictions(BaseModel):
 class ExportCreate(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True)
 
-    format: Literal["onnx", "onnx-int8"] = "onnx"
+    format: ExportFormat = "onnx"
 
 
 class ExportOut(BaseModel):
@@ -56,7 +59,7 @@ class ExportOut(BaseModel):
 
     id: str
     model_id: str
-    format: Literal["onnx", "onnx-int8"]
+    format: ExportFormat
     status: Literal["processing", "ready", "failed"] = Field(
         description="processing: a worker is building and checking it; ready: download it from "
         "/v1/models/{ref}/exports/{format}/download; failed: `error` says why (POST again to retry)."

@@ -15,7 +15,7 @@ from collections.abc import Callable
 from contextlib import suppress
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, get_args
 
 from sqlalchemy import select, update
 from sqlalchemy.exc import IntegrityError
@@ -29,6 +29,7 @@ from app.core.objects import get_store, local_copy
 from app.core.storage import remove_quietly, remove_unowned
 from app.core.tenancy import Scoped
 from app.db.tables import Export, Model, ModelAlias, ModelName, utcnow
+from app.models.schemas import ExportFormat
 
 models = Scoped(Model, "model")
 aliases = Scoped(ModelAlias, "alias")
@@ -187,7 +188,7 @@ def artifact_key(model_id: str) -> str:
     return f"models/{model_id}"
 
 
-EXPORT_FORMATS = ("onnx", "onnx-int8")
+EXPORT_FORMATS: tuple[str, ...] = get_args(ExportFormat)
 
 
 def export_key(model_id: str, format: str = "onnx") -> str:
