@@ -159,10 +159,11 @@ class JobEvent(Base):
 
 class Model(Base):
     __tablename__ = "models"
-    # Exactly one model per succeeded job, and one model per (tenant, name, version), enforced by
-    # the database.
+    # One model per (job, backbone, strategy) and one per (tenant, name, version), enforced by the
+    # database. A job makes one model, or two with `auto`: the requested backbone's linear probe,
+    # served while the search goes on, then the winner if another candidate beat it.
     __table_args__ = (
-        UniqueConstraint("job_id", name="uq_models_job_id"),
+        UniqueConstraint("job_id", "backbone", "strategy", name="uq_models_job_backbone_strategy"),
         UniqueConstraint("tenant_id", "name", "version", name="uq_models_tenant_name_version"),
     )
 
@@ -173,6 +174,7 @@ class Model(Base):
     job_id: Mapped[str] = mapped_column(ForeignKey("jobs.id", ondelete="RESTRICT"))
     dataset_id: Mapped[str] = mapped_column(String(40))
     backbone: Mapped[str] = mapped_column(String(200))
+    strategy: Mapped[str] = mapped_column(String(20))
     classes: Mapped[list[Any]] = mapped_column()
     metrics: Mapped[dict[str, Any]] = mapped_column()
     preprocessing: Mapped[dict[str, Any]] = mapped_column()

@@ -27,7 +27,7 @@ from typing import Any
 import timm
 import torch
 from safetensors.torch import save_file
-from sqlalchemy import update
+from sqlalchemy import select, update
 from sqlalchemy.orm import Session
 from timm.models import split_model_name_tag
 
@@ -277,10 +277,18 @@ def _train(job_id: str, me: str, settings: Settings, loader_context) -> None:
     device = pick_device()
     work_dir = settings.jobs_dir / job_id
     reporter = _DatabaseReporter(job_id, me, work_dir, settings.checkpoint_upload_seconds, epochs_done)
+    registration = _Registration(job_id, me, settings, tenant_id, requested_name, dataset.name, dataset.id, class_names,
+                                 val_samples, local_dataset(settings, dataset))  # fmt: skip
     if strategy == "auto":
         reporter.phase("searching")
-        backbone, strategy, hp = _choose(job_id, me, settings, backbone, pretrained, hp, search, seed, train_samples,
-                                         class_names, work_dir, reporter, device, loader_context)  # fmt: skip
+        backbone, strategy, hp, served = _choose(job_id, me, settings, backbone, pretrained, hp, search, seed,
+                                                 train_samples, val_samples, class_names, work_dir, reporter, device,
+                                                 loader_context, registration)  # fmt: skip
+        if served is not None:  # the probe it served while it searched won: that model is the job's
+            with session_scope() as session:
+                _succeed(session, job_id, me, tenant_id, session.get(Model, served))
+            _drop_checkpoint(settings, job_id)
+            return
 
     weights = _weights(settings, backbone) if pretrained else None
     if weights is not None:
@@ -299,10 +307,8 @@ def _train(job_id: str, me: str, settings: Settings, loader_context) -> None:
             get_store().get(checkpoint_key(job_id), work_dir / CHECKPOINT_NAME)
     result = fine_tune(model, train_samples, val_samples, class_names, strategy, hp, seed, work_dir, reporter, device,
                        loader_context)  # fmt: skip
-    model_name = requested_name or default_model_name(dataset.name, split_model_name_tag(backbone)[0])
-    validation = validation_predictions(result, val_samples, local_dataset(settings, dataset), class_names)
     with outbox.heartbeat(outbox.TRAINING, job_id, me, work_dir):  # saving and sending the model takes a while
-        _register(job_id, me, settings, result, tenant_id, model_name, dataset.id, backbone, class_names, validation)
+        registration.register(result, backbone, strategy, final=True)
     _drop_checkpoint(settings, job_id)
 
 
@@ -322,11 +328,35 @@ def _build(backbone: str, weights: WeightsLookup | None, num_classes: int, hp: H
 
 def _choose(
     job_id: str, me: str, settings: Settings, backbone: str, pretrained: bool, hp: dict, options: dict, seed: int,
-    train_samples: list, class_names: list[str], work_dir: Path, reporter: _DatabaseReporter, device, loader_context,
-) -> tuple[str, str, dict]:  # fmt: skip
+    train_samples: list, val_samples: list, class_names: list[str], work_dir: Path, reporter: _DatabaseReporter,
+    device, loader_context, registration: "_Registration",
+) -> tuple[str, str, dict, str | None]:  # fmt: skip
     """Run `auto` (app/ml/auto.py) and write its choice into the job: from then on the job is an
-    ordinary one of that backbone and strategy (a worker that resumes it does not measure again)."""
+    ordinary one of that backbone and strategy (a worker that resumes it does not measure again).
+    Once the requested backbone's probe is measured, it is trained on the whole training split and
+    served while the search goes on; the last value returned is its model's id when it won."""
     asked = Hyperparameters(**hp)
+    served: str | None = None
+
+    def serve_probe(features: dict[str, torch.Tensor]) -> None:
+        """Train and register the probe now (it is what the job keeps unless a candidate beats it),
+        from the features the search computed; a worker resuming the job finds it registered."""
+        nonlocal served
+        with session_scope() as session:
+            served = session.scalar(select(Model.id).where(
+                Model.job_id == job_id, Model.backbone == backbone, Model.strategy == "linear_probe"))  # fmt: skip
+        if served is None:
+            probe_dir = work_dir / "probe"
+            probe_dir.mkdir(parents=True, exist_ok=True)
+            save_file(features, probe_dir / FEATURES_NAME)
+            probe_hp = resolve_for_device(resolve(asked, "linear_probe"), device.type)
+            result = fine_tune(_build(backbone, _weights(settings, backbone), len(class_names), asked), train_samples,
+                               val_samples, class_names, "linear_probe", probe_hp, seed, probe_dir,
+                               _Heartbeats(reporter), device, loader_context)  # fmt: skip
+            with outbox.heartbeat(outbox.TRAINING, job_id, me, work_dir):
+                served = registration.register(result, backbone, "linear_probe", final=False).id
+            shutil.rmtree(probe_dir, ignore_errors=True)
+
     if not pretrained:
         choice = auto.Choice(backbone, "full", "no pretrained weights: every layer has to learn", {"trials": []})
     else:
@@ -342,7 +372,11 @@ def _choose(
                 add_event(session, job_id, "auto", trial.describe(), trial.record())
 
         choice = auto.search(backbones, train_samples, class_names, asked, seed, options["budget_seconds"],
-                             work_dir / "auto", reporter.check, note, device, loader_context)  # fmt: skip
+                             work_dir / "auto", reporter.check, note, device, loader_context, serve_probe)  # fmt: skip
+    if served is not None and (choice.backbone, choice.strategy) == (backbone, "linear_probe"):
+        choice.features = None  # trained and registered already
+    else:
+        served = None
     if choice.features is not None:  # the final probe reads the training split's features back
         work_dir.mkdir(parents=True, exist_ok=True)
         save_file(choice.features, work_dir / FEATURES_NAME)
@@ -358,7 +392,21 @@ def _choose(
             raise JobStopped("no longer running under this worker when auto had chosen")
         add_event(session, job_id, "status", f"auto chose {choice.strategy} on {choice.backbone}: {choice.reason}",
                   {"backbone": choice.backbone, "strategy": choice.strategy})  # fmt: skip
-    return choice.backbone, choice.strategy, resolved
+    return choice.backbone, choice.strategy, resolved, served
+
+
+class _Heartbeats:
+    """The job's heartbeats and cancellation checks for training the probe that `auto` serves
+    while it searches: that training's progress and epochs are not the job's."""
+
+    def __init__(self, reporter: _DatabaseReporter):
+        self.check = reporter.check
+
+    def step(self, phase: str, done: int, total: int, images: int) -> None:
+        pass
+
+    def epoch_end(self, record: dict[str, Any]) -> None:
+        pass
 
 
 def _other_local_backbones(settings: Settings, requested: str, limit: int = 3) -> list[str]:
@@ -388,47 +436,78 @@ def validation_predictions(
     ]  # fmt: skip
 
 
-def _register(
-    job_id: str, me: str, settings: Settings, result: TrainResult, tenant_id: str, name: str, dataset_id: str,
-    backbone: str, class_names: list[str], validation: list[dict[str, Any]],
-) -> None:  # fmt: skip
-    """Hand the trained model to the registry, which adds it in the same transaction that marks the
-    job succeeded (only if this worker still holds the job)."""
-    metrics = {**result.metrics, "best_epoch": result.best_epoch, "stopped_early": result.stopped_early,
-               "history": result.history}  # fmt: skip
-    staging = settings.staging_dir / f"artifact-{secrets.token_hex(8)}"
-    save_artifact(result.model, staging, class_names, metrics, result.temperature)
+@dataclass
+class _Registration:
+    """What the registry needs of the job's models besides the trained weights."""
 
-    def succeed(session: Session, model: Model) -> None:
-        done = session.execute(
-            update(Job)
-            .where(Job.id == job_id, Job.status == "running", Job.claimed_by == me)
-            # A finished job's metrics are those of the weights it kept (its best epoch), not its last epoch's.
-            .values(status="succeeded", finished_at=utcnow(), heartbeat_at=utcnow(), metrics=_summary(metrics))
-        ).rowcount
-        if not done:
-            raise JobStopped("cancelled or taken over before the model was registered")
-        add_event(session, job_id, "status", f"succeeded: model {model.id} ({model.name}@{model.version})",
-                  {"model_id": model.id, "name": model.name, "version": model.version})  # fmt: skip
-        webhooks.record(session, tenant_id, "job.succeeded", {"id": job_id, "status": "succeeded", "model_id": model.id,
-                                                               "model": f"{model.name}@{model.version}"})  # fmt: skip
+    job_id: str
+    me: str
+    settings: Settings
+    tenant_id: str
+    requested_name: str | None  # None: '<dataset>-<architecture>' of the backbone registered
+    dataset_name: str
+    dataset_id: str
+    class_names: list[str]
+    val_samples: list[Sample]
+    dataset_dir: Path
 
-    new = NewModel(
-        tenant_id=tenant_id,
-        name=name,
-        job_id=job_id,
-        dataset_id=dataset_id,
-        backbone=backbone,
-        classes=class_names,
-        metrics={k: v for k, v in metrics.items() if k != "history"},
-        preprocessing=preprocessing_of(result.model),
-        artifact=staging,
-        validation=validation,
-    )
-    try:
-        register_model(settings, new, succeed)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)  # gone already once registered
+    def register(self, result: TrainResult, backbone: str, strategy: str, final: bool) -> Model:
+        """Hand a trained model to the registry, which adds it in the same transaction as the job's
+        own writes, only if this worker still holds the job: marking it succeeded (`final`), or
+        saying that it serves this model meanwhile."""
+        metrics = {**result.metrics, "best_epoch": result.best_epoch, "stopped_early": result.stopped_early,
+                   "history": result.history}  # fmt: skip
+        staging = self.settings.staging_dir / f"artifact-{secrets.token_hex(8)}"
+        save_artifact(result.model, staging, self.class_names, metrics, result.temperature)
+
+        def finish(session: Session, model: Model) -> None:
+            if final:
+                _succeed(session, self.job_id, self.me, self.tenant_id, model)
+                return
+            _hold(session, self.job_id, self.me, "cancelled or taken over before the probe was registered")
+            add_event(session, self.job_id, "model",
+                      f"serving {model.name}@{model.version} ({model.id}), the linear probe of {backbone}, while auto "
+                      f"searches on: validation accuracy {model.metrics['val_accuracy']:.4f}",
+                      {"model_id": model.id, "name": model.name, "version": model.version})  # fmt: skip
+
+        new = NewModel(
+            tenant_id=self.tenant_id,
+            name=self.requested_name or default_model_name(self.dataset_name, split_model_name_tag(backbone)[0]),
+            job_id=self.job_id,
+            dataset_id=self.dataset_id,
+            backbone=backbone,
+            strategy=strategy,
+            classes=self.class_names,
+            metrics={k: v for k, v in metrics.items() if k != "history"},
+            preprocessing=preprocessing_of(result.model),
+            artifact=staging,
+            validation=validation_predictions(result, self.val_samples, self.dataset_dir, self.class_names),
+        )
+        try:
+            return register_model(self.settings, new, finish)
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)  # gone already once registered
+
+
+def _hold(session: Session, job_id: str, me: str, otherwise: str, **values: Any) -> None:
+    """Write `values` (and a heartbeat) to the job if this worker still runs it; else stop."""
+    held = session.execute(
+        update(Job)
+        .where(Job.id == job_id, Job.status == "running", Job.claimed_by == me)
+        .values(heartbeat_at=utcnow(), **values)
+    ).rowcount
+    if not held:
+        raise JobStopped(otherwise)
+
+
+def _succeed(session: Session, job_id: str, me: str, tenant_id: str, model: Model) -> None:
+    # A finished job's metrics are those of the weights it kept (its best epoch), not its last epoch's.
+    _hold(session, job_id, me, "cancelled or taken over before the model was registered", status="succeeded",
+          finished_at=utcnow(), metrics=_summary(model.metrics))  # fmt: skip
+    add_event(session, job_id, "status", f"succeeded: model {model.id} ({model.name}@{model.version})",
+              {"model_id": model.id, "name": model.name, "version": model.version})  # fmt: skip
+    webhooks.record(session, tenant_id, "job.succeeded", {"id": job_id, "status": "succeeded", "model_id": model.id,
+                                                           "model": f"{model.name}@{model.version}"})  # fmt: skip
 
 
 def _summary(metrics: dict[str, Any]) -> dict[str, Any]:

@@ -18,9 +18,11 @@ class JobCreate(BaseModel):
     dataset_id: str = Field(pattern=DATASET_ID)
     backbone: str = Field(max_length=200, examples=["mobilenetv2_100", "resnet50.a1_in1k"])
     strategy: RequestedStrategy = Field(
-        "auto", description="'auto': a worker measures the linear probe and, within `auto.budget_seconds`, other "
-        "candidates (other local backbones, 'partial', 'lp_ft') by cross-validation on the training split, then "
-        "trains the best; the job records every candidate's score and time, and why the winner won.",
+        "auto", description="'auto': a worker trains the requested backbone's linear probe and serves it at once (the "
+        "job's `model_id` while it runs), measures it by cross-validation on the training split, then, within "
+        "`auto.budget_seconds`, measures other candidates (other local backbones, 'partial', 'lp_ft') the same way; if one beats the probe "
+        "beyond noise it is trained and becomes the job's model, a second one. The job records every candidate's "
+        "score and time, and why the winner won.",
     )  # fmt: skip
     auto: AutoOptions = Field(default_factory=AutoOptions, description="Only with strategy 'auto'.")
     pretrained: bool = Field(True, description="false trains from random initialisation.")
@@ -85,7 +87,10 @@ class JobOut(BaseModel):
         description="While running: the latest epoch's. Once succeeded: those of the kept weights (best epoch), "
         "measured as they are served; each accuracy with its Wilson 95% interval for `val_images` (`*_ci95`)."
     )
-    model_id: str | None
+    model_id: str | None = Field(
+        description="The job's model once it has one: with 'auto', the linear probe it serves while it searches, "
+        "then the winner's model if another candidate won (the probe's model stays registered)."
+    )
     error: JobError | None
     worker: str | None = Field(description="host:pid of the worker process that holds or held the job.")
     attempts: int

@@ -207,7 +207,7 @@ def _progress(session: Session, job: Job) -> Progress:
 
 
 def to_out(session: Session, job: Job, model_id: str | None = None) -> JobOut:
-    if model_id is None and job.status == "succeeded":
+    if model_id is None and job.status != "queued":  # a running `auto` job may serve its probe already
         model_id = model_ids_of_jobs(session, [job.id]).get(job.id)
     return JobOut(
         id=job.id,

@@ -119,10 +119,11 @@ def unmeasured(backbone: str, why: str) -> Choice:
 def search(
     backbones: list[Backbone], samples: list[Sample], class_names: list[str], hp: Hyperparameters, seed: int,
     budget_seconds: float, work_dir: Path, check: Callable[[], None], note: Callable[[Trial], None],
-    device: torch.device, loader_context=None,
+    device: torch.device, loader_context=None, serve_probe: Callable[[dict[str, torch.Tensor]], None] | None = None,
 ) -> Choice:  # fmt: skip
     """`backbones[0]` is the requested one; `samples` the training split only; `hp` the job's
-    hyperparameters as asked (unset fields are resolved per candidate); `note` is told of each trial."""
+    hyperparameters as asked (unset fields are resolved per candidate); `note` is told of each trial;
+    `serve_probe` is given the requested backbone's training-split features as soon as they exist."""
     requested = backbones[0].name
     per_class = Counter(label for _, label in samples)
     smallest = min(per_class.get(label, 0) for label in range(len(class_names)))
@@ -156,7 +157,14 @@ def search(
         return trial
 
     base_model = backbones[0].build()
+    if serve_probe is not None:  # served as soon as its features exist, before it is measured
+        search.extract(requested, base_model)
+        begun = time.perf_counter()
+        serve_probe(search.features[requested])
+        started += time.perf_counter() - begun  # training the fallback is not measuring: off the budget
     baseline = run(Trial(requested, "linear_probe"), lambda: search.probe(requested, base_model))
+    if serve_probe is not None:  # its feature pass, before serving, is part of measuring it
+        baseline.seconds += search.timings[requested].decode_seconds + search.timings[requested].forward_seconds
     half = search.probe_on_half(requested, base_model)
     curve = {"half_data": half, "all_data": baseline.cv_accuracy}
     trials = [baseline]
@@ -242,11 +250,16 @@ class _Search:
         trial.cv_macro_f1 = metrics["macro_f1"]
         trial.correct = logits.argmax(dim=1) == self.labels
 
-    def probe(self, name: str, model: torch.nn.Module) -> torch.Tensor:
+    def extract(self, name: str, model: torch.nn.Module) -> None:
+        """The training split's features for the probe of `name`, and how long they took."""
         measured = probe_features(model, self.samples, self.hp_for("linear_probe"), self.device, self.reporter,
                                   self.loader_context)  # fmt: skip
         self.timings[name] = measured
         self.features[name] = {"train_x": measured.x, "train_y": measured.y}
+
+    def probe(self, name: str, model: torch.nn.Module) -> torch.Tensor:
+        if name not in self.features:
+            self.extract(name, model)
         return self._probe_folds(name, model, self.splits)
 
     def probe_on_half(self, name: str, model: torch.nn.Module) -> float:

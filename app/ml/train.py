@@ -16,6 +16,8 @@ stopping state, fp16's loss scale, history and the best weights so far.
 
 import contextlib
 import copy
+import functools
+import math
 import os
 import tempfile
 import time
@@ -40,6 +42,7 @@ from app.ml.spec import RECIPES, Hyperparameters, total_epochs
 CHECKPOINT_NAME = "checkpoint.pt"
 FEATURES_NAME = "features.safetensors"
 IMAGE_CACHE_BYTES = 4 * 1024**3
+PROBE_CHECKPOINT_SECONDS = 1.0
 
 
 class Reporter(Protocol):
@@ -139,13 +142,21 @@ class _Run:
         self.train_transform = create_transform(
             **self.data_config, is_training=True, auto_augment=hp.aa, re_prob=hp.reprob
         )
-        self.train_images = self._decoded(train_samples)
-        self.val_images = self._decoded(val_samples)
         self.weights = class_weights(train_samples, self.num_classes) if hp.class_weighting == "auto" else None
         self.features: dict[str, torch.Tensor] | None = None
         self.frozen_modules: list[torch.nn.Module] = []
 
     # -- data -----------------------------------------------------------------------------------
+
+    # Decoded when first needed: a probe whose features are cached already (resumed, or measured
+    # by `auto`) never needs the training images' pixels.
+    @functools.cached_property
+    def train_images(self) -> DecodedImages | None:
+        return self._decoded(self.train_samples)
+
+    @functools.cached_property
+    def val_images(self) -> DecodedImages | None:
+        return self._decoded(self.val_samples)
 
     def _decoded(self, samples: list[Sample]) -> DecodedImages | None:
         if not self.hp.image_cache:
@@ -208,13 +219,14 @@ class _Run:
             # every epoch's metrics, the kept head, its calibration and the reported figures are
             # then those of the model served (a bf16 feature can flip a close call). Only the
             # training features take the faster bf16 path.
-            views = [("train", self.train_samples, self.train_images, False, False),
-                     ("val", self.val_samples, self.val_images, False, True)]  # fmt: skip
+            views = [("train", self.train_samples, "train_images", False, False),
+                     ("val", self.val_samples, "val_images", False, True)]  # fmt: skip
             if self.hp.flip_views:
-                views.append(("train_flip", self.train_samples, self.train_images, True, False))
+                views.append(("train_flip", self.train_samples, "train_images", True, False))
             missing = [view for view in views if f"{view[0]}_x" not in self.features]
             for name, samples, images, flip, exact in missing:
-                self.features[f"{name}_x"], self.features[f"{name}_y"] = self.features_of(samples, images, flip, exact)
+                self.features[f"{name}_x"], self.features[f"{name}_y"] = self.features_of(
+                    samples, getattr(self, images), flip, exact)  # fmt: skip
             if missing:
                 save_file(self.features, path)
         return self.features
@@ -360,6 +372,7 @@ class _Run:
             self.model.load_state_dict(state["model"])
         stopped_early = state.get("stopped_early", False) if state else False
         epoch_seconds: list[float] = []
+        saved_at = -math.inf
 
         for stage_index, stage in enumerate(self.stages):
             if stage_index < start_stage or stopped_early:
@@ -435,12 +448,18 @@ class _Run:
                 if ema is not None:
                     record["ema_val_accuracy"] = ema_metrics["val_accuracy"]
                 history.append(record)
-                _save_checkpoint(self.work_dir, {
-                    "stage": stage_index, "epoch": epoch + 1, "model": self.model.state_dict(),
-                    "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                    "ema": ema.state_dict() if ema is not None else None, "scaler": scaler.state_dict(), "early": early,
-                    "history": history, "best": best, "stopped_early": stopped_early,
-                })  # fmt: skip
+                # A probe's epoch takes milliseconds on cached features, far less than writing the
+                # checkpoint (the whole model): it is written after its first and last epochs and at
+                # most once a second between, and a resumed probe repeats the few epochs since.
+                last = epoch + 1 == stage.epochs or stopped_early
+                if stage.kind == "network" or last or time.perf_counter() - saved_at >= PROBE_CHECKPOINT_SECONDS:
+                    saved_at = time.perf_counter()
+                    _save_checkpoint(self.work_dir, {
+                        "stage": stage_index, "epoch": epoch + 1, "model": self.model.state_dict(),
+                        "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                        "ema": ema.state_dict() if ema is not None else None, "scaler": scaler.state_dict(),
+                        "early": early, "history": history, "best": best, "stopped_early": stopped_early,
+                    })  # fmt: skip
                 self.reporter.epoch_end(record)
                 if stopped_early:
                     break
@@ -487,8 +506,9 @@ def probe_features(
     with tempfile.TemporaryDirectory() as work_dir:
         started = time.perf_counter()
         run = _Run(model, samples, [], [], "linear_probe", hp, 0, Path(work_dir), reporter, device, loader_context)
+        images = run.train_images
         decoded = time.perf_counter()
-        x, y = run.features_of(samples, run.train_images)
+        x, y = run.features_of(samples, images)
         return ProbeFeatures(x, y, decoded - started, time.perf_counter() - decoded)
 
 

@@ -20,6 +20,7 @@ class ModelOut(BaseModel):
     job_id: str
     dataset_id: str
     backbone: str
+    strategy: str = Field(description="How the backbone was adapted: linear_probe, partial, full or lp_ft.")
     classes: list[str]
     metrics: dict[str, Any]
     preprocessing: dict[str, Any]

@@ -46,6 +46,7 @@ class NewModel:
     job_id: str
     dataset_id: str
     backbone: str
+    strategy: str
     classes: list[str]
     metrics: dict[str, Any]
     preprocessing: dict[str, Any]
@@ -57,8 +58,9 @@ class NewModel:
 def register_model(settings: Settings, new: NewModel, finish: Callable[[Session, Model], None]) -> Model:
     """Move the artifact into place and add the model as the next version of its name, in one
     transaction with `finish` (the caller's own writes, such as marking its job succeeded; raising
-    there registers nothing). The unique job_id makes a second model of one job impossible; the
-    unique (tenant, name, version) makes concurrent registrations of one name retry."""
+    there registers nothing). The unique (job, backbone, strategy) makes a second copy of a job's
+    model impossible; the unique (tenant, name, version) makes concurrent registrations of one name
+    retry."""
     model_id = f"model_{secrets.token_hex(12)}"
     final, store = artifact_dir(settings, model_id), get_store()
     final.parent.mkdir(parents=True, exist_ok=True)
@@ -72,8 +74,9 @@ def register_model(settings: Settings, new: NewModel, finish: Callable[[Session,
                     return _insert(session, new, model_id, size, finish)
             except IntegrityError:
                 with session_scope() as session:
-                    has_model = session.scalar(select(Model.id).where(Model.job_id == new.job_id))
-                if attempt == REGISTER_ATTEMPTS - 1 or has_model:
+                    registered = session.scalar(select(Model.id).where(
+                        Model.job_id == new.job_id, Model.backbone == new.backbone, Model.strategy == new.strategy))
+                if attempt == REGISTER_ATTEMPTS - 1 or registered:
                     raise
         raise AssertionError("unreachable")
     except BaseException:
@@ -115,6 +118,7 @@ def _insert(session: Session, new: NewModel, model_id: str, size: int, finish: C
         job_id=new.job_id,
         dataset_id=new.dataset_id,
         backbone=new.backbone,
+        strategy=new.strategy,
         classes=new.classes,
         metrics=new.metrics,
         preprocessing=new.preprocessing,
@@ -154,8 +158,10 @@ def validation_predictions(session: Session, model: Model, wrong: bool, limit: i
 
 
 def model_ids_of_jobs(session: Session, job_ids: list[str]) -> dict[str, str]:
-    """job id -> the id of the model it produced, for those that produced one."""
-    return dict(session.execute(select(Model.job_id, Model.id).where(Model.job_id.in_(job_ids))).all())
+    """job id -> the id of its latest model, for those that made one (an `auto` job's second model,
+    the search's winner, replaces the probe it served meanwhile)."""
+    rows = session.execute(select(Model.job_id, Model.id).where(Model.job_id.in_(job_ids)).order_by(Model.created_at))
+    return dict(rows.all())
 
 
 def aliases_of(session: Session, model: Model) -> list[str]:

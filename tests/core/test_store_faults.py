@@ -83,7 +83,9 @@ def test_work_waits_for_a_store_that_is_down_instead_of_failing(shared_store, cl
 
     monkeypatch.setattr(objects.FileStore, "get", down)
     monkeypatch.setattr(objects.FileStore, "keys", down)
-    job = client.post("/v1/jobs", json={"dataset_id": dataset["id"], "backbone": "mobilenetv2_100"}).json()
+    # (linear_probe: a job looks in the store for a checkpoint to resume from before it trains)
+    job = client.post("/v1/jobs", json={"dataset_id": dataset["id"], "backbone": "mobilenetv2_100",
+                                        "strategy": "linear_probe"}).json()  # fmt: skip
     assert run_job(job["id"]).status == "queued"
     waiting = client.get(f"/v1/jobs/{job['id']}").json()
     assert waiting["status"] == "queued" and waiting["worker"] is None and waiting["error"] is None

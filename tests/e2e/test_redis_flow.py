@@ -166,8 +166,26 @@ def test_predictions_and_downloaded_artifact_agree(stack, probe, tmp_path):
 
 def test_auto_measures_on_the_training_split_and_is_never_worse_than_the_probe(stack, probe):
     """The default `auto` on the whole of hymenoptera, against the linear probe alone on the same data."""
-    job = stack.wait_job(create_job(stack, probe["dataset_id"])["id"])
+    created = create_job(stack, probe["dataset_id"])
+    # The requested backbone's probe is served as soon as it is measured, while the search goes on.
+    serving = wait_until(lambda: (j := stack.http.get(f"/v1/jobs/{created['id']}").json())["model_id"] and j, 300,
+                         "auto to serve its probe", interval=0.2, processes=stack.processes)  # fmt: skip
+    assert serving["status"] == "running" and serving["strategy"] == "auto", serving
+    image = HYMENOPTERA / "val" / "bees" / sorted(os.listdir(HYMENOPTERA / "val" / "bees"))[0]
+    served = stack.http.post(f"/v1/models/{serving['model_id']}/predict", files={"files": (image.name, image.read_bytes())})
+    assert served.status_code == 200, served.text
+    served_probe = stack.http.get(f"/v1/models/{serving['model_id']}").json()
+    assert (served_probe["backbone"], served_probe["strategy"]) == ("mobilenetv2_100", "linear_probe")
+    # The same probe as the one asked for explicitly, to the image: same data, seed and features.
+    assert served_probe["metrics"]["val_accuracy"] == probe["metrics"]["val_accuracy"]
+
+    job = stack.wait_job(created["id"])
     assert job["status"] == "succeeded", job
+    job_models = [m["id"] for m in stack.http.get("/v1/models").json()["data"] if m["job_id"] == job["id"]]
+    if (job["backbone"], job["strategy"]) == ("mobilenetv2_100", "linear_probe"):
+        assert job["model_id"] == served_probe["id"] and job_models == [served_probe["id"]]  # kept, not trained again
+    else:  # the winner is the job's model; the probe it served meanwhile stays registered
+        assert job["model_id"] != served_probe["id"] and sorted(job_models) == sorted([job["model_id"], served_probe["id"]])
     search = job["search"]
     assert search["budget_seconds"] == 60 and search["train_images"] == 245 and search["folds"] == 3
     assert [(t["backbone"], t["strategy"]) for t in search["trials"][:2]] == [
@@ -177,8 +195,12 @@ def test_auto_measures_on_the_training_split_and_is_never_worse_than_the_probe(s
     assert all("of the budget left" in t["skipped"] for t in search["trials"] if t["skipped"])
     assert (job["backbone"], job["strategy"]) == (search["winner"]["backbone"], search["winner"]["strategy"])
     assert job["strategy_reason"] == search["reason"]
-    auto_events = [e for e in events(stack, job["id"]) if e["type"] == "auto"]
+    job_events = events(stack, job["id"])
+    auto_events = [e for e in job_events if e["type"] == "auto"]
     assert [e["data"]["strategy"] for e in auto_events] == [t["strategy"] for t in search["trials"]]
+    # Served as soon as the requested probe's features existed, before any candidate was measured.
+    kinds = [(e["type"], e["data"].get("model_id")) for e in job_events if e["type"] in ("auto", "model")]
+    assert kinds[:2] == [("model", served_probe["id"]), ("auto", None)]
 
     # Never worse than the probe alone beyond noise: within the probe's own 95% interval; and where
     # the probe of the requested backbone won, the job is that probe, to the image.

@@ -1,5 +1,7 @@
 """`strategy: "auto"` (app/ml/auto.py) on the real pretrained weights and a real subset of hymenoptera."""
 
+import time
+
 import torch
 
 from app.ml import auto
@@ -19,10 +21,10 @@ def backbones(*names: str) -> list[auto.Backbone]:
     return [auto.Backbone(name, builder(name), sum(p.numel() for p in builder(name)().parameters())) for name in names]
 
 
-def search(tmp_path, names, budget_seconds, samples=TRAIN, **hp):
+def search(tmp_path, names, budget_seconds, samples=TRAIN, serve_probe=None, **hp):
     noted = []
     choice = auto.search(backbones(*names), samples, CLASSES, Hyperparameters(**hp), 0, budget_seconds, tmp_path / "auto",
-                         lambda: None, noted.append, torch.device("cpu"))  # fmt: skip
+                         lambda: None, noted.append, torch.device("cpu"), serve_probe=serve_probe)  # fmt: skip
     return choice, noted
 
 
@@ -57,6 +59,28 @@ def test_auto_measures_every_candidate_by_cross_validation_within_its_budget(tmp
         assert "no candidate beat" in choice.reason
     assert (choice.features is not None) == (choice.strategy == "linear_probe")
     assert not (tmp_path / "auto").exists()  # the folds' files are gone
+
+
+def test_the_measured_probe_is_handed_over_to_be_served_off_the_budget(tmp_path):
+    """The job trains and serves the requested probe from these features while the search goes on."""
+    handed, samples = [], subset("train", 8)
+
+    def serve_probe(features):
+        handed.append((len(noted_so_far), features))
+        time.sleep(2)  # as training and registering the probe take a while
+
+    started = time.perf_counter()
+    noted_so_far: list = []
+    choice = auto.search(backbones("mobilenetv2_100"), samples, CLASSES, Hyperparameters(), 0, 3600, tmp_path / "auto",
+                         lambda: None, noted_so_far.append, torch.device("cpu"), serve_probe=serve_probe)  # fmt: skip
+    wall = time.perf_counter() - started
+    assert len(handed) == 1 and handed[0][0] == 0  # once, as soon as its features exist, before it is measured
+    assert noted_so_far[0].seconds > 0 and noted_so_far[0].cv_accuracy > 0.5  # then measured all the same
+    features = handed[0][1]
+    assert features["train_x"].shape[0] == len(samples) and features["train_y"].tolist() == [y for _, y in samples]
+    assert (choice.backbone, choice.strategy) == ("mobilenetv2_100", "linear_probe")
+    assert torch.equal(choice.features["train_x"], features["train_x"])  # what the job trained is what won
+    assert choice.record["seconds"] <= wall - 2  # the time spent serving it is not the search's
 
 
 def _margin(trial: auto.Trial, baseline: auto.Trial) -> float:

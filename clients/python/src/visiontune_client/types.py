@@ -184,6 +184,7 @@ class Model(_FromJSON):
     job_id: str
     dataset_id: str
     backbone: str
+    strategy: str | None  # linear_probe, partial, full or lp_ft (None from servers before it was reported)
     classes: list[str]
     metrics: dict[str, Any]
     size_bytes: int
