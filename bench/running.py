@@ -64,8 +64,11 @@ def running(command: str, data_dir: Path, environment: dict[str, str] | None = N
                 if time.monotonic() > deadline or service.poll() is not None:
                     sys.exit("service did not start:\n" + log_path.read_text())
                 time.sleep(0.5)
-            if command == "up":
-                time.sleep(3)  # let the worker finish connecting
+            if command == "up":  # both workers (training and background) listening, not still starting
+                while log_path.read_text(errors="replace").count(" ready.") < 2:
+                    if time.monotonic() > deadline or service.poll() is not None:
+                        sys.exit("workers did not start:\n" + log_path.read_text())
+                    time.sleep(0.2)
             yield service, http
         finally:
             http.close()
