@@ -29,7 +29,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.handwritten import HYMENOPTERA, WEIGHTS, frozen_tutorial  # noqa: E402
-from bench.running import distributed_backends, running, wait_for_dataset, wait_for_job, zip_hymenoptera  # noqa: E402
+from bench.running import distributed_backends, progress, running, wait_for_dataset, wait_for_job, zip_hymenoptera  # noqa: E402
 
 
 def upload_to_served(root: Path, archive: Path, backbone: str, strategy: str | None, environment: dict[str, str],
@@ -79,7 +79,10 @@ def main() -> None:
         for attempt in range(args.repeat):
             runs[args.broker or "embedded (SQLite, sqla+sqlite broker, local files)"] = upload_to_served(
                 root / f"embedded-{attempt}", archive, args.backbone, args.strategy, {}, **settings)  # fmt: skip
-            served.append(next(iter(runs.values()))["total"])
+            run = next(iter(runs.values()))
+            served.append(run["total"])
+            progress(f"run {attempt + 1}: upload + ingest {run['ingest']:.1f} s, job -> served {run['train']:.1f} s, "
+                     f"first prediction {run['predict']:.1f} s, upload -> served {run['total']:.1f} s")  # fmt: skip
             if args.distributed:
                 with distributed_backends(root) as environment:
                     runs["PostgreSQL + Redis + S3 (moto)"] = upload_to_served(
