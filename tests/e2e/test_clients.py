@@ -105,8 +105,10 @@ def test_the_cli_runs_the_whole_flow_as_typed(stack, tmp_path):
     dataset_id = next(d["id"] for d in json.loads(visiontune(stack, "datasets", "list", "--json").stdout)
                       if d["name"] == "insects")  # fmt: skip
 
+    # 300 epochs: a probe's 30 epochs on 24 images are over in a fraction of a second, before any
+    # progress line could show their speed.
     train = visiontune(stack, "jobs", "create", "--dataset", dataset_id, "--strategy", "linear_probe", "--model-name",
-                       "insects", "--wait")  # fmt: skip
+                       "insects", "--epochs", "300", "--wait")  # fmt: skip
     assert train.returncode == 0, train.stderr
     assert "succeeded (mobilenetv2_100, linear_probe)" in train.stdout and "val_accuracy: " in train.stdout
     # Not a terminal: the live status comes a line per change (phase, epoch, accuracy, speed, time left).

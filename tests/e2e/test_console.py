@@ -82,6 +82,9 @@ class Browser:
             "const input = document.createElement('input'); input.type = 'file'; input.multiple = true;"
             "input.webkitdirectory = arguments[0]; document.body.append(input); return input;", folder)
         source.send_keys(str(path))
+        # A folder's files reach the input as chromedriver reads them: all of them before the drop.
+        expected = sum(1 for f in path.rglob("*") if f.is_file()) if folder else 1
+        self.wait(lambda: self.js("return arguments[0].files.length", source) == expected, 60, f"{expected} files to load")
         self.js(
             "const [target, input] = arguments; const transfer = new DataTransfer();"
             "for (const file of input.files) transfer.items.add(file);"
