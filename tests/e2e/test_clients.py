@@ -62,7 +62,9 @@ def test_the_sdk_runs_the_whole_flow(stack, tmp_path, capfd):
             audit = client.datasets.audit(dataset.id)  # computed by the background worker (a Celery pool process)
             assert audit.status == "ready" and audit.result["images"] == 40, audit
 
-            job = client.jobs.create(dataset.id, strategy="linear_probe", model_name="bugs").wait(progress=True)
+            # 300 epochs: 30 on 24 images are over before a progress line could show their speed.
+            job = client.jobs.create(dataset.id, strategy="linear_probe", model_name="bugs",
+                                     hyperparameters={"epochs": 300}).wait(progress=True)  # fmt: skip
             assert job.status == "succeeded" and job.model_id and job.metrics["val_accuracy"] >= 0.75
             live = capfd.readouterr().err  # the live line: phase, epoch, accuracy, images/s, time left
             assert "img/s" in live and "epoch" in live and "val_accuracy" in live, live
