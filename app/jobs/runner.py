@@ -352,7 +352,7 @@ def _choose(
             probe_hp = resolve_for_device(resolve(asked, "linear_probe"), device.type)
             result = fine_tune(_build(backbone, _weights(settings, backbone), len(class_names), asked), train_samples,
                                val_samples, class_names, "linear_probe", probe_hp, seed, probe_dir,
-                               _Heartbeats(reporter), device, loader_context)  # fmt: skip
+                               auto.Quiet(reporter.check), device, loader_context)  # fmt: skip
             with outbox.heartbeat(outbox.TRAINING, job_id, me, work_dir):
                 served = registration.register(result, backbone, "linear_probe", final=False).id
             shutil.rmtree(probe_dir, ignore_errors=True)
@@ -393,20 +393,6 @@ def _choose(
         add_event(session, job_id, "status", f"auto chose {choice.strategy} on {choice.backbone}: {choice.reason}",
                   {"backbone": choice.backbone, "strategy": choice.strategy})  # fmt: skip
     return choice.backbone, choice.strategy, resolved, served
-
-
-class _Heartbeats:
-    """The job's heartbeats and cancellation checks for training the probe that `auto` serves
-    while it searches: that training's progress and epochs are not the job's."""
-
-    def __init__(self, reporter: _DatabaseReporter):
-        self.check = reporter.check
-
-    def step(self, phase: str, done: int, total: int, images: int) -> None:
-        pass
-
-    def epoch_end(self, record: dict[str, Any]) -> None:
-        pass
 
 
 def _other_local_backbones(settings: Settings, requested: str, limit: int = 3) -> list[str]:

@@ -93,9 +93,10 @@ class _OutOfBudget(Exception):
     """A candidate stopped for the budget; the message says when and why."""
 
 
-class _Quiet:
-    """The job's reporter for heartbeats and cancellation, without per-epoch events: a fold is not
-    the job. Past `deadline` (a candidate's share of the budget) it stops the candidate."""
+class Quiet:
+    """The job's reporter for heartbeats and cancellation, without per-epoch events: a fold (or the
+    probe the job serves while it searches) is not the job. Past `deadline` (a candidate's share of
+    the budget) it stops the candidate."""
 
     def __init__(self, check: Callable[[], None]):
         self.job_check = check
@@ -133,7 +134,7 @@ def search(
     if smallest < 2:
         return unmeasured(requested, f"a class has {smallest} training image(s): too few to cross-validate")
     shutil.rmtree(work_dir, ignore_errors=True)
-    search = _Search(samples, class_names, hp, seed, min(FOLDS, smallest), work_dir, _Quiet(check), device, loader_context)
+    search = _Search(samples, class_names, hp, seed, min(FOLDS, smallest), work_dir, Quiet(check), device, loader_context)
     started = time.perf_counter()
 
     def run(trial: Trial, measure: Callable[[], torch.Tensor]) -> Trial:
