@@ -69,11 +69,22 @@ def running(command: str, data_dir: Path, environment: dict[str, str] | None = N
                     if time.monotonic() > deadline or service.poll() is not None:
                         sys.exit("workers did not start:\n" + log_path.read_text())
                     time.sleep(0.2)
+            _wait_until_quiet(service.pid, deadline)
             yield service, http
         finally:
             http.close()
             service.terminate()
             service.wait(timeout=60)
+
+
+def _wait_until_quiet(pid: int, deadline: float, busy: float = 0.1) -> None:
+    """Until the service's processes (sweepers and API included) have finished starting: less than
+    `busy` CPU seconds in a second. Start-up is not what a bench measures."""
+    while time.monotonic() < deadline:
+        before = cpu_seconds(pid)
+        time.sleep(1.0)
+        if cpu_seconds(pid) - before < busy:
+            return
 
 
 @contextmanager

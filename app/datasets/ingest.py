@@ -22,7 +22,7 @@ from typing import IO
 from PIL import Image
 
 from app.core.errors import Invalid, TooLarge, UnsupportedMedia
-from app.ml.data import IMAGE_FORMATS
+from app.ml.image_formats import IMAGE_FORMATS
 
 SPLIT_DIRS = {"train": "train", "val": "val", "valid": "val", "validation": "val", "test": None}
 SYSTEM_FILES = {"thumbs.db", "desktop.ini"}

@@ -13,6 +13,8 @@ from PIL import Image, ImageOps
 from timm.data.transforms import ResizeKeepRatio, str_to_pil_interp
 from torchvision import transforms
 
+from app.ml.image_formats import IMAGE_FORMATS
+
 Sample = tuple[Path, int]
 
 
@@ -58,7 +60,6 @@ def class_weights(samples: list[Sample], num_classes: int) -> torch.Tensor:
     return torch.tensor([len(samples) / (num_classes * counts[c]) if counts[c] else 0.0 for c in range(num_classes)])
 
 
-IMAGE_FORMATS = ["JPEG", "PNG", "BMP", "GIF", "WEBP", "TIFF"]  # the only decoders ever run on client bytes
 DRAFT_GAP = 2  # a JPEG is decoded at no less than this many times the size it is resized to
 
 

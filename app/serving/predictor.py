@@ -29,7 +29,8 @@ from app.core import metrics
 from app.core.errors import Invalid, UnsupportedMedia
 from app.ml import onnx_export
 from app.ml.backbone import CalibratedClassifier, fold_batch_norms, load_artifact, pixel_transform
-from app.ml.data import IMAGE_FORMATS, eval_resize, upright_rgb
+from app.ml.data import eval_resize, upright_rgb
+from app.ml.image_formats import IMAGE_FORMATS
 from app.ml.export import read_temperature
 from app.serving.batcher import MicroBatcher
 
