@@ -44,6 +44,9 @@ class Settings(BaseSettings):
     background_nice: int = Field(
         10, ge=0, le=19, description="How much lower the CPU priority of `visiontune worker --background` is."
     )
+    training_nice: int = Field(
+        5, ge=0, le=19, description="How much lower the CPU priority of a training `visiontune worker` is."
+    )
 
     # Upload limits.
     max_upload_bytes: int = 2 * 1024**3

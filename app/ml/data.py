@@ -150,6 +150,11 @@ class DecodedImages:
                 self.pixels[index] = array
                 self.nbytes += array.nbytes
 
+    @property
+    def complete(self) -> bool:
+        """Every image is kept: none is decoded on use."""
+        return all(pixels is not None for pixels in self.pixels)
+
     def _decode(self, path: Path) -> Image.Image:
         image = load_rgb(path, self.resize.size)
         if self.resize.short_side_only:

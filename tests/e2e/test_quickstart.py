@@ -104,3 +104,27 @@ def test_quickstart_as_written_on_embedded_broker(embedded_service):
     assert response.status_code == 200, response.text
     right = sum(p["labels"][0]["label"] == truth for p, (_, truth) in zip(response.json()["predictions"], images))
     assert right >= 18
+
+
+def test_workers_run_below_the_api_cpu_priority(embedded_service):
+    """On one machine the API's predictions come first: the training worker runs TRAINING_NICE
+    below it, the background worker (ingests, exports) BACKGROUND_NICE below, each with its pool
+    process and its sweeper."""
+    _, _, root, process = embedded_service
+
+    def nice(pid: int) -> int:
+        return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[16])
+
+    def command(pid: int) -> str:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
+
+    base = nice(process.popen.pid)
+    by_role: dict[str, set[int]] = {}
+    for pid in processes_using(root):
+        argv = command(pid)
+        role = ("background" if "ingest," in argv else "training") if ("celery" in argv or "app.sweeper" in argv) else (
+            "api" if " serve " in argv else "other")  # fmt: skip
+        by_role.setdefault(role, set()).add(nice(pid) - base)
+    assert by_role["api"] == {0}, by_role
+    assert by_role["training"] == {5}, by_role  # the Celery worker, its pool process and its sweeper
+    assert by_role["background"] == {10}, by_role

@@ -226,3 +226,19 @@ def test_ema_class_weighting_and_augmentation_options_run(tmp_path):
     assert min(record["val_loss"] for record in recorder.records) < ZERO_HEAD_LOSS - 0.05
     _, auc = held_out_scores(result.model)
     assert auc >= 0.75
+
+
+def test_evaluation_of_kept_pixels_on_a_cpu_runs_without_loader_processes(tmp_path):
+    """A crop of kept pixels costs less than handing batches over from a loader process; training
+    (augmentation) and images decoded on use keep the processes asked for."""
+    hp = resolve_for_device(resolve(Hyperparameters(workers=1), "linear_probe"), "cpu")
+    model = build_model("mobilenetv2_100", 2, weights_file=MOBILENET_WEIGHTS)
+    run = train_module._Run(model, TRAIN, VAL, CLASSES, "linear_probe", hp, 0, tmp_path, Recorder(), torch.device("cpu"), None)
+    kept = run.val_images
+    assert kept.complete
+    assert run._loader(VAL, run.eval_transform, kept, train=False).num_workers == 0
+    assert run._loader(TRAIN, run.train_transform, run.train_images, train=True).num_workers == 1
+    assert run._loader(VAL, run.eval_transform, None, train=False).num_workers == 1
+    kept.pixels[0] = None  # past the cache's byte budget: decoded on use
+    assert not kept.complete
+    assert run._loader(VAL, run.eval_transform, kept, train=False).num_workers == 1
