@@ -43,9 +43,9 @@ def run_worker(background: bool, extra: list[str]) -> None:
     migrate()
     settings = get_settings()
     # Below the API's CPU priority: on a machine shared with the API, training and ingests take the
-    # cores that predictions leave idle, not the ones they need (on 2 cores, a model's first
-    # prediction beside an `auto` search took 0.6-1.2 s, against 0.2-0.3 s when the API had its cores).
-    # Training sits above ingests: a job that runs is what someone waits for.
+    # cores that predictions leave idle, not the ones they need (on 2 cores, the first prediction of
+    # a probe that `auto` serves while it searches on took 0.8-2.6 s at the same priority, 0.4 s
+    # below it; bench/SPEED.md). Training sits above ingests: a running job is what someone waits for.
     os.nice(settings.background_nice if background else settings.training_nice)
     if not background and settings.worker_metrics_port:
         # Each job runs in a pool process of its own: they write their metrics to this directory,
