@@ -165,8 +165,10 @@ def test_a_background_worker_killed_mid_ingest_is_replaced_and_leaves_nothing(tm
         database = stack.data_dir / "visiontune.db"
         holder = wait_until(lambda: _holder(database, dataset_id), 120, "a worker to take the ingest",
                             interval=0.2, processes=stack.processes)  # fmt: skip
-        time.sleep(3)  # well into it: files are being written to staging
-        assert list((stack.data_dir / "staging").iterdir()), "the ingest had not started writing"
+        # Killed well into it: once the archive is checked and files are being written to staging.
+        wait_until(lambda: list((stack.data_dir / "staging").iterdir()), 60, "the ingest to start writing",
+                   interval=0.2, processes=stack.processes)  # fmt: skip
+        time.sleep(1)
         victim = _worker_of(workers, holder)
         victim.kill_group()
         killed_at = time.monotonic()
