@@ -6,6 +6,7 @@ from functools import lru_cache
 from celery import Celery
 from kombu.transport import TRANSPORT_ALIASES
 from kombu.transport import sqlalchemy as sqlalchemy_transport
+from sqlalchemy.exc import IntegrityError
 
 from app.core.config import Settings, get_settings
 
@@ -16,6 +17,21 @@ AUDIT_TASK = "visiontune.audit_dataset"
 WEBHOOK_TASK = "visiontune.deliver_webhook"
 
 
+class EmbeddedBrokerChannel(sqlalchemy_transport.Channel):
+    """kombu's SQLAlchemy channel, safe when processes declare the same new queue at once. kombu
+    guards a queue row's select-then-insert with a lock of its own process only, so of two workers
+    that start together one inserted the row and the other crashed at start on the unique name
+    (seen in a fault test: two background workers on the embedded broker). The loser now reads the
+    row the winner wrote."""
+
+    def _get_or_create(self, queue):
+        try:
+            return super()._get_or_create(queue)
+        except IntegrityError:
+            self.session.rollback()
+            return self.session.query(self.queue_cls).filter(self.queue_cls.name == queue).one()
+
+
 class EmbeddedBrokerTransport(sqlalchemy_transport.Transport):
     """kombu's SQLAlchemy transport, polling its tables 5 times a second instead of once: every
     upload and job takes a hop through it, and a second's wait per hop was an eighth of the time
@@ -24,6 +40,7 @@ class EmbeddedBrokerTransport(sqlalchemy_transport.Transport):
     transaction per queue."""
 
     polling_interval = 0.2
+    Channel = EmbeddedBrokerChannel
 
 
 def make_celery(settings: Settings) -> Celery:
