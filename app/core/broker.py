@@ -6,7 +6,7 @@ from functools import lru_cache
 from celery import Celery
 from kombu.transport import TRANSPORT_ALIASES
 from kombu.transport import sqlalchemy as sqlalchemy_transport
-from sqlalchemy.exc import IntegrityError
+from sqlalchemy.exc import IntegrityError, OperationalError
 
 from app.core.config import Settings, get_settings
 
@@ -18,11 +18,22 @@ WEBHOOK_TASK = "visiontune.deliver_webhook"
 
 
 class EmbeddedBrokerChannel(sqlalchemy_transport.Channel):
-    """kombu's SQLAlchemy channel, safe when processes declare the same new queue at once. kombu
-    guards a queue row's select-then-insert with a lock of its own process only, so of two workers
-    that start together one inserted the row and the other crashed at start on the unique name
-    (seen in a fault test: two background workers on the embedded broker). The loser now reads the
-    row the winner wrote."""
+    """kombu's SQLAlchemy channel, safe when processes start on the same database at once. kombu
+    guards creating its tables, and a queue row's select-then-insert, with a lock of its own
+    process only: of two workers that started together, one created the queue row and the other
+    crashed at start on the unique name (seen in a fault test: two background workers on the
+    embedded broker). The loser now uses what the winner created."""
+
+    def _open(self):
+        # "table ... already exists": another process created it between kombu's check and its
+        # create. Each race lost leaves one more of kombu's two tables in place, so this ends.
+        for _ in range(2):
+            try:
+                return super()._open()
+            except OperationalError as error:
+                if "already exists" not in str(error):
+                    raise
+        return super()._open()
 
     def _get_or_create(self, queue):
         try:
