@@ -2,6 +2,7 @@
 
     python bench/accuracy_table.py [--dataset trashnet hymenoptera] [--arch NAME ...]
                                    [--strategy NAME ...] [--budgets 60 600] [--no-references]
+                                   [--augment-by-loaders]
 
 For each dataset in ../shared (its own train/val split): the engine exactly as a job runs it with
 default hyperparameters (same resolution of unset values), for every backbone and strategy; then
@@ -10,6 +11,8 @@ cross-validation on the training split and then trained on all of it; then the h
 references of bench/handwritten.py on the same split (the PyTorch tutorial's two recipes,
 shortened to 5 epochs, and a scikit-learn logistic-regression probe). Prints a Markdown table with
 each accuracy's Wilson 95% interval for the validation size, and the seconds each row took.
+`--augment-by-loaders`: training images are augmented by loader processes with Pillow, as before
+app/ml/tensor_augment.py, instead of in the training process (the engine's default).
 """
 
 import argparse
@@ -45,14 +48,15 @@ class Quiet:
         pass
 
 
-def train(arch: str, strategy: str, root: Path, features: dict | None = None):
+def train(arch: str, strategy: str, root: Path, features: dict | None = None, augment_on_device: bool = True):
     names, train_samples, val_samples = classes(root), samples("train", root), samples("val", root)
     hp = resolve_for_device(resolve(Hyperparameters(), strategy), "cpu")
     model = build_model(arch, len(names), weights_file=WEIGHTS[arch])
     with tempfile.TemporaryDirectory() as work_dir:
         if features is not None:  # what `auto` computed already, as a job's final training reads it back
             save_file(features, Path(work_dir) / FEATURES_NAME)
-        return fine_tune(model, train_samples, val_samples, names, strategy, hp, 0, Path(work_dir), Quiet(), CPU)
+        return fine_tune(model, train_samples, val_samples, names, strategy, hp, 0, Path(work_dir), Quiet(), CPU,
+                         augment_on_device=augment_on_device)  # fmt: skip
 
 
 def search(archs: list[str], root: Path, budget: float) -> auto.Choice:
@@ -81,6 +85,7 @@ def main() -> None:
     parser.add_argument("--strategy", nargs="*", default=list(STRATEGIES))
     parser.add_argument("--budgets", nargs="*", type=float, default=[60, 600])
     parser.add_argument("--no-references", action="store_true")
+    parser.add_argument("--augment-by-loaders", action="store_true")
     args = parser.parse_args()
     print("| dataset | backbone | method | val accuracy (95% interval) | macro F1 | seconds | notes |")
     print("| --- | --- | --- | --- | --- | --- | --- |")
@@ -90,14 +95,14 @@ def main() -> None:
         for arch in args.arch:
             for strategy in args.strategy:
                 started = time.perf_counter()
-                result = train(arch, strategy, root)
+                result = train(arch, strategy, root, augment_on_device=not args.augment_by_loaders)
                 metrics = result.metrics
                 row(dataset, arch, strategy, metrics["val_accuracy"], val_images, metrics["macro_f1"],
                     time.perf_counter() - started, f"{len(result.history)} epochs")  # fmt: skip
         for budget in args.budgets:
             started = time.perf_counter()
             choice = search(args.arch, root, budget)
-            result = train(choice.backbone, choice.strategy, root, choice.features)
+            result = train(choice.backbone, choice.strategy, root, choice.features, not args.augment_by_loaders)
             measured = [t for t in choice.record["trials"] if t["skipped"] is None]
             tried = ", ".join(f"{t['strategy']}/{t['backbone']} {t['cv_accuracy']:.3f} in {t['seconds']:.0f} s"
                               + (f" (estimated {t['estimated_seconds']:.0f} s)" if t["estimated_seconds"] else "")

@@ -37,14 +37,15 @@ class LastEpoch:
         self.rate = record["images_per_second"]
 
 
-def engine_throughput(arch: str, epochs: int, batch_size: int, workers: int, device: str, repeat: int, **options) -> float:
+def engine_throughput(arch: str, epochs: int, batch_size: int, workers: int, device: str, repeat: int,
+                      augment_on_device: bool = True, **options) -> float:  # fmt: skip
     hp = Hyperparameters(epochs=epochs, batch_size=batch_size, workers=workers, **options)
     hp = resolve_for_device(resolve(hp, "full"), device)
     model = build_model(arch, 2, weights_file=WEIGHTS[arch])
     reporter = LastEpoch()
     with tempfile.TemporaryDirectory() as work_dir:
         fine_tune(model, samples("train") * repeat, samples("val"), CLASSES, "full", hp, 0, Path(work_dir), reporter,
-                  torch.device(device))  # fmt: skip
+                  torch.device(device), augment_on_device=augment_on_device)  # fmt: skip
     return reporter.rate
 
 
@@ -64,7 +65,8 @@ def main() -> None:
         ("hand-written timm loop (fp32)", baseline),
         ("engine, fp32, no image cache", engine_throughput(*common, image_cache=False, amp=False, channels_last=False)),
         ("engine defaults, no image cache", engine_throughput(*common, image_cache=False)),
-        ("engine defaults (image cache on)", engine_throughput(*common)),
+        ("engine defaults, image cache, augmented by loader processes", engine_throughput(*common, augment_on_device=False)),
+        ("engine defaults (image cache, augmented on the device)", engine_throughput(*common)),
     ]
     defaults = resolve_for_device(Hyperparameters(), args.device)
     where = torch.cuda.get_device_name() if args.device == "cuda" else f"CPU, {torch.get_num_threads()} threads"
@@ -72,7 +74,7 @@ def main() -> None:
           f"{os.cpu_count()} cores; engine defaults here: amp={defaults.amp}, "
           f"channels_last={defaults.channels_last}")  # fmt: skip
     for name, rate in rows:
-        print(f"{name:36s} {rate:7.1f} images/s   {rate / baseline:5.2f}x")
+        print(f"{name:60s} {rate:7.1f} images/s   {rate / baseline:5.2f}x")
 
 
 if __name__ == "__main__":

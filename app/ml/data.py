@@ -144,7 +144,7 @@ class DecodedImages:
         with ThreadPoolExecutor(max_workers=threads) as pool:
             for index, image in enumerate(pool.map(self._decode, paths)):
                 check()
-                array = np.asarray(image)
+                array = np.array(image)  # writable: training views it as a tensor, uncopied (app/ml/tensor_augment.py)
                 if self.nbytes + array.nbytes > max_bytes:
                     continue
                 self.pixels[index] = array

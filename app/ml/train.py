@@ -21,6 +21,7 @@ import math
 import os
 import tempfile
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -39,6 +40,7 @@ from app.ml.calibration import expected_calibration_error, fit_temperature
 from app.ml.data import DecodedImages, ImageDataset, Sample, class_weights, eval_resize
 from app.ml.metrics import classification_metrics
 from app.ml.spec import RECIPES, Hyperparameters, total_epochs
+from app.ml.tensor_augment import DeviceImages, TensorAugmentation
 
 CHECKPOINT_NAME = "checkpoint.pt"
 FEATURES_NAME = "features.safetensors"
@@ -99,13 +101,16 @@ def fine_tune(
     reporter: Reporter,
     device: torch.device | None = None,
     loader_context=None,
+    augment_on_device: bool = True,
 ) -> TrainResult:
     """Train `model` (a timm model whose classifier has len(class_names) outputs) in place.
 
     `hp` must be resolved (app.ml.spec.resolve). `loader_context` is the multiprocessing context
-    for DataLoader workers (a Celery pool process needs one that may start children)."""
+    for DataLoader workers (a Celery pool process needs one that may start children).
+    `augment_on_device`: augment kept training images in this process, on the device that trains
+    (app/ml/tensor_augment.py), where the train transform allows; else loader processes do."""
     run = _Run(model, train_samples, val_samples, class_names, strategy, hp, seed, work_dir, reporter,
-               device or pick_device(), loader_context)  # fmt: skip
+               device or pick_device(), loader_context, augment_on_device)  # fmt: skip
     return run.execute()
 
 
@@ -118,8 +123,9 @@ class _Stage:
 
 class _Run:
     def __init__(self, model, train_samples, val_samples, class_names, strategy, hp, seed, work_dir, reporter, device,
-                 loader_context):  # fmt: skip
+                 loader_context, augment_on_device=True):  # fmt: skip
         self.model, self.hp, self.seed, self.device = model, hp, seed, device
+        self.augment_on_device = augment_on_device
         self.train_samples, self.val_samples, self.class_names = train_samples, val_samples, class_names
         self.strategy, self.work_dir, self.reporter, self.loader_context = strategy, work_dir, reporter, loader_context
         self.num_classes = len(class_names)
@@ -166,15 +172,46 @@ class _Run:
                              self.data_config["interpolation"], IMAGE_CACHE_BYTES, threads=os.cpu_count() or 1,
                              check=self.reporter.check)  # fmt: skip
 
+    @functools.cached_property
+    def _device_images(self) -> DeviceImages | None:
+        """The training images on the device, where they are augmented there: asked for, every
+        image kept decoded, a train transform with a tensor form, and room on a GPU."""
+        if not self.augment_on_device or self.train_images is None or not self.train_images.complete:
+            return None
+        augmentation = TensorAugmentation.of(self.train_transform, self.device)
+        if augmentation is None:
+            return None
+        if self.device.type == "cuda" and self.train_images.nbytes > torch.cuda.mem_get_info(self.device)[0] // 4:
+            return None  # the network's activations and optimizer state come first
+        labels = [label for _, label in self.train_samples]
+        return DeviceImages(self.train_images.pixels, labels, augmentation, self.device)
+
+    def _sampler(self, samples: list[Sample], generator: torch.Generator) -> torch.utils.data.Sampler:
+        """The order of a training epoch: shuffled, or drawn class-balanced ('sampler')."""
+        if self.hp.class_weighting == "sampler":
+            per_sample = class_weights(samples, self.num_classes)[[label for _, label in samples]]
+            return torch.utils.data.WeightedRandomSampler(per_sample, len(samples), generator=generator)
+        return torch.utils.data.RandomSampler(samples, generator=generator)
+
+    def _drop_last(self, samples: list[Sample]) -> bool:
+        return self._mixup() is not None and len(samples) > self.hp.batch_size
+
+    def _train_batches(self, epoch_seed: int) -> tuple[int, Iterable[tuple[torch.Tensor, torch.Tensor]]]:
+        """How many batches a training epoch has, and the batches: augmented on the device, or
+        loaded by loader processes."""
+        if self._device_images is None:
+            loader = self._loader(self.train_samples, self.train_transform, self.train_images, train=True,
+                                  epoch_seed=epoch_seed)  # fmt: skip
+            return len(loader), loader
+        sampler = self._sampler(self.train_samples, torch.Generator().manual_seed(epoch_seed))
+        order = torch.utils.data.BatchSampler(sampler, self.hp.batch_size, self._drop_last(self.train_samples))
+        return len(order), self._device_images.batches(order)
+
     def _loader(self, samples, transform, images, *, train: bool, epoch_seed: int = 0, flip: bool = False):
         if flip:
             transform = _Flipped(transform)
         dataset = ImageDataset(samples, transform, images)
         generator = torch.Generator().manual_seed(epoch_seed)
-        sampler = None
-        if train and self.hp.class_weighting == "sampler":
-            per_sample = class_weights(samples, self.num_classes)[[label for _, label in samples]]
-            sampler = torch.utils.data.WeightedRandomSampler(per_sample, len(samples), generator=generator)
         workers = self.hp.workers or 0
         if not train and self.device.type == "cpu" and images is not None and images.complete:
             # The eval transform of kept pixels is a crop and a copy (about 1 ms an image). On a
@@ -185,10 +222,9 @@ class _Run:
         return torch.utils.data.DataLoader(
             dataset,
             batch_size=self.hp.batch_size,
-            shuffle=train and sampler is None,
-            sampler=sampler,
-            generator=generator,
-            drop_last=train and self._mixup() is not None and len(samples) > self.hp.batch_size,
+            sampler=self._sampler(samples, generator) if train else None,
+            generator=generator,  # also seeds the loader processes (augmentation)
+            drop_last=train and self._drop_last(samples),
             num_workers=workers,
             multiprocessing_context=self.loader_context if workers else None,
             pin_memory=self.device.type == "cuda",
@@ -323,13 +359,13 @@ class _Run:
         return total / len(order), len(order)
 
     def _network_epoch(self, optimizer, ema, scaler, epoch_seed) -> tuple[float, int]:
-        loader = self._loader(self.train_samples, self.train_transform, self.train_images, train=True, epoch_seed=epoch_seed)
+        batches, loader = self._train_batches(epoch_seed)
         mixup = self._mixup()
         criterion = self._criterion(soft_targets=mixup is not None)
         accumulate = self.hp.grad_accum_steps
         self._train_mode()
         optimizer.zero_grad(set_to_none=True)
-        total, seen, batches = 0.0, 0, len(loader)
+        total, seen = 0.0, 0
         for step, (images, targets) in enumerate(loader):
             self.reporter.check()
             images, targets = self._to_device(images), targets.to(self.device, non_blocking=True)
