@@ -1,11 +1,15 @@
 """The Celery application, configured from Settings, shared by the API (which only enqueues, by
 task name) and the worker (workers/celery_app.py, which registers the task bodies)."""
 
+import os
+import sqlite3
+import threading
 from functools import lru_cache
 
 from celery import Celery
 from kombu.transport import TRANSPORT_ALIASES
 from kombu.transport import sqlalchemy as sqlalchemy_transport
+from sqlalchemy import create_engine
 from sqlalchemy.exc import IntegrityError, OperationalError
 
 from app.core.config import Settings, get_settings
@@ -17,12 +21,59 @@ AUDIT_TASK = "visiontune.audit_dataset"
 WEBHOOK_TASK = "visiontune.deliver_webhook"
 
 
+# Held by every call into SQLite through the embedded broker, and by every fork. A Celery worker's
+# main thread polls the broker 5 times a second while its pool's supervisor thread forks a fresh
+# process for each task. A fork that lands while the poll is inside SQLite's C code copies SQLite's
+# mutexes locked, and the new process then hangs on its first SQLite call, holding its task's
+# message forever (seen in CI: an ingest that never started). A fork now waits for the call.
+_SQLITE_CALL = threading.Lock()
+os.register_at_fork(before=_SQLITE_CALL.acquire, after_in_parent=_SQLITE_CALL.release,
+                    after_in_child=_SQLITE_CALL.release)  # fmt: skip
+
+
+def _one_at_a_fork(method):
+    def guarded(self, *args, **kwargs):
+        with _SQLITE_CALL:
+            return method(self, *args, **kwargs)
+
+    return guarded
+
+
+class _ForkSafeCursor(sqlite3.Cursor):
+    """The sqlite3 cursor, each call that releases the GIL into SQLite made under _SQLITE_CALL."""
+
+    execute = _one_at_a_fork(sqlite3.Cursor.execute)
+    executemany = _one_at_a_fork(sqlite3.Cursor.executemany)
+    fetchone = _one_at_a_fork(sqlite3.Cursor.fetchone)
+    fetchmany = _one_at_a_fork(sqlite3.Cursor.fetchmany)
+    fetchall = _one_at_a_fork(sqlite3.Cursor.fetchall)
+    close = _one_at_a_fork(sqlite3.Cursor.close)
+
+
+class ForkSafeSQLite(sqlite3.Connection):
+    """The sqlite3 connection (its `factory`), opened, used and closed under _SQLITE_CALL."""
+
+    __init__ = _one_at_a_fork(sqlite3.Connection.__init__)
+    execute = _one_at_a_fork(sqlite3.Connection.execute)
+    commit = _one_at_a_fork(sqlite3.Connection.commit)
+    rollback = _one_at_a_fork(sqlite3.Connection.rollback)
+    close = _one_at_a_fork(sqlite3.Connection.close)
+
+    def cursor(self, factory=_ForkSafeCursor):
+        return super().cursor(factory)
+
+
 class EmbeddedBrokerChannel(sqlalchemy_transport.Channel):
     """kombu's SQLAlchemy channel, safe when processes start on the same database at once. kombu
     guards creating its tables, and a queue row's select-then-insert, with a lock of its own
     process only: of two workers that started together, one created the queue row and the other
     crashed at start on the unique name (seen in a fault test: two background workers on the
-    embedded broker). The loser now uses what the winner created."""
+    embedded broker). The loser now uses what the winner created. Its SQLite connections are
+    ForkSafeSQLite's."""
+
+    def _engine_from_config(self):
+        # kombu's own hands the transport options to create_engine; the embedded broker sets none.
+        return create_engine(self.connection.client.hostname, connect_args={"factory": ForkSafeSQLite})
 
     def _open(self):
         # "table ... already exists": another process created it between kombu's check and its
