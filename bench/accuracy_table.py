@@ -11,8 +11,9 @@ cross-validation on the training split and then trained on all of it; then the h
 references of bench/handwritten.py on the same split (the PyTorch tutorial's two recipes,
 shortened to 5 epochs, and a scikit-learn logistic-regression probe). Prints a Markdown table with
 each accuracy's Wilson 95% interval for the validation size, and the seconds each row took.
-`--augment-by-loaders`: training images are augmented by loader processes with Pillow, as before
-app/ml/tensor_augment.py, instead of in the training process (the engine's default).
+`--augment-by-loaders`: the rows' training images are augmented by loader processes with Pillow,
+as before app/ml/tensor_augment.py, instead of in the training process (the engine's default);
+`auto`'s cross-validation of its candidates keeps the default.
 """
 
 import argparse
