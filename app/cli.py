@@ -103,15 +103,22 @@ def first_key_if_none() -> str | None:
 def serve(host: str, port: int, workers: int | None = None) -> None:
     """The API in `workers` processes (default VISIONTUNE_API_WORKERS): one Python process runs its
     request handling on one core at a time (the GIL), so a machine with cores to spare serves more
-    with more processes. Each has its own model cache and micro-batcher."""
+    with more processes. Each has its own model cache and micro-batcher, unless inference processes
+    (one per GPU, VISIONTUNE_SERVING_INFERENCE_PROCESS) run the forward passes of all of them."""
+    from app.serving.inference_process import inference_devices, inference_processes
+
     settings = get_settings()
     workers = workers or settings.api_workers
     os.environ["VISIONTUNE_API_WORKERS"] = str(workers)  # each process takes its share of the cores
-    if workers > 1:
+    devices = inference_devices(settings)
+    if workers > 1 or devices:
         migrate()  # once, before the processes race to do it
         if settings.metrics_enabled:  # one /metrics for all the processes: each writes its own files here
             multiprocess_metrics_dir(settings.data_dir / "metrics" / f"api-{os.getpid()}")
-    uvicorn.run("app.main:app", host=host, port=port, workers=workers, log_level="info")
+    with inference_processes(devices) as sockets:
+        os.environ["VISIONTUNE_INFERENCE_SOCKETS"] = ",".join(sockets)
+        get_settings.cache_clear()  # an API process in this one (workers=1) reads the sockets too
+        uvicorn.run("app.main:app", host=host, port=port, workers=workers, log_level="info")
 
 
 def up(host: str, port: int) -> int:

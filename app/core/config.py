@@ -112,6 +112,15 @@ class Settings(BaseSettings):
     serving_device: Literal["auto", "cpu", "cuda"] = Field(
         "auto", description="Where PyTorch serves models: auto = the GPU when there is one (onnxruntime runs on the CPU)."
     )
+    serving_inference_process: Literal["auto", "on", "off"] = Field(
+        "auto",
+        description="`visiontune serve` runs the forward passes of all its API processes in one inference process "
+        "per GPU, where their requests share batches and one CUDA context (the API processes decode and preprocess). "
+        "auto = on when serving on a GPU.",
+    )
+    inference_sockets: str = Field(
+        "", description="Set by `visiontune serve` for its API processes: its inference processes' Unix sockets."
+    )
     serving_cuda_graphs: bool = Field(
         True, description="On a GPU, replay each model's forward pass as CUDA graphs (one per batch size)."
     )

@@ -88,8 +88,10 @@ class CalibratedClassifier(torch.nn.Module):
         return self.model.forward_head(self.model.forward_features(self.normalize(pixels)), pre_logits=True)
 
 
-def pixel_transform(model: torch.nn.Module) -> transforms.Compose:
-    """timm's eval transform for this model up to ToTensor: the [0, 1] pixels CalibratedClassifier takes.
+def pixel_transform(model: torch.nn.Module, uint8: bool = False) -> transforms.Compose:
+    """timm's eval transform for this model up to ToTensor: the [0, 1] pixels CalibratedClassifier takes;
+    or, with `uint8`, the same pixels as uint8 (a quarter of the bytes, for an API process to send to
+    the inference process, where `unit_pixels` finishes the job).
 
     Dropping the Normalize step (rather than rebuilding with mean 0 / std 1) keeps every other
     step identical, including the mean-coloured padding of timm's 'border' crop mode. ToTensor
@@ -99,7 +101,7 @@ def pixel_transform(model: torch.nn.Module) -> transforms.Compose:
     steps = [step for step in transform.transforms if not isinstance(step, transforms.Normalize)]
     if len(steps) != len(transform.transforms) - 1 or not isinstance(steps[-1], transforms.ToTensor):
         raise ValueError(f"expected the eval transform to end in ToTensor, Normalize: {transform}")
-    return transforms.Compose([*steps[:-1], ToPixels()])
+    return transforms.Compose([*steps[:-1], pixel_bytes if uint8 else ToPixels()])
 
 
 class ToPixels:
@@ -113,6 +115,18 @@ class ToPixels:
         pixels = np.ascontiguousarray(np.asarray(image, dtype=np.uint8).transpose(2, 0, 1), dtype=np.float32)
         pixels /= np.float32(255)
         return torch.from_numpy(pixels)
+
+
+def pixel_bytes(image: Image.Image) -> torch.Tensor:
+    """An RGB PIL image as uint8 CHW pixels."""
+    return torch.from_numpy(np.ascontiguousarray(np.asarray(image, dtype=np.uint8).transpose(2, 0, 1)))
+
+
+def unit_pixels(pixels: torch.Tensor | np.ndarray) -> torch.Tensor:
+    """uint8 pixels (any shape) as float32 in [0, 1], the values of torchvision's ToTensor."""
+    scaled = np.asarray(pixels, dtype=np.uint8).astype(np.float32)
+    scaled /= np.float32(255)
+    return torch.from_numpy(scaled)
 
 
 def fold_batch_norms(model: torch.nn.Module, example: torch.Tensor) -> torch.nn.Module:

@@ -42,21 +42,28 @@ class CudaGraphs:
     captured on first use and replayed after. At serving's small batches an eager forward on a GPU
     is bound by the CPU launching its kernels one by one (bench/gpu_serving.py, mobilenetv2_100 on
     an H100: 6.5 ms eager, 0.8 ms replayed at batch 1), and that CPU is what decodes the images.
-    Replays share their input and output buffers, so one runs at a time."""
+    Replays share their input and output buffers, so one runs at a time.
+
+    The thread waits for each result on an event with blocking synchronisation: it sleeps, where
+    `.cpu()` would spin on a core (CUDA's default while a process has fewer active contexts than
+    cores), taking it from the threads that decode the next images."""
 
     def __init__(self, module: torch.nn.Module, max_batch_size: int):
         self.module, self.max_batch_size = module, max_batch_size
-        self._graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor, torch.Tensor]] = {}
+        self._graphs: dict[int, _Graph] = {}
         self._lock = threading.Lock()
 
     def __call__(self, pixels: torch.Tensor) -> torch.Tensor:
         with self._lock:
-            graph, static_in, static_out = self._graphs.get(len(pixels)) or self._capture(pixels)
-            static_in.copy_(pixels)
-            graph.replay()
-            return static_out.cpu()
+            captured = self._graphs.get(len(pixels)) or self._capture(pixels)
+            captured.static_in.copy_(pixels)
+            captured.graph.replay()
+            captured.host_out.copy_(captured.static_out, non_blocking=True)
+            captured.done.record()
+            captured.done.synchronize()
+            return captured.host_out.clone()
 
-    def _capture(self, pixels: torch.Tensor) -> tuple[torch.cuda.CUDAGraph, torch.Tensor, torch.Tensor]:
+    def _capture(self, pixels: torch.Tensor) -> "_Graph":
         device = next(self.module.parameters()).device
         static_in = torch.empty_like(pixels, device=device).contiguous(memory_format=torch.channels_last)
         static_in.copy_(pixels)
@@ -69,8 +76,18 @@ class CudaGraphs:
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph), torch.inference_mode():
             static_out = self.module(static_in)
-        self._graphs[len(pixels)] = graph, static_in, static_out
+        host_out = torch.empty(static_out.shape, dtype=static_out.dtype, pin_memory=True)
+        self._graphs[len(pixels)] = _Graph(graph, static_in, static_out, host_out, torch.cuda.Event(blocking=True))
         return self._graphs[len(pixels)]
+
+
+@dataclass
+class _Graph:
+    graph: torch.cuda.CUDAGraph
+    static_in: torch.Tensor  # on the GPU: each call's pixels are copied in
+    static_out: torch.Tensor  # on the GPU: what a replay writes
+    host_out: torch.Tensor  # pinned CPU memory that static_out is copied to
+    done: torch.cuda.Event  # recorded after that copy
 
 
 # Each export format, and the runtime name a prediction reports (X-Runtime) when it serves.
@@ -105,6 +122,13 @@ class LoadedModel:
             return self.graphs(pixels)
         with torch.inference_mode():
             return self.classifier(self._on_device(pixels)).cpu()
+
+    async def submit(self, pixels: torch.Tensor) -> tuple[torch.Tensor, int]:
+        """Calibrated probabilities, through the micro-batcher; and the size of the forward pass."""
+        return await self.batcher.submit(pixels)
+
+    async def embed(self, pixels: torch.Tensor) -> torch.Tensor:
+        return await asyncio.to_thread(self.embeddings, pixels)
 
     def embeddings(self, pixels: torch.Tensor) -> torch.Tensor:
         with torch.inference_mode():
@@ -293,7 +317,7 @@ async def predict(
 ) -> tuple[list[list[tuple[str, float]] | None], int]:
     """Top-k (label, calibrated probability) per image, None where the best is below threshold;
     and the size of the forward pass that served them."""
-    probabilities, batch_size = await loaded.batcher.submit(pixels)
+    probabilities, batch_size = await loaded.submit(pixels)
     metrics.PREDICTED_IMAGES.labels(loaded.runtime).inc(len(pixels))
     metrics.BATCH_SIZE.observe(batch_size)  # the forward pass that served this request
     scores, indices = probabilities.topk(top_k, dim=1)
@@ -304,7 +328,3 @@ async def predict(
         else:
             results.append([(loaded.labels[i], s) for s, i in zip(row_scores, row_indices, strict=True)])
     return results, batch_size
-
-
-async def embed(loaded: LoadedModel, pixels: torch.Tensor) -> torch.Tensor:
-    return await asyncio.to_thread(loaded.embeddings, pixels)

@@ -7,6 +7,7 @@ bounded number of threads, and runs the forward pass through the model's micro-b
 """
 
 import asyncio
+import contextlib
 import os
 import time
 from collections.abc import AsyncIterator
@@ -28,9 +29,10 @@ from app.db.tables import Model
 from app.models.service import local_artifact, local_exports, model_exists, ready_exports
 from app.serving import predictor
 from app.serving.predictor import LoadedModel, ModelCache
+from app.serving.remote import InferenceClient, InferenceFailed, InferenceUnavailable, RemoteModel, RemoteModels
+from app.serving.schemas import EmbeddingResponse, ImagesBody, PredictionResponse
 
 EXPORT_CHECK_SECONDS = 5.0
-from app.serving.schemas import EmbeddingResponse, ImagesBody, PredictionResponse
 
 Images = list[tuple[str, bytes]]  # (filename, file bytes)
 Body = TypeVar("Body", bound=BaseModel)
@@ -77,14 +79,20 @@ async def read_images(request: Request, settings: Settings) -> Images:
 class Serving:
     def __init__(self, settings: Settings):
         self.settings = settings
-        self.cache = ModelCache(
-            settings.model_cache_bytes,
-            settings.max_batch_size,
-            settings.max_wait_ms,
-            settings.serving_runtime,
-            predictor.serving_device(settings.serving_device),
-            settings.serving_cuda_graphs,
-        )
+        # With inference processes (`visiontune serve` on a GPU: app/serving/inference_process.py),
+        # this process decodes and preprocesses, and they run the forward passes.
+        self.inference = [InferenceClient(path) for path in settings.inference_sockets.split(",") if path]
+        if self.inference:
+            self.cache = RemoteModels(self.inference[os.getpid() % len(self.inference)], settings.serving_runtime)
+        else:
+            self.cache = ModelCache(
+                settings.model_cache_bytes,
+                settings.max_batch_size,
+                settings.max_wait_ms,
+                settings.serving_runtime,
+                predictor.serving_device(settings.serving_device),
+                settings.serving_cuda_graphs,
+            )
         # Decoding runs on at most one thread per core, not on all 40 of FastAPI's shared pool: each
         # holds the GIL between its Pillow calls, and the event loop and the forward-pass thread
         # queue behind every one of them. With several API processes (`visiontune serve`), each
@@ -120,7 +128,7 @@ class Serving:
         started = time.perf_counter()
         async with self._deadline():
             loaded, batch = await self._prepare(model, images)
-            vectors = await predictor.embed(loaded, batch)
+            vectors = await loaded.embed(batch)
         body = EmbeddingResponse(
             model_id=model.id,
             dimensions=vectors.shape[1],
@@ -128,7 +136,7 @@ class Serving:
         )
         return Answer(body, _timing(started))
 
-    def _load(self, model_id: str) -> LoadedModel:
+    def _load(self, model_id: str) -> LoadedModel | RemoteModel:
         try:
             directory = local_artifact(self.settings, model_id)  # fetched from the object store on first use
             return self.cache.get(model_id, directory, local_exports(self.settings, model_id))
@@ -149,8 +157,12 @@ class Serving:
         return bool(await run_in_threadpool(ready_exports, model_id) - seen)
 
     def unload(self, model_id: str) -> None:
-        """Drop a model from this process's cache (it was deleted)."""
+        """Drop a deleted model from this process's cache, and from the inference processes'.
+        Called from a worker thread of the event loop (the delete route)."""
         self.cache.evict(model_id)
+        for client in self.inference:
+            with contextlib.suppress(InferenceUnavailable, InferenceFailed):  # a restarted one never had it
+                anyio.from_thread.run(client.call, {"op": "evict", "model_id": model_id})
 
     @asynccontextmanager
     async def _deadline(self) -> AsyncIterator[None]:
@@ -164,7 +176,7 @@ class Serving:
                 code="prediction_timeout",
             ) from exc
 
-    async def _prepare(self, model: Model, images: Images) -> tuple[LoadedModel, torch.Tensor]:
+    async def _prepare(self, model: Model, images: Images) -> tuple[LoadedModel | RemoteModel, torch.Tensor]:
         # `cached` never waits, so the event loop may call it; a load goes to a thread.
         loaded = self.cache.cached(model.id)
         if loaded is not None and loaded.export_may_come and await self._export_appeared(model.id, loaded.exports_seen):

@@ -391,9 +391,11 @@ def test_batched_results_equal_one_by_one_and_json_equals_multipart(stack, probe
     assert empty.status_code == 422 and empty.json()["error"]["code"] == "missing_file"
 
 
-def test_several_api_processes_serve_the_same_predictions(stack, probe, tmp_path):
-    """`visiontune serve --workers 2` on the same data: two processes, each with its own model
-    cache, answering concurrent requests exactly as the single-process API does."""
+def test_several_api_processes_share_one_inference_process(stack, probe, tmp_path):
+    """`visiontune serve --workers 2` on the same data, with the inference process on (the default
+    on a GPU): two API processes decode and send their pixels to one process that runs the forward
+    passes, answering concurrent requests exactly as the single-process API does. (Each API process
+    with its own model cache, the default on a CPU, is what `stack`'s single-process API runs.)"""
     import asyncio
     import subprocess
     import sys
@@ -401,13 +403,15 @@ def test_several_api_processes_serve_the_same_predictions(stack, probe, tmp_path
     import httpx
 
     port = free_port()
-    api = Process("api2", [sys.executable, "-m", "app.cli", "serve", "--port", str(port), "--workers", "2"], stack.env, tmp_path)
+    env = {**stack.env, "VISIONTUNE_SERVING_INFERENCE_PROCESS": "on"}
+    api = Process("api2", [sys.executable, "-m", "app.cli", "serve", "--port", str(port), "--workers", "2"], env, tmp_path)
     try:
         http = httpx.Client(base_url=f"http://127.0.0.1:{port}", headers=stack.http.headers, timeout=120)
         wait_until(lambda: is_ready(http), 90, "the 2-process API", processes=[api])
         children = subprocess.run(["pgrep", "-P", str(api.popen.pid)], capture_output=True, text=True).stdout.split()
-        commands = [Path(f"/proc/{pid}/cmdline").read_bytes() for pid in children]
-        assert sum(b"spawn_main" in c for c in commands) == 2, commands  # (beside multiprocessing's resource tracker)
+        commands = {int(pid): Path(f"/proc/{pid}/cmdline").read_bytes() for pid in children}
+        assert sum(b"spawn_main" in c for c in commands.values()) == 2, commands  # (beside multiprocessing's resource tracker)
+        (inference,) = [pid for pid, c in commands.items() if b"app.serving.inference_process" in c]
         url = f"/v1/models/{probe['model_id']}/predict"
         images = val_images(4)
         expected = [stack.http.post(url, files={"files": (p.name, p.read_bytes())}).json()["predictions"] for p, _ in images]
@@ -422,15 +426,28 @@ def test_several_api_processes_serve_the_same_predictions(stack, probe, tmp_path
             got = response.json()["predictions"][0]["labels"]
             assert [l["label"] for l in got] == [l["label"] for l in want[0]["labels"]]
             assert [l["score"] for l in got] == pytest.approx([l["score"] for l in want[0]["labels"]], abs=1e-5)
-        # One /metrics for both processes: their counts add up, whichever process answers the scrape.
+        # One /metrics for all the processes: their counts add up, whichever process answers the scrape.
         from prometheus_client.parser import text_string_to_metric_families
 
         families = text_string_to_metric_families(http.get("/metrics").text)
         predicted = sum(s.value for f in families for s in f.samples if s.name == "visiontune_predicted_images_total")
         assert predicted == len(responses)
         http.close()
+        # `visiontune serve` killed outright (nothing of it runs to stop its children): the inference
+        # process notices and ends, rather than holding the GPU's memory.
+        os.kill(api.popen.pid, signal.SIGKILL)
+        wait_until(lambda: not Path(f"/proc/{inference}").exists() or _state(inference) == "Z", 30,
+                   "the inference process to end after visiontune serve was killed")  # fmt: skip
     finally:
         api.stop()
+
+
+def _state(pid: int) -> str:
+    """A process's state letter (Z: ended, not yet reaped)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return "gone"
 
 
 def test_threshold_abstains_and_embed_returns_pooled_features(stack, probe):
