@@ -13,7 +13,7 @@ One run prints, for a mobilenetv2_100 model trained here through the service (ke
   and send their pixels to one inference process per GPU, or one on the CPU) and body kind (`raw`:
   one JPEG as the body, `Content-Type: image/jpeg`; `multipart`: the field `files`), wrk's
   requests/s with `--clients` connections, its p50/p90/p99 latency and failures, the ratio to the
-  floor, and the CPU milliseconds per request of the API (its inference process included) and of wrk.
+  floor, and the CPU milliseconds per request of the API (and of its inference process) and of wrk.
 Needs `wrk` on the PATH (Debian: apt-get install wrk).
 """
 
@@ -149,6 +149,16 @@ def wrk(base_url: str, path: str, key: str, body: str, image_list: Path, clients
     return result
 
 
+def inference_processes(pid: int) -> list[int]:
+    """The inference processes among the children of `visiontune serve`."""
+    children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
+    return [int(c) for c in children if b"app.serving.inference_process" in Path(f"/proc/{c}/cmdline").read_bytes()]
+
+
+def cpu_of(pids: list[int]) -> float:
+    return sum(cpu_seconds(pid) for pid in pids)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data-dir", type=Path, help="the service's data directory, kept; reused when it holds the model")
@@ -189,14 +199,16 @@ def main() -> None:
                     wrk(*target, key, "raw", image_list, args.clients, args.warmup)
                     for body in args.bodies.split(","):
                         progress(f"wrk: runtime {runtime}, {workers} API process(es), inference process {inference}, {body} body")
-                        server_cpu = cpu_seconds(service.pid)
+                        inference_pids = inference_processes(service.pid)
+                        server_cpu, inference_cpu = cpu_seconds(service.pid), cpu_of(inference_pids)
                         r = wrk(*target, key, body, image_list, args.clients, args.seconds)
-                        server_cpu = cpu_seconds(service.pid) - server_cpu
+                        server_cpu, inference_cpu = cpu_seconds(service.pid) - server_cpu, cpu_of(inference_pids) - inference_cpu
                         rps = r["requests"] / r["seconds"]
                         print(f"  {workers} API process(es), inference process {inference:4s}, {body:9s} {rps:7.1f} req/s ({rps / rate:.2f}x floor)  "
                               f"p50 {r['p50']:6.1f} ms  p90 {r['p90']:6.1f} ms  p99 {r['p99']:6.1f} ms  "
                               f"non-2xx {r['non_2xx']}  socket errors {r['socket_errors']}  CPU per request: "
-                              f"API {1000 * server_cpu / r['requests']:.2f} ms, wrk {1000 * r['cpu_seconds'] / r['requests']:.2f} ms",
+                              f"API {1000 * server_cpu / r['requests']:.2f} ms (inference process "
+                              f"{1000 * inference_cpu / r['requests']:.2f} ms of it), wrk {1000 * r['cpu_seconds'] / r['requests']:.2f} ms",
                               flush=True)  # fmt: skip
 
 

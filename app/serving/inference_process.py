@@ -61,14 +61,7 @@ async def write_frame(writer: asyncio.StreamWriter, header: dict, payload: bytes
 
 class InferenceServer:
     def __init__(self, settings: Settings):
-        self.cache = ModelCache(
-            settings.model_cache_bytes,
-            settings.max_batch_size,
-            settings.max_wait_ms,
-            settings.serving_runtime,
-            predictor.serving_device(settings.serving_device),
-            settings.serving_cuda_graphs,
-        )
+        self.cache = ModelCache.from_settings(settings)
 
     async def connection(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:

@@ -26,6 +26,7 @@ from PIL import Image, UnidentifiedImageError
 from timm.data import resolve_model_data_config
 
 from app.core import metrics
+from app.core.config import Settings
 from app.core.errors import Invalid, UnsupportedMedia
 from app.ml import onnx_export
 from app.ml.backbone import CalibratedClassifier, fold_batch_norms, load_artifact, pixel_transform
@@ -155,6 +156,18 @@ class ModelCache:
         self._models: OrderedDict[str, LoadedModel] = OrderedDict()
         self._lock = threading.Lock()
         self._loading: dict[str, threading.Lock] = {}
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> "ModelCache":
+        """The cache a serving process (an API process, or an inference process) runs."""
+        return cls(
+            settings.model_cache_bytes,
+            settings.max_batch_size,
+            settings.max_wait_ms,
+            settings.serving_runtime,
+            serving_device(settings.serving_device),
+            settings.serving_cuda_graphs,
+        )
 
     @property
     def nbytes(self) -> int:

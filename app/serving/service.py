@@ -85,14 +85,7 @@ class Serving:
         if self.inference:
             self.cache = RemoteModels(self.inference[os.getpid() % len(self.inference)], settings.serving_runtime)
         else:
-            self.cache = ModelCache(
-                settings.model_cache_bytes,
-                settings.max_batch_size,
-                settings.max_wait_ms,
-                settings.serving_runtime,
-                predictor.serving_device(settings.serving_device),
-                settings.serving_cuda_graphs,
-            )
+            self.cache = ModelCache.from_settings(settings)
         # Decoding runs on at most one thread per core, not on all 40 of FastAPI's shared pool: each
         # holds the GIL between its Pillow calls, and the event loop and the forward-pass thread
         # queue behind every one of them. With several API processes (`visiontune serve`), each
