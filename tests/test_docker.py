@@ -63,3 +63,15 @@ def test_the_gpu_overlay_gives_each_worker_its_own_gpu():
     for service in gpu_workers.values():
         assert service["command"] == ["worker"] and service["environment"] == base  # the same URLs as every service
     assert services["worker"]["deploy"]["replicas"] == 0
+
+
+def test_the_gpu_api_overlay_gives_the_api_a_gpu_and_only_settings_that_exist():
+    from app.core.config import Settings
+
+    api = yaml.safe_load((REPO / "docker" / "compose.gpu-api.yml").read_text())["services"]["api"]
+    (device,) = api["deploy"]["resources"]["reservations"]["devices"]
+    assert device["driver"] == "nvidia" and device["capabilities"] == ["gpu"] and len(device["device_ids"]) == 1
+    # Compose merges this environment into the base file's: the URLs stay, these are added.
+    names = {name.removeprefix("VISIONTUNE_").lower() for name in api["environment"]}
+    assert names <= set(Settings.model_fields), names
+    assert int(api["environment"]["VISIONTUNE_API_WORKERS"]) > 1

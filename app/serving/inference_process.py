@@ -21,6 +21,7 @@ import contextlib
 import json
 import logging
 import os
+import signal
 import socket
 import struct
 import subprocess
@@ -214,6 +215,9 @@ def inference_processes(devices: list[str | None] | None) -> Iterator[list[str]]
 
 
 def main() -> None:
+    # Ctrl-C in a terminal reaches the whole process group: this process is stopped by `visiontune
+    # serve` once its API processes are done, not in the middle of their last requests.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("socket", help="the Unix socket to listen on")
     args = parser.parse_args()
