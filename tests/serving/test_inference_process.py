@@ -16,7 +16,7 @@ from app.core.config import Settings
 from app.ml.backbone import build_model
 from app.ml.export import save_artifact
 from app.serving.inference_process import InferenceProcesses
-from app.serving.predictor import ModelCache, preprocess
+from app.serving.predictor import ModelCache, preprocess, serving_device
 from app.serving.remote import InferenceClient, InferenceFailed, InferenceUnavailable, RemoteModels
 from app.serving.service import Serving
 from tests.conftest import HYMENOPTERA, MOBILENET_WEIGHTS
@@ -61,7 +61,11 @@ async def _remote(inference, artifact):
 def test_its_answers_equal_the_api_process_own_and_requests_from_many_connections_share_batches(
     inference, artifact, photos
 ):
-    local = ModelCache(10**12, 1, 0, "torch").get("m", artifact, {})
+    # On a GPU machine both run on the GPU (as the inference process's `auto` does), where batches
+    # of other sizes differ a little more (as in test_the_gpu_serves_the_same_probabilities_as_the_cpu).
+    device = serving_device("auto")
+    tolerance = 1e-5 if device == "cpu" else 1e-4
+    local = ModelCache(10**12, 1, 0, "torch", device).get("m", artifact, {})
     pixels = preprocess(local, photos, MAX_PIXELS)
     expected = torch.cat([local.probabilities(pixels[i : i + 1]) for i in range(len(pixels))])
     expected_features = local.embeddings(pixels)
@@ -79,8 +83,8 @@ def test_its_answers_equal_the_api_process_own_and_requests_from_many_connection
     assert remote.labels == ["ants", "bees"] and remote.resize == local.resize and remote.runtime == "torch"
     assert [batch for _, batch in answers] == [8] * 8  # one forward pass for the eight connections
     served = torch.cat([rows for rows, _ in answers])
-    assert torch.allclose(served, expected, atol=1e-5) and torch.equal(served.argmax(1), expected.argmax(1))
-    assert torch.allclose(features, expected_features, atol=1e-4)
+    assert torch.allclose(served, expected, atol=tolerance) and torch.equal(served.argmax(1), expected.argmax(1))
+    assert torch.allclose(features, expected_features, atol=10 * tolerance)
 
 
 def test_a_model_that_cannot_load_is_an_error_and_the_process_serves_on(inference, artifact, photos, tmp_path):
@@ -120,7 +124,7 @@ def test_a_killed_inference_process_is_started_again_and_requests_answer_503_mea
     victim, before, after, unavailable = asyncio.run(scenario())
     assert inference._children[0].pid != victim and inference._children[0].poll() is None
     assert unavailable >= 1  # the process takes seconds to start: the requests meanwhile got 503
-    assert torch.allclose(before, after, atol=1e-6)
+    assert torch.allclose(before, after, atol=1e-5)  # (a new process may pick other GPU kernels)
 
 
 def test_a_deleted_model_leaves_the_inference_process(inference, artifact, photos, tmp_path):
