@@ -1,0 +1,40 @@
+#!/usr/bin/env bash
+# Issue 15's GPU checks on a lent GPU machine, in two device-tool calls back to back (see
+# bench/gpu_pack.py, which fills .gpu/ on the development machine first):
+#   bash bench/gpu_session.sh install   the carried wheels beside the image's PyTorch, wrk, the weights
+#   bash bench/gpu_session.sh run       the CUDA tests, then the serving and training benches
+# Each step of `run` has its own time limit, so one that overruns still leaves the others' figures.
+# Logs go to $OUT (the device tool brings them back), or .gpu/out elsewhere.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+site=/tmp/visiontune-site tools=/tmp/visiontune-tools shared=/tmp/visiontune-shared
+
+case "${1:-}" in
+install)
+  set -e
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$site" .gpu/wheels/*.whl
+  mkdir -p "$tools" "$shared/weights"
+  for deb in .gpu/deb/*.deb; do dpkg -x "$deb" "$tools"; done
+  cp .gpu/shared/weights/*.safetensors "$shared/weights/"
+  PYTHONPATH="$site:$PWD" python3 -c "import app.main, workers.celery_app; print('the service imports')"
+  ;;
+run)
+  out=${OUT:-.gpu/out}
+  mkdir -p "$out"
+  export PYTHONPATH="$site:$PWD:$PWD/clients/python/src" PYTHONUNBUFFERED=1
+  export PATH="$tools/usr/bin:$PATH" LD_LIBRARY_PATH="$tools/usr/lib/x86_64-linux-gnu${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
+  ln -sfn "$PWD/.gpu/shared/datasets" "$shared/datasets"
+  [ -e ../shared ] || ln -s "$shared" ../shared  # where the tests read the weights and photos
+  export VISIONTUNE_SHARED_DIR="$shared"  # where the benches read them
+  { nvidia-smi -L; nproc; python3 -c "import torch, timm; print(torch.__version__, timm.__version__, torch.cuda.get_device_name())"; } 2>&1 | tee "$out/machine.txt"
+  timeout 120 python3 -m pytest -p no:cacheprovider -q -o addopts="" --durations=10 \
+    tests/serving tests/ml/test_tensor_augment.py tests/ml/test_train.py -k "gpu or cuda or inference" 2>&1 | tee "$out/tests.txt"
+  timeout 270 python3 bench/serve_wrk.py --api-workers 15 --clients 64 --seconds 15 --warmup 15 --runtimes torch \
+    --inference-process off,on --bodies raw 2>&1 | tee "$out/serve_wrk.txt"
+  timeout 150 python3 bench/full_throughput.py --device cuda --epochs 3 --repeat 8 2>&1 | tee "$out/full_throughput.txt"
+  ;;
+*)
+  echo "usage: bash bench/gpu_session.sh install|run" >&2
+  exit 2
+  ;;
+esac
