@@ -243,7 +243,7 @@ class ModelCache:
             graphs=CudaGraphs(classifier, self.max_batch_size) if self.cuda_graphs else None,
         )
         loaded.exports_seen = frozenset(exports)
-        loaded.export_may_come = self.runtime != "torch" and set(EXPORT_RUNTIMES) - loaded.exports_seen != set()
+        loaded.export_may_come = export_may_come(self.runtime, exports)
         # `auto` considers every export this model has; a runtime named asks for its own export.
         allowed = EXPORT_RUNTIMES if self.runtime == "auto" else [f for f, name in EXPORT_RUNTIMES.items() if name == self.runtime]
         sessions = {EXPORT_RUNTIMES[f]: (self._session(exports[f]), exports[f]) for f in allowed if f in exports}
@@ -284,6 +284,12 @@ class ModelCache:
         loaded.onnx, loaded.onnx_runtime = None, "onnxruntime"
         logger.info("runtime timings for %d images x3: %s", len(pixels), seconds)
         return seconds
+
+
+def export_may_come(runtime: str, exports: dict[str, Path]) -> bool:
+    """Whether a model loaded with these exports may later get one that `runtime` would serve:
+    then the API asks now and then whether it has (and loads the model again)."""
+    return runtime != "torch" and bool(set(EXPORT_RUNTIMES) - set(exports))
 
 
 def serving_device(setting: str) -> str:

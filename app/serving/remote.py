@@ -18,7 +18,7 @@ from app.core.errors import AppError
 from app.ml.backbone import pixel_transform
 from app.ml.data import eval_resize
 from app.serving.inference_process import read_frame, write_frame
-from app.serving.predictor import EXPORT_RUNTIMES
+from app.serving.predictor import export_may_come
 
 
 class InferenceUnavailable(AppError):
@@ -140,7 +140,7 @@ class RemoteModels:
             transform=transform,
             resize=eval_resize(transform).size,
             labels=list(skeleton.pretrained_cfg["label_names"]),
-            export_may_come=self.runtime != "torch" and set(EXPORT_RUNTIMES) - set(exports) != set(),
+            export_may_come=export_may_come(self.runtime, exports),
         )
         anyio.from_thread.run(model.load)
         with self._lock:
