@@ -38,7 +38,9 @@ from bench.handwritten import HYMENOPTERA, SHARED  # noqa: E402
 from bench.running import free_port, zip_hymenoptera  # noqa: E402
 
 LEASE, SWEEP, ORPHAN_AGE, REDISPATCH = 8, 1, 20, 20  # seconds: short, so that the service settles soon
-MAX_ACTIVE_JOBS = 4  # queued + running at once
+# At most this many queued, running or paused jobs, and ingests under way, at once: the run stays about
+# faults, and the backlog left to settle stays short (else uploads pile up while the background worker is down).
+MAX_ACTIVE_JOBS, MAX_INGESTS = 4, 2
 IMAGES = [p.read_bytes() for label in ("ants", "bees") for p in sorted((HYMENOPTERA / "val" / label).iterdir())[:6]]
 
 
@@ -64,6 +66,7 @@ class Service:
             "background": [*cli, "worker", "--background"],
         }  # fmt: skip
         self.processes: dict[str, subprocess.Popen] = {}
+        self.last_kill = time.monotonic()
         key = subprocess.run([*cli, "keys", "create", "--tenant", "chaos", "--operator"], env=self.env, check=True,
                              capture_output=True, text=True).stdout.strip()  # fmt: skip
         self.headers = {"Authorization": f"Bearer {key}"}
@@ -79,6 +82,7 @@ class Service:
         except ProcessLookupError:
             pass
         self.processes[name].wait()
+        self.last_kill = time.monotonic()
 
     def stop(self) -> None:
         for name in self.processes:
@@ -166,12 +170,15 @@ def operate(http: httpx.Client, rng: random.Random, archive: Path, operations: C
         ["upload", "train", "predict", "alias", "delete_model", "export", "pause", "resume", "cancel", "delete_dataset"],
         weights=[1, 4, 8, 2, 1, 1, 0.3, 0.3, 0.3, 0.5],  # few pauses and cancels: jobs must finish to make models
     )[0]
-    if kind == "train" and sum(job["status"] in ("queued", "running") for job in jobs) >= MAX_ACTIVE_JOBS:
-        kind = "predict"  # the workers are busy enough: the run stays about faults, not a backlog
+    if kind == "train" and sum(job["status"] in ("queued", "running", "paused") for job in jobs) >= MAX_ACTIVE_JOBS:
+        kind = "predict"
     datasets = [d["id"] for d in listed if d["status"] == "ready"]
-    if not datasets and any(d["status"] == "processing" for d in listed):
+    ingesting = sum(d["status"] == "processing" for d in listed)
+    if not datasets and ingesting:
         time.sleep(0.2)  # the first ingest is under way
         return
+    if kind == "upload" and ingesting >= MAX_INGESTS:
+        kind = "predict"
     try:
         if kind == "upload" or not datasets:
             kind = "upload"
@@ -224,7 +231,8 @@ def settle_and_check(service: Service, http: httpx.Client, deleted_models: set) 
                 and "processing" not in [d["status"] for d in datasets] + exports):  # fmt: skip
             break
         time.sleep(2)
-    time.sleep(ORPHAN_AGE + 3 * SWEEP)  # the sweeper collects what the kills left behind
+    # Only a kill leaves files that no row owns, and the sweeper collects them once they are ORPHAN_AGE old.
+    time.sleep(max(0.0, service.last_kill + ORPHAN_AGE + 3 * SWEEP - time.monotonic()))
     return check(service.root / "var", deleted_models)
 
 
