@@ -37,7 +37,6 @@ import torch
 
 from app.core import logs
 from app.core.config import Settings, get_settings
-from app.ml.backbone import unit_pixels
 from app.serving import predictor
 from app.serving.predictor import LoadedModel, ModelCache
 
@@ -94,8 +93,10 @@ class InferenceServer:
         loaded = await self.model(header)
         if header["op"] == "load":
             return {"runtime": loaded.runtime}, None
-        # The API process sent uint8 pixels: the float [0, 1] pixels it would have computed itself.
-        pixels = unit_pixels(np.frombuffer(payload, dtype=np.uint8).reshape(header["shape"]))
+        # The API process sent uint8 pixels. They stay uint8 through the batcher, and are scaled to the
+        # [0, 1] pixels the API process would have computed itself only where the forward pass runs:
+        # on a GPU, by the GPU. (A copy: a tensor over the immutable payload could not be written.)
+        pixels = torch.frombuffer(bytearray(payload), dtype=torch.uint8).reshape(header["shape"])
         if header["op"] == "predict":
             probabilities, batch_size = await loaded.submit(pixels)
             return {"runtime": loaded.runtime, "batch_size": batch_size}, probabilities.numpy()

@@ -29,7 +29,7 @@ from app.core import metrics
 from app.core.config import Settings
 from app.core.errors import Invalid, UnsupportedMedia
 from app.ml import onnx_export
-from app.ml.backbone import CalibratedClassifier, fold_batch_norms, load_artifact, pixel_transform
+from app.ml.backbone import CalibratedClassifier, fold_batch_norms, load_artifact, pixel_transform, unit_pixels
 from app.ml.data import eval_resize, upright_rgb
 from app.ml.image_formats import IMAGE_FORMATS
 from app.ml.export import read_temperature
@@ -43,7 +43,8 @@ class CudaGraphs:
     captured on first use and replayed after. At serving's small batches an eager forward on a GPU
     is bound by the CPU launching its kernels one by one (bench/gpu_serving.py, mobilenetv2_100 on
     an H100: 6.5 ms eager, 0.8 ms replayed at batch 1), and that CPU is what decodes the images.
-    Replays share their input and output buffers, so one runs at a time.
+    Replays share their input and output buffers, so one runs at a time. uint8 pixels (from the
+    inference process) get graphs of their own that scale them to [0, 1] on the GPU.
 
     The thread waits for each result on an event with blocking synchronisation: it sleeps, where
     `.cpu()` would spin on a core (CUDA's default while a process has fewer active contexts than
@@ -56,7 +57,7 @@ class CudaGraphs:
 
     def __call__(self, pixels: torch.Tensor) -> torch.Tensor:
         with self._lock:
-            captured = self._graphs.get(len(pixels)) or self._capture(pixels)
+            captured = self._graphs.get((len(pixels), pixels.dtype)) or self._capture(pixels)
             captured.static_in.copy_(pixels)
             captured.graph.replay()
             captured.host_out.copy_(captured.static_out, non_blocking=True)
@@ -72,14 +73,15 @@ class CudaGraphs:
         stream.wait_stream(torch.cuda.current_stream(device))
         with torch.cuda.stream(stream), torch.inference_mode():
             for _ in range(3):  # a capture needs the kernels chosen and the memory allocated already
-                self.module(static_in)
+                self.module(float_pixels(static_in))
         torch.cuda.current_stream(device).wait_stream(stream)
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph), torch.inference_mode():
-            static_out = self.module(static_in)
+            static_out = self.module(float_pixels(static_in))
         host_out = torch.empty(static_out.shape, dtype=static_out.dtype, pin_memory=True)
-        self._graphs[len(pixels)] = _Graph(graph, static_in, static_out, host_out, torch.cuda.Event(blocking=True))
-        return self._graphs[len(pixels)]
+        key = (len(pixels), pixels.dtype)
+        self._graphs[key] = _Graph(graph, static_in, static_out, host_out, torch.cuda.Event(blocking=True))
+        return self._graphs[key]
 
 
 @dataclass
@@ -116,8 +118,11 @@ class LoadedModel:
         return "torch" if self.onnx is None else self.onnx_runtime
 
     def probabilities(self, pixels: torch.Tensor) -> torch.Tensor:
+        """`pixels`: float32 in [0, 1], or the same as uint8 (the inference process's), which are
+        scaled where the forward pass runs."""
         if self.onnx is not None:
-            (probabilities,) = self.onnx.run([onnx_export.OUTPUT_NAME], {onnx_export.INPUT_NAME: pixels.numpy()})
+            inputs = {onnx_export.INPUT_NAME: float_pixels(pixels).numpy()}
+            (probabilities,) = self.onnx.run([onnx_export.OUTPUT_NAME], inputs)
             return torch.from_numpy(probabilities)
         if self.graphs is not None and len(pixels) <= self.graphs.max_batch_size:
             return self.graphs(pixels)
@@ -136,7 +141,12 @@ class LoadedModel:
             return self.classifier.embeddings(self._on_device(pixels)).cpu()
 
     def _on_device(self, pixels: torch.Tensor) -> torch.Tensor:
-        return pixels.to(self.device, non_blocking=True).contiguous(memory_format=torch.channels_last)
+        return float_pixels(pixels.to(self.device, non_blocking=True)).contiguous(memory_format=torch.channels_last)
+
+
+def float_pixels(pixels: torch.Tensor) -> torch.Tensor:
+    """[0, 1] float32 pixels as they are, uint8 ones scaled to them."""
+    return unit_pixels(pixels) if pixels.dtype == torch.uint8 else pixels
 
 
 class ModelCache:

@@ -1,12 +1,13 @@
-"""Folding batch norms into convolutions for inference (app/ml/backbone.py), on the real
-pretrained backbones and real validation photos."""
+"""Folding batch norms into convolutions for inference, and serving's pixels (app/ml/backbone.py),
+on the real pretrained backbones and real validation photos."""
 
 import timm
 import torch
 from timm.data import create_transform, resolve_model_data_config
 from timm.layers import BatchNormAct2d
+from torchvision import transforms
 
-from app.ml.backbone import build_model, fold_batch_norms
+from app.ml.backbone import build_model, fold_batch_norms, pixel_transform, unit_pixels
 from app.ml.data import load_rgb
 from tests.conftest import EFFICIENTNET_WEIGHTS, MOBILENET_WEIGHTS
 from tests.ml.test_train import VAL
@@ -15,6 +16,20 @@ from tests.ml.test_train import VAL
 def real_batch(model: torch.nn.Module, count: int = 8) -> torch.Tensor:
     transform = create_transform(**resolve_model_data_config(model), is_training=False)
     return torch.stack([transform(load_rgb(path)) for path, _ in VAL[:count]])
+
+
+def test_uint8_pixels_scaled_are_the_values_of_timms_own_transform():
+    every_value = torch.arange(256, dtype=torch.uint8)
+    assert torch.equal(unit_pixels(every_value), transforms.ToTensor()(every_value.numpy().reshape(1, 256, 1)).flatten())
+    model = build_model("mobilenetv2_100", 2, weights_file=MOBILENET_WEIGHTS)
+    as_bytes, as_floats = pixel_transform(model, uint8=True), pixel_transform(model)
+    timms = create_transform(**resolve_model_data_config(model), is_training=False)
+    timms.transforms = [step for step in timms.transforms if not isinstance(step, transforms.Normalize)]
+    for path, _ in VAL[:4]:
+        image = load_rgb(path)
+        sent = as_bytes(image)
+        assert sent.dtype == torch.uint8 and torch.equal(unit_pixels(sent), as_floats(image))
+        assert torch.equal(unit_pixels(sent), timms(image))
 
 
 def test_folding_keeps_the_outputs_and_leaves_the_model_alone():

@@ -8,7 +8,7 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 import torch
 
-from app.ml.backbone import CalibratedClassifier, build_model
+from app.ml.backbone import CalibratedClassifier, build_model, unit_pixels
 from app.ml.export import save_artifact
 from app.serving.predictor import CudaGraphs, ModelCache
 from tests.conftest import MOBILENET_WEIGHTS
@@ -33,7 +33,19 @@ def test_replayed_graphs_answer_as_the_eager_forward_at_every_batch_size():
     for batch in (1, 3, 8, 3):  # 3 twice: the second call replays the graph captured by the first
         pixels = torch.rand(batch, 3, 224, 224)
         assert torch.allclose(graphs(pixels), _eager(classifier, pixels), atol=1e-6)
-    assert sorted(graphs._graphs) == [1, 3, 8]
+    assert sorted(size for size, _ in graphs._graphs) == [1, 3, 8]
+
+
+@needs_cuda
+def test_uint8_pixels_are_scaled_inside_graphs_of_their_own():
+    classifier = _classifier("cuda")
+    graphs = CudaGraphs(classifier, max_batch_size=8)
+    pixels = torch.randint(0, 256, (4, 3, 224, 224), dtype=torch.uint8)
+    scaled = unit_pixels(pixels)
+    assert torch.equal(unit_pixels(pixels.cuda()).cpu(), scaled)  # the GPU's scaling is the CPU's, exactly
+    assert torch.equal(graphs(pixels), graphs(scaled))
+    assert torch.allclose(graphs(pixels), _eager(classifier, scaled), atol=1e-6)
+    assert set(graphs._graphs) == {(4, torch.uint8), (4, torch.float32)}
 
 
 @needs_cuda
@@ -53,3 +65,5 @@ def test_a_model_served_on_the_cpu_has_no_graphs(tmp_path):
     assert loaded.graphs is None
     probabilities = loaded.probabilities(torch.rand(2, 3, 224, 224))
     assert probabilities.shape == (2, 2) and torch.allclose(probabilities.sum(1), torch.ones(2))
+    pixels = torch.randint(0, 256, (2, 3, 224, 224), dtype=torch.uint8)  # as the inference process passes them on
+    assert torch.equal(loaded.probabilities(pixels), loaded.probabilities(unit_pixels(pixels)))
