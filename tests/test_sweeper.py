@@ -2,6 +2,10 @@
 what it sends again, and the files it collects. (tests/faults runs them against killed processes.)"""
 
 import os
+import socket
+import subprocess
+import sys
+import threading
 import time
 from datetime import timedelta
 
@@ -122,3 +126,37 @@ def test_a_job_for_a_gpu_waits_and_says_so_while_no_gpu_worker_runs(client):
     later = client.post("/v1/jobs", json=body | {"accelerator": "gpu"}).json()
     sweeper.sweep(settings, "host:1", queues=["training", "training.gpu"])
     assert notes(later["id"]) == []
+
+
+def test_a_sigterm_in_the_middle_of_a_broker_poll_still_releases_what_the_pool_holds(client):
+    """A worker's warm shutdown puts the rows its pool processes hold back to waiting and sends
+    them again (workers/celery_app.py). Celery runs that inside its SIGTERM handler, which can
+    interrupt the main thread while it holds the embedded broker's SQLite lock, mid-poll."""
+    from app.core import broker
+    from workers.celery_app import _release_jobs
+
+    dataset = client.post("/v1/datasets", files={"file": ("c.zip", colour_dataset_zip())}).json()["id"]
+    pool_process = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])  # a child, as the pool's are
+    try:
+        with session_scope() as session:
+            holder = f"{socket.gethostname()}:{pool_process.pid}"
+            session.query(Dataset).filter(Dataset.id == dataset).update(
+                {"claimed_by": holder, "heartbeat_at": utcnow(), "dispatched_at": None})
+        releasing = []
+
+        def sigterm_mid_poll():  # the signal handler runs on the thread it interrupted, which holds the lock
+            with broker._SQLITE_CALL:
+                releasing.append(_release_jobs())
+
+        interrupted = threading.Thread(target=sigterm_mid_poll, daemon=True)
+        interrupted.start()
+        interrupted.join(timeout=30)
+        assert not interrupted.is_alive(), "the release waits for the broker lock that its own thread holds"
+        releasing[0].join(timeout=60)
+        assert not releasing[0].is_alive()
+    finally:
+        pool_process.kill()
+        pool_process.wait()
+    with session_scope() as session:
+        row = session.get(Dataset, dataset)
+        assert row.status == "processing" and row.claimed_by is None and row.dispatched_at is not None  # sent again

@@ -10,6 +10,7 @@ import os
 import socket
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 from celery.signals import after_setup_logger, after_setup_task_logger, worker_init, worker_ready, worker_shutting_down
@@ -62,9 +63,17 @@ def _serve_metrics(**_) -> None:
 
 
 @worker_shutting_down.connect
-def _release_jobs(**_) -> None:
+def _release_jobs(**_) -> threading.Thread:
     if _sweeper is not None:
         _sweeper.terminate()
     # The pool processes are this process's children; a row's holder is "host:pid" of one of them.
     children = Path(f"/proc/{os.getpid()}/task/{os.getpid()}/children").read_text().split()
-    release([f"{socket.gethostname()}:{pid}" for pid in children])
+    # Celery sends this signal from inside its SIGTERM handler, which may have interrupted the main
+    # thread in the middle of a poll of the embedded broker, holding the lock that every SQLite call
+    # of the broker takes (app/core/broker.py). Sending the released work takes that lock: on this
+    # thread it would wait for itself, and the worker would never stop. A thread of its own waits
+    # for the poll instead (not a daemon: the process's exit waits for it).
+    releasing = threading.Thread(target=release, args=([f"{socket.gethostname()}:{pid}" for pid in children],),
+                                 name="release-jobs")  # fmt: skip
+    releasing.start()
+    return releasing
