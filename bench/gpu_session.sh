@@ -27,10 +27,11 @@ run)
   [ -e ../shared ] || ln -s "$shared" ../shared  # where the tests read the weights and photos
   export VISIONTUNE_SHARED_DIR="$shared"  # where the benches read them
   { nvidia-smi -L; nproc; python3 -c "import torch, timm; print(torch.__version__, timm.__version__, torch.cuda.get_device_name())"; } 2>&1 | tee "$out/machine.txt"
-  timeout 120 python3 -m pytest -p no:cacheprovider -q -o addopts="" --durations=10 \
-    tests/serving tests/ml/test_tensor_augment.py tests/ml/test_train.py -k "gpu or cuda or inference" 2>&1 | tee "$out/tests.txt"
-  timeout 270 python3 bench/serve_wrk.py --api-workers 15 --clients 64 --seconds 15 --warmup 15 --runtimes torch \
-    --inference-process off,on --bodies raw 2>&1 | tee "$out/serve_wrk.txt"
+  timeout 100 python3 -m pytest -p no:cacheprovider -q -o addopts="" --durations=10 \
+    tests/serving tests/ml/test_tensor_augment.py tests/ml/test_train.py -k "gpu or cuda or inference or device_decode" \
+    2>&1 | tee "$out/tests.txt"
+  timeout 300 python3 bench/serve_wrk.py --api-workers 15 --clients 64 --seconds 12 --warmup 10 --runtimes torch \
+    --inference-process off,on --decode api,device --bodies raw 2>&1 | tee "$out/serve_wrk.txt"
   timeout 150 python3 bench/full_throughput.py --device cuda --epochs 3 --repeat 8 2>&1 | tee "$out/full_throughput.txt"
   ;;
 *)

@@ -3,14 +3,15 @@ far less CPU per request than the server, unlike a Python load generator).
 
     python bench/serve_wrk.py [--data-dir DIR] [--api-workers 1] [--clients 16] [--seconds 20]
                               [--bodies raw,multipart] [--runtimes auto,torch,onnxruntime,onnxruntime-int8]
-                              [--images DIR] [--inference-process auto,off,on]
+                              [--images DIR] [--inference-process auto,off,on] [--decode api,device]
 
 One run prints, for a mobilenetv2_100 model trained here through the service (kept in --data-dir):
 - the no-HTTP floor of each runtime: images/s of the API's own decode -> preprocess -> forward
   functions in a plain script, decoding on one thread per core and forwarding batches of
   `max_batch_size` as the API's micro-batcher does, on the same cores;
 - for each runtime, API process count, inference process setting (`on`: the API processes decode
-  and send their pixels to one inference process per GPU, or one on the CPU) and body kind (`raw`:
+  and send their pixels to one inference process per GPU, or one on the CPU), decode setting
+  (`device`: JPEGs are decoded in batches where the model runs, nvjpeg on a GPU) and body kind (`raw`:
   one JPEG as the body, `Content-Type: image/jpeg`; `multipart`: the field `files`), wrk's
   requests/s with `--clients` connections, its p50/p90/p99 latency and failures, the ratio to the
   floor, and the CPU milliseconds per request of the API (and of its inference process) and of wrk.
@@ -171,6 +172,7 @@ def main() -> None:
     parser.add_argument("--images", type=Path, default=HYMENOPTERA / "val", help="a folder of JPEGs (searched recursively)")
     parser.add_argument("--inference-process", default="auto",
                         help="comma-separated VISIONTUNE_SERVING_INFERENCE_PROCESS values (auto: on when serving on a GPU)")
+    parser.add_argument("--decode", default="api", help="comma-separated VISIONTUNE_SERVING_DECODE values")
     args = parser.parse_args()
     if shutil.which("wrk") is None:
         sys.exit("wrk is not on the PATH (Debian: apt-get install wrk)")
@@ -191,20 +193,23 @@ def main() -> None:
             rate, ran = floor(data_dir, model_id, runtime, images)
             print(f"runtime {runtime} ({ran}): no-HTTP floor {rate:.1f} img/s (decode on {CORES} threads, forward in "
                   f"batches of {Settings(data_dir=data_dir).max_batch_size})", flush=True)  # fmt: skip
-            for workers, inference in itertools.product(args.api_workers.split(","), args.inference_process.split(",")):
+            configs = itertools.product(args.api_workers.split(","), args.inference_process.split(","), args.decode.split(","))
+            for workers, inference, decode in configs:
                 with running("serve", data_dir, serving_runtime=runtime, api_workers=workers,
-                             serving_inference_process=inference) as (service, http):  # fmt: skip
+                             serving_inference_process=inference, serving_decode=decode) as (service, http):  # fmt: skip
                     key = http.headers["Authorization"].split()[1]
                     target = (str(http.base_url).rstrip("/"), f"/v1/models/{model_id}/predict")
                     wrk(*target, key, "raw", image_list, args.clients, args.warmup)
                     for body in args.bodies.split(","):
-                        progress(f"wrk: runtime {runtime}, {workers} API process(es), inference process {inference}, {body} body")
+                        progress(f"wrk: runtime {runtime}, {workers} API process(es), inference process {inference}, "
+                                 f"decode {decode}, {body} body")
                         inference_pids = inference_processes(service.pid)
                         server_cpu, inference_cpu = cpu_seconds(service.pid), cpu_of(inference_pids)
                         r = wrk(*target, key, body, image_list, args.clients, args.seconds)
                         server_cpu, inference_cpu = cpu_seconds(service.pid) - server_cpu, cpu_of(inference_pids) - inference_cpu
                         rps = r["requests"] / r["seconds"]
-                        print(f"  {workers} API process(es), inference process {inference:4s}, {body:9s} {rps:7.1f} req/s ({rps / rate:.2f}x floor)  "
+                        print(f"  {workers} API process(es), inference process {inference:4s}, decode {decode:6s}, {body:9s} "
+                              f"{rps:7.1f} req/s ({rps / rate:.2f}x floor)  "
                               f"p50 {r['p50']:6.1f} ms  p90 {r['p90']:6.1f} ms  p99 {r['p99']:6.1f} ms  "
                               f"non-2xx {r['non_2xx']}  socket errors {r['socket_errors']}  CPU per request: "
                               f"API {1000 * server_cpu / r['requests']:.2f} ms (inference process "

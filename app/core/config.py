@@ -124,6 +124,12 @@ class Settings(BaseSettings):
     serving_cuda_graphs: bool = Field(
         True, description="On a GPU, replay each model's forward pass as CUDA graphs (one per batch size)."
     )
+    serving_decode: Literal["api", "device"] = Field(
+        "api",
+        description="Where prediction JPEGs are decoded: api = by each API process, with Pillow; device = in batches "
+        "where the model runs (nvjpeg on a GPU), at pixels within a level in 255 of Pillow's "
+        "(app/serving/device_decode.py). Other formats are always decoded by the API process.",
+    )
 
     # A running job whose worker has not reported for this long is dispatched again by the
     # sweeper (app/sweeper.py) and taken over by the worker that receives it.

@@ -17,6 +17,9 @@ from prometheus_client.registry import Collector
 HTTP_REQUESTS = Counter("visiontune_http_requests_total", "HTTP requests answered", ["method", "route", "status"])
 HTTP_SECONDS = Histogram("visiontune_http_request_duration_seconds", "Time to answer an HTTP request", ["method", "route"])
 PREDICTED_IMAGES = Counter("visiontune_predicted_images_total", "Images classified", ["runtime"])
+DEVICE_DECODED_IMAGES = Counter(
+    "visiontune_device_decoded_images_total", "Images classified whose JPEG was decoded where the model runs"
+)
 BATCH_SIZE = Histogram("visiontune_micro_batch_images", "Images per forward pass of the micro-batcher",
                        buckets=(1, 2, 4, 8, 16, 32, 64, 128))  # fmt: skip
 CACHE_LOADS = Counter("visiontune_model_cache_loads_total", "Models loaded into this process's cache")

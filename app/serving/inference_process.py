@@ -11,8 +11,11 @@ API process has without it), so the requests of all of them share batches and on
 The protocol, one request at a time per connection (the API process keeps a pool of them,
 `app.serving.remote`): a frame is two big-endian uint32 lengths, a JSON header, and a payload.
 Requests: `{"op": "load" | "predict" | "embed", "model_id", "directory", "exports", "shape"}`
-with uint8 pixels as the payload, or `{"op": "evict", "model_id"}`. Answers: `{"runtime",
-"batch_size", "shape"}` with float32 rows as the payload, or `{"error": message}`.
+with uint8 pixels as the payload; a predict with `"jpegs": [length, ...]` in place of `"shape"`
+has JPEG files end to end as its payload, for the model's micro-batcher to decode here
+(`VISIONTUNE_SERVING_DECODE=device`); or `{"op": "evict", "model_id"}`. Answers: `{"runtime",
+"batch_size", "shape"}` with float32 rows as the payload, or `{"error": message, "code"}` (the
+code `device_undecodable` when a JPEG would not decode here: the API process decodes it instead).
 """
 
 import argparse
@@ -38,6 +41,7 @@ import torch
 from app.core import logs
 from app.core.config import Settings, get_settings
 from app.serving import predictor
+from app.serving.device_decode import DeviceUndecodable, EncodedJpeg
 from app.serving.predictor import LoadedModel, ModelCache
 
 logger = logging.getLogger(__name__)
@@ -72,6 +76,9 @@ class InferenceServer:
                     return  # the API process closed it
                 try:
                     answer, rows = await self.answer(header, payload)
+                except DeviceUndecodable as exc:  # a client's file, not a fault here
+                    await write_frame(writer, {"error": str(exc), "code": exc.code})
+                    continue
                 except Exception as exc:  # the API process turns it into its error answer; this process goes on
                     logger.exception("inference request failed: %s", header.get("op"))
                     await write_frame(writer, {"error": f"{type(exc).__name__}: {exc}"})
@@ -93,15 +100,19 @@ class InferenceServer:
         loaded = await self.model(header)
         if header["op"] == "load":
             return {"runtime": loaded.runtime}, None
-        # The API process sent uint8 pixels. They stay uint8 through the batcher, and are scaled to the
-        # [0, 1] pixels the API process would have computed itself only where the forward pass runs:
-        # on a GPU, by the GPU. (A copy: a tensor over the immutable payload could not be written.)
-        pixels = torch.frombuffer(bytearray(payload), dtype=torch.uint8).reshape(header["shape"])
+        if "jpegs" in header:  # (predictions only) the model's micro-batcher decodes them
+            view, ends = memoryview(payload), np.cumsum(header["jpegs"]).tolist()
+            images = [EncodedJpeg(view[end - size : end]) for size, end in zip(header["jpegs"], ends, strict=True)]
+        else:
+            # uint8 pixels. They stay uint8 through the batcher, and are scaled to the [0, 1] pixels the
+            # API process would have computed itself only where the forward pass runs: on a GPU, by
+            # the GPU. (A copy: a tensor over the immutable payload could not be written.)
+            images = torch.frombuffer(bytearray(payload), dtype=torch.uint8).reshape(header["shape"])
         if header["op"] == "predict":
-            probabilities, batch_size = await loaded.submit(pixels)
+            probabilities, batch_size = await loaded.submit(images)
             return {"runtime": loaded.runtime, "batch_size": batch_size}, probabilities.numpy()
         if header["op"] == "embed":
-            return {"runtime": loaded.runtime}, (await loaded.embed(pixels)).numpy()
+            return {"runtime": loaded.runtime}, (await loaded.embed(images)).numpy()
         raise ValueError(f"unknown op {header['op']!r}")
 
     async def model(self, header: dict) -> LoadedModel:

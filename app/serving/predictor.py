@@ -33,7 +33,9 @@ from app.ml.backbone import CalibratedClassifier, fold_batch_norms, load_artifac
 from app.ml.data import eval_resize, upright_rgb
 from app.ml.image_formats import IMAGE_FORMATS
 from app.ml.export import read_temperature
+from app.serving import device_decode
 from app.serving.batcher import MicroBatcher
+from app.serving.device_decode import EncodedJpeg
 
 logger = logging.getLogger(__name__)
 
@@ -112,6 +114,7 @@ class LoadedModel:
     export_may_come: bool = False  # loaded without every export while onnxruntime was allowed: one may appear
     graphs: CudaGraphs | None = None  # the PyTorch forward replayed as CUDA graphs, on a GPU
     onnx_runtime: str = "onnxruntime"  # which export `onnx` runs: "onnxruntime" (fp32) or "onnxruntime-int8"
+    decode_steps: list | None = None  # `transform`'s resize and crop, when they run on tensors (device_decode)
 
     @property
     def runtime(self) -> str:
@@ -129,9 +132,23 @@ class LoadedModel:
         with torch.inference_mode():
             return self.classifier(self._on_device(pixels)).cpu()
 
-    async def submit(self, pixels: torch.Tensor) -> tuple[torch.Tensor, int]:
+    def forward(self, images: list) -> list[torch.Tensor | Exception]:
+        """The micro-batcher's forward pass: a row of probabilities per image of the batch. JPEGs
+        among them (`EncodedJpeg`) are decoded first, where the model runs; one that will not
+        decode gets its error in place of its row."""
+        if not any(isinstance(image, EncodedJpeg) for image in images):
+            return list(self.probabilities(torch.stack(images)))
+        decoded = iter(device_decode.decode([i for i in images if isinstance(i, EncodedJpeg)], self.decode_steps, self.device))
+        pixels = [next(decoded) if isinstance(image, EncodedJpeg) else image.to(self.device) for image in images]
+        usable = [p for p in pixels if isinstance(p, torch.Tensor)]
+        if len({p.dtype for p in usable}) > 1:  # decoded uint8 beside this process's own [0, 1] pixels
+            usable = [float_pixels(p) for p in usable]
+        rows = iter(self.probabilities(torch.stack(usable)) if usable else [])
+        return [next(rows) if isinstance(p, torch.Tensor) else p for p in pixels]
+
+    async def submit(self, images: torch.Tensor | list[EncodedJpeg]) -> tuple[torch.Tensor, int]:
         """Calibrated probabilities, through the micro-batcher; and the size of the forward pass."""
-        return await self.batcher.submit(pixels)
+        return await self.batcher.submit(images)
 
     async def embed(self, pixels: torch.Tensor) -> torch.Tensor:
         return await asyncio.to_thread(self.embeddings, pixels)
@@ -251,6 +268,7 @@ class ModelCache:
             batcher=None,  # set below: it needs the bound method
             device=self.device,
             graphs=CudaGraphs(classifier, self.max_batch_size) if self.cuda_graphs else None,
+            decode_steps=device_decode.tensor_steps(transform),
         )
         loaded.exports_seen = frozenset(exports)
         loaded.export_may_come = export_may_come(self.runtime, exports)
@@ -266,7 +284,7 @@ class ModelCache:
             if chosen != "torch":
                 loaded.onnx, loaded.onnx_runtime = sessions[chosen][0], chosen
                 loaded.nbytes += sessions[chosen][1].stat().st_size
-        loaded.batcher = MicroBatcher(loaded.probabilities, self.max_batch_size, self.max_wait_ms)
+        loaded.batcher = MicroBatcher(loaded.forward, self.max_batch_size, self.max_wait_ms)
         return loaded
 
     @staticmethod
@@ -335,19 +353,27 @@ def decode_image(filename: str, data: bytes, max_pixels: int, resize: int | None
         raise UnsupportedMedia(f"'{filename}' is not a readable image: {exc}", code="invalid_image") from exc
 
 
-def preprocess(loaded: LoadedModel, files: list[tuple[str, bytes]], max_pixels: int) -> torch.Tensor:
+def preprocess(
+    loaded: LoadedModel, files: list[tuple[str, bytes]], max_pixels: int, jpegs: bool = False
+) -> torch.Tensor | list[EncodedJpeg]:
+    """The images' pixels; or with `jpegs` (`VISIONTUNE_SERVING_DECODE=device`), the images
+    themselves when they are all JPEGs that the model's micro-batcher can decode where it runs."""
+    if jpegs and loaded.decode_steps is not None and all(device_decode.plain_jpeg(d, max_pixels) for _, d in files):
+        return [EncodedJpeg(data) for _, data in files]
     return torch.stack(
         [loaded.transform(decode_image(name, data, max_pixels, loaded.resize)) for name, data in files]
     )
 
 
 async def predict(
-    loaded: LoadedModel, pixels: torch.Tensor, top_k: int, threshold: float | None
+    loaded: LoadedModel, images: torch.Tensor | list[EncodedJpeg], top_k: int, threshold: float | None
 ) -> tuple[list[list[tuple[str, float]] | None], int]:
     """Top-k (label, calibrated probability) per image, None where the best is below threshold;
     and the size of the forward pass that served them."""
-    probabilities, batch_size = await loaded.submit(pixels)
-    metrics.PREDICTED_IMAGES.labels(loaded.runtime).inc(len(pixels))
+    probabilities, batch_size = await loaded.submit(images)
+    metrics.PREDICTED_IMAGES.labels(loaded.runtime).inc(len(images))
+    if isinstance(images, list):
+        metrics.DEVICE_DECODED_IMAGES.inc(len(images))
     metrics.BATCH_SIZE.observe(batch_size)  # the forward pass that served this request
     scores, indices = probabilities.topk(top_k, dim=1)
     results: list[list[tuple[str, float]] | None] = []

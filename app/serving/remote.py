@@ -17,6 +17,8 @@ import torch
 from app.core.errors import AppError
 from app.ml.backbone import pixel_transform
 from app.ml.data import eval_resize
+from app.serving import device_decode
+from app.serving.device_decode import DeviceUndecodable, EncodedJpeg
 from app.serving.inference_process import read_frame, write_frame
 from app.serving.predictor import export_may_come
 
@@ -60,6 +62,8 @@ class InferenceClient:
                 writer.close()  # cancelled mid-request (its deadline): the answer must not reach the next one
                 raise
             self._idle.append((reader, writer))
+            if answer.get("code") == DeviceUndecodable.code:
+                raise DeviceUndecodable(answer["error"])
             if "error" in answer:
                 raise InferenceFailed(answer["error"])
             return answer, rows
@@ -77,24 +81,29 @@ class RemoteModel:
     resize: int
     labels: list[str]
     export_may_come: bool
+    decode_steps: list | None  # not None: the inference process can decode this model's JPEGs (device_decode)
     runtime: str = "torch"  # as the inference process last answered
 
     @property
     def exports_seen(self) -> frozenset[str]:
         return frozenset(self.exports)
 
-    def _header(self, op: str, pixels: torch.Tensor | None = None) -> dict:
-        header = {
+    def _header(self, op: str) -> dict:
+        return {
             "op": op,
             "model_id": self.model_id,
             "directory": str(self.directory),
             "exports": {name: str(path) for name, path in self.exports.items()},
         }
-        return header if pixels is None else {**header, "shape": list(pixels.shape)}
 
-    async def _rows(self, op: str, pixels: torch.Tensor) -> tuple[dict, torch.Tensor]:
-        pixels = pixels.contiguous()
-        answer, rows = await self.client.call(self._header(op, pixels), pixels.numpy().data)
+    async def _rows(self, op: str, images: torch.Tensor | list[EncodedJpeg]) -> tuple[dict, torch.Tensor]:
+        if isinstance(images, list):  # JPEGs, end to end, for the inference process to decode
+            header = {**self._header(op), "jpegs": [len(image.data) for image in images]}
+            payload = b"".join(image.data for image in images)
+        else:
+            pixels = images.contiguous()
+            header, payload = {**self._header(op), "shape": list(pixels.shape)}, pixels.numpy().data
+        answer, rows = await self.client.call(header, payload)
         self.runtime = answer["runtime"]
         return answer, torch.from_numpy(np.frombuffer(rows, dtype=np.float32).reshape(answer["shape"]).copy())
 
@@ -102,8 +111,8 @@ class RemoteModel:
         answer, _ = await self.client.call(self._header("load"))
         self.runtime = answer["runtime"]
 
-    async def submit(self, pixels: torch.Tensor) -> tuple[torch.Tensor, int]:
-        answer, probabilities = await self._rows("predict", pixels)
+    async def submit(self, images: torch.Tensor | list[EncodedJpeg]) -> tuple[torch.Tensor, int]:
+        answer, probabilities = await self._rows("predict", images)
         return probabilities, answer["batch_size"]
 
     async def embed(self, pixels: torch.Tensor) -> torch.Tensor:
@@ -141,6 +150,7 @@ class RemoteModels:
             resize=eval_resize(transform).size,
             labels=list(skeleton.pretrained_cfg["label_names"]),
             export_may_come=export_may_come(self.runtime, exports),
+            decode_steps=device_decode.tensor_steps(transform),
         )
         anyio.from_thread.run(model.load)
         with self._lock:

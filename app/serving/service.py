@@ -28,6 +28,7 @@ from app.core.storage import capped_body, parse_multipart
 from app.db.tables import Model
 from app.models.service import local_artifact, local_exports, model_exists, ready_exports
 from app.serving import predictor
+from app.serving.device_decode import DeviceUndecodable, EncodedJpeg
 from app.serving.predictor import LoadedModel, ModelCache
 from app.serving.remote import InferenceClient, InferenceFailed, InferenceUnavailable, RemoteModel, RemoteModels
 from app.serving.schemas import EmbeddingResponse, ImagesBody, PredictionResponse
@@ -105,8 +106,13 @@ class Serving:
         if top_k > num_classes:
             raise Invalid(f"top_k={top_k} but the model has {num_classes} classes.", code="top_k_too_large")
         async with self._deadline():
-            loaded, batch = await self._prepare(model, images)
-            results, batch_size = await predictor.predict(loaded, batch, top_k, threshold)
+            loaded = await self._model(model)
+            batch = await self._preprocess(loaded, images, jpegs=self.settings.serving_decode == "device")
+            try:
+                results, batch_size = await predictor.predict(loaded, batch, top_k, threshold)
+            except DeviceUndecodable:  # a JPEG the device's decoder refused: Pillow decodes it, or says why not
+                batch = await self._preprocess(loaded, images)
+                results, batch_size = await predictor.predict(loaded, batch, top_k, threshold)
         body = PredictionResponse(
             model_id=model.id,
             predictions=[
@@ -120,8 +126,8 @@ class Serving:
         """The pooled features (the classifier's input) of each image."""
         started = time.perf_counter()
         async with self._deadline():
-            loaded, batch = await self._prepare(model, images)
-            vectors = await loaded.embed(batch)
+            loaded = await self._model(model)
+            vectors = await loaded.embed(await self._preprocess(loaded, images))
         body = EmbeddingResponse(
             model_id=model.id,
             dimensions=vectors.shape[1],
@@ -169,7 +175,7 @@ class Serving:
                 code="prediction_timeout",
             ) from exc
 
-    async def _prepare(self, model: Model, images: Images) -> tuple[LoadedModel | RemoteModel, torch.Tensor]:
+    async def _model(self, model: Model) -> LoadedModel | RemoteModel:
         # `cached` never waits, so the event loop may call it; a load goes to a thread.
         loaded = self.cache.cached(model.id)
         if loaded is not None and loaded.export_may_come and await self._export_appeared(model.id, loaded.exports_seen):
@@ -177,10 +183,14 @@ class Serving:
             loaded = None
         if loaded is None:
             loaded = await run_in_threadpool(self._load, model.id)
-        batch = await anyio.to_thread.run_sync(
-            predictor.preprocess, loaded, images, self.settings.max_image_pixels, limiter=self.preprocess_limiter
+        return loaded
+
+    async def _preprocess(
+        self, loaded: LoadedModel | RemoteModel, images: Images, jpegs: bool = False
+    ) -> torch.Tensor | list[EncodedJpeg]:
+        return await anyio.to_thread.run_sync(
+            predictor.preprocess, loaded, images, self.settings.max_image_pixels, jpegs, limiter=self.preprocess_limiter
         )
-        return loaded, batch
 
 
 def _timing(started: float) -> dict[str, str]:

@@ -25,9 +25,9 @@ NEVER_MS = 60_000
 def test_concurrent_requests_share_forward_passes_and_get_their_own_rows():
     calls = []
 
-    def double(batch: torch.Tensor) -> torch.Tensor:
-        calls.append(len(batch))
-        return batch * 2
+    def double(images: list[torch.Tensor]) -> torch.Tensor:
+        calls.append(len(images))
+        return torch.stack(images) * 2
 
     async def scenario():
         batcher = MicroBatcher(double, max_batch_size=8, max_wait_ms=NEVER_MS)
@@ -48,9 +48,9 @@ def test_concurrent_requests_share_forward_passes_and_get_their_own_rows():
 def test_a_partial_batch_goes_when_its_window_closes():
     calls = []
 
-    def record(batch: torch.Tensor) -> torch.Tensor:
-        calls.append(len(batch))
-        return batch
+    def record(images: list[torch.Tensor]) -> torch.Tensor:
+        calls.append(len(images))
+        return torch.stack(images)
 
     async def scenario():
         # What is in each batch does not depend on the window's length: the 3 rows of one request are
@@ -68,17 +68,17 @@ def test_a_partial_batch_goes_when_its_window_closes():
 
 def test_batching_off_runs_each_request_alone():
     async def scenario():
-        batcher = MicroBatcher(lambda b: b + 1, max_batch_size=1, max_wait_ms=50)
+        batcher = MicroBatcher(lambda images: torch.stack(images) + 1, max_batch_size=1, max_wait_ms=50)
         return await asyncio.gather(*(batcher.submit(torch.zeros(1, 2)) for _ in range(3)))
 
     assert all(size == 1 and torch.equal(rows, torch.ones(1, 2)) for rows, size in asyncio.run(scenario()))
 
 
 def test_a_failing_batch_fails_its_requests_and_the_batcher_goes_on():
-    def explode_on_negative(batch):
-        if (batch < 0).any():
+    def explode_on_negative(images):
+        if (torch.stack(images) < 0).any():
             raise ValueError("bad batch")
-        return batch
+        return torch.stack(images)
 
     async def scenario():
         batcher = MicroBatcher(explode_on_negative, max_batch_size=4, max_wait_ms=1)
@@ -92,17 +92,38 @@ def test_a_failing_batch_fails_its_requests_and_the_batcher_goes_on():
     assert isinstance(bad[0], ValueError) and torch.equal(rows, torch.ones(1, 1))
 
 
+def test_an_image_the_batch_cannot_take_fails_its_own_request_only():
+    """As a JPEG that will not decode where the model runs (app/serving/device_decode.py): its row
+    is an error, and the requests that shared its batch get their rows."""
+
+    def halve_or_refuse(images):
+        return [ValueError("refused") if (image < 0).any() else image / 2 for image in images]
+
+    async def scenario(max_batch_size):
+        batcher = MicroBatcher(halve_or_refuse, max_batch_size=max_batch_size, max_wait_ms=NEVER_MS)
+        requests = [torch.full((1, 2), 2.0), -torch.ones(1, 2), torch.full((2, 2), 4.0)]
+        answers = await asyncio.gather(*(batcher.submit(r) for r in requests), return_exceptions=True)
+        batcher.close()
+        return answers
+
+    for max_batch_size, sizes in [(4, (4, 4)), (1, (1, 2))]:  # batched (one batch of 4), and with batching off
+        first, refused, third = asyncio.run(scenario(max_batch_size))
+        assert isinstance(refused, ValueError) and str(refused) == "refused"
+        assert torch.equal(first[0], torch.ones(1, 2)) and torch.equal(third[0], torch.full((2, 2), 2.0))
+        assert (first[1], third[1]) == sizes
+
+
 def test_closing_from_another_thread_serves_every_queued_request_and_later_ones_alone():
     """An eviction closes the batcher from a worker thread while requests wait in its queue: each
     of them, and a request that arrives after the close, still gets its own answer."""
     started, release = threading.Event(), threading.Event()
     sizes = []
 
-    def slow_double(batch: torch.Tensor) -> torch.Tensor:
-        sizes.append(len(batch))
+    def slow_double(images: list[torch.Tensor]) -> torch.Tensor:
+        sizes.append(len(images))
         started.set()
         release.wait(timeout=60)  # the first batch holds on until the close has happened
-        return batch * 2
+        return torch.stack(images) * 2
 
     async def scenario():
         batcher = MicroBatcher(slow_double, max_batch_size=2, max_wait_ms=60_000)
@@ -138,7 +159,7 @@ def test_a_prediction_that_cannot_finish_answers_504_at_the_deadline(client, mon
     class Row:
         id, classes = "model_x", ["a", "b"]
 
-    monkeypatch.setattr(serving, "_prepare", never)
+    monkeypatch.setattr(serving, "_model", never)
     try:
         with pytest.raises(DeadlineExceeded) as exceeded:
             asyncio.run(serving.predict(Row(), [("a.jpg", b"")], None, None))
