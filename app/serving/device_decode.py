@@ -47,8 +47,8 @@ class DeviceUndecodable(RuntimeError):
 
 def tensor_steps(transform: transforms.Compose) -> list[torch.nn.Module] | None:
     """The eval transform's steps before its pixel conversion, when they all run on uint8 tensors
-    just as on PIL images (torchvision's Resize and CenterCrop: timm's default 'center' crop mode);
-    None otherwise (timm's 'border' and 'squash' modes keep decoding with Pillow)."""
+    just as on PIL images (torchvision's Resize and CenterCrop: timm's 'center' and 'squash' crop
+    modes); None otherwise (timm's 'border' mode, which pads PIL images: Pillow keeps decoding)."""
     steps = transform.transforms[:-1]
     return steps if all(type(step) in (transforms.Resize, transforms.CenterCrop) for step in steps) else None
 
@@ -91,4 +91,4 @@ def _decode_one(data: torch.Tensor, device: torch.device) -> torch.Tensor | Devi
     try:
         return decode_jpeg(data, mode=ImageReadMode.RGB, device=device)
     except RuntimeError as exc:
-        return DeviceUndecodable(f"{exc}".splitlines()[-1])
+        return DeviceUndecodable(str(exc))

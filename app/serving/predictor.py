@@ -138,7 +138,8 @@ class LoadedModel:
         decode gets its error in place of its row."""
         if not any(isinstance(image, EncodedJpeg) for image in images):
             return list(self.probabilities(torch.stack(images)))
-        decoded = iter(device_decode.decode([i for i in images if isinstance(i, EncodedJpeg)], self.decode_steps, self.device))
+        jpegs = [image for image in images if isinstance(image, EncodedJpeg)]
+        decoded = iter(device_decode.decode(jpegs, self.decode_steps, self.device))
         pixels = [next(decoded) if isinstance(image, EncodedJpeg) else image.to(self.device) for image in images]
         usable = [p for p in pixels if isinstance(p, torch.Tensor)]
         if len({p.dtype for p in usable}) > 1:  # decoded uint8 beside this process's own [0, 1] pixels
