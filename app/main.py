@@ -36,11 +36,13 @@ from app.core.config import get_settings
 from app.core.db import get_engine, session_scope
 from app.core.errors import AppError, ErrorBody
 from app.core.limits import BodyTimeoutMiddleware
+from app.core.lookups import CachedLookup
 from app.core.objects import get_store
 from app.datasets.router import router as datasets_router
 from app.db.migrate import upgrade_to_head
 from app.jobs.router import router as jobs_router
 from app.jobs.usage import jobs_by_status
+from app.models.dependencies import find_model
 from app.models.router import router as models_router
 from app.serving.router import router as serving_router
 from app.serving.service import Serving
@@ -169,7 +171,9 @@ def create_app() -> FastAPI:
         )
     app.add_middleware(BodyTimeoutMiddleware, idle_timeout=settings.body_idle_timeout_s,
                        total_timeout=settings.body_timeout_s)  # fmt: skip
-    app.state.key_lookup = lookup_key  # app.core.auth asks the tenants domain who a key is
+    # app.core.auth asks the tenants domain who a key is; predictions ask the registry for their model
+    app.state.key_lookup = CachedLookup(lookup_key, settings.lookup_cache_seconds)
+    app.state.model_lookup = CachedLookup(find_model, settings.lookup_cache_seconds)
     if settings.metrics_enabled:
         app.add_middleware(metrics.HttpMetrics)
         app.state.metrics = metrics_registry()

@@ -3,8 +3,9 @@ needs. Routers take a `*Key` dependency and pass `principal.tenant_id` to the se
 reads all go through `app.core.tenancy`, so another tenant's ids answer 404 exactly like ids that
 do not exist.
 
-Core knows nothing of where keys are stored: the app installs a `KeyLookup` (the tenants domain's)
-as `app.state.key_lookup` when it is created.
+Core knows nothing of where keys are stored: the app installs a `KeyLookup` (the tenants domain's,
+answered from memory for `lookup_cache_seconds`: `app.core.lookups`) as `app.state.key_lookup`
+when it is created.
 """
 
 from dataclasses import dataclass
@@ -34,20 +35,20 @@ class Principal:
 
 
 class KeyLookup(Protocol):
-    def __call__(self, key: str) -> Principal:
+    async def __call__(self, key: str) -> Principal:
         """The principal of a key; raises Unauthorized for an unknown or revoked one."""
 
 
 bearer = HTTPBearer(auto_error=False, description="An API key: `Authorization: Bearer vt_...`.")
 
 
-def authenticated(
+async def authenticated(
     request: Request, credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)]
 ) -> Principal:
     if credentials is None:
         raise Unauthorized("Send an API key: `Authorization: Bearer <key>`.", code="missing_api_key")
     lookup: KeyLookup = request.app.state.key_lookup
-    return lookup(credentials.credentials)
+    return await lookup(credentials.credentials)
 
 
 def _require(scope: str):

@@ -124,6 +124,13 @@ class Settings(BaseSettings):
     serving_cuda_graphs: bool = Field(
         True, description="On a GPU, replay each model's forward pass as CUDA graphs (one per batch size)."
     )
+    lookup_cache_seconds: float = Field(
+        1.0,
+        ge=0,
+        description="How long each API process keeps who an API key is and which model a reference names: a "
+        "prediction then needs no database work. A key revoked, a model deleted or an alias moved takes effect at once "
+        "in the API process that made the change, and within this long in the others; 0 looks up every request.",
+    )
     serving_decode: Literal["api", "device"] = Field(
         "api",
         description="Where prediction JPEGs are decoded: api = by each API process, with Pillow; device = in batches "

@@ -59,15 +59,20 @@ def list_validation_predictions(
 
 
 @router.put("/{name}/aliases/{alias}", response_model=AliasOut)
-def set_alias(name: ModelName, alias: AliasName, request: AliasUpdate, principal: TrainKey, session: SessionDep) -> AliasOut:
-    """Point an alias at a version, atomically: each request is answered by the old or the new model."""
+def set_alias(
+    name: ModelName, alias: AliasName, request: AliasUpdate, principal: TrainKey, session: SessionDep, http: Request
+) -> AliasOut:
+    """Point an alias at a version, atomically: each request is answered by the old or the new model
+    (with several API processes, the others answer by the new one within `lookup_cache_seconds`)."""
     pointer = service.set_alias(session, principal.tenant_id, name, alias, request.version)
+    http.app.state.model_lookup.clear()
     return AliasOut(name=name, alias=alias, version=request.version, model_id=pointer.model_id)
 
 
 @router.delete("/{name}/aliases/{alias}", status_code=status.HTTP_204_NO_CONTENT)
-def delete_alias(name: ModelName, alias: AliasName, principal: TrainKey, session: SessionDep) -> None:
+def delete_alias(name: ModelName, alias: AliasName, principal: TrainKey, session: SessionDep, request: Request) -> None:
     service.delete_alias(session, principal.tenant_id, name, alias)
+    request.app.state.model_lookup.clear()
 
 
 @router.get("/{model_id}/download", response_class=FileResponse)
@@ -112,4 +117,5 @@ def download_export(model: ModelDep, format: ExportFormat, _: ReadKey, session: 
 @router.delete("/{model_id}", status_code=status.HTTP_204_NO_CONTENT)
 def delete_model(model: ModelDep, _: TrainKey, session: SessionDep, request: Request) -> None:
     service.delete_model(session, get_settings(), model)
+    request.app.state.model_lookup.clear()
     request.app.state.serving.unload(model.id)

@@ -6,7 +6,7 @@ from fastapi import APIRouter, Depends, Query, Request, Response
 
 from app.core.auth import PredictKey
 from app.core.storage import OWN_BODY_LIMIT
-from app.models.dependencies import ModelDep
+from app.models.dependencies import ServedModelDep
 from app.serving.schemas import IMAGES_BODY, EmbeddingResponse, PredictionResponse
 from app.serving.service import Serving, read_images
 
@@ -28,7 +28,7 @@ ServingDep = Annotated[Serving, Depends(_serving)]
     max_body_size=OWN_BODY_LIMIT,  # max_predict_bytes, in read_images
 )
 async def predict(
-    model: ModelDep,
+    model: ServedModelDep,
     _: PredictKey,
     serving: ServingDep,
     request: Request,
@@ -49,7 +49,7 @@ async def predict(
     openapi_extra=IMAGES_BODY,
     max_body_size=OWN_BODY_LIMIT,  # max_predict_bytes, in read_images
 )
-async def embed(model: ModelDep, _: PredictKey, serving: ServingDep, request: Request, response: Response) -> EmbeddingResponse:
+async def embed(model: ServedModelDep, _: PredictKey, serving: ServingDep, request: Request, response: Response) -> EmbeddingResponse:
     """The pooled features (the classifier's input) of each image."""
     answer = await serving.embed(model, await read_images(request, serving.settings))
     response.headers.update(answer.headers)

@@ -3,7 +3,7 @@ tenant admin's own keys (admin scope); /v1/me: the calling key and its tenant.""
 
 from typing import Annotated
 
-from fastapi import APIRouter, Query, status
+from fastapi import APIRouter, Query, Request, status
 from sqlalchemy.orm import Session
 
 from app.core.auth import AdminKey, AnyKey, OperatorKey, Principal
@@ -55,9 +55,11 @@ def list_own_keys(principal: AdminKey, session: SessionDep) -> KeyList:
 
 
 @router.delete("/v1/keys/{key_id}", response_model=KeyOut)
-def revoke_own_key(key_id: KeyId, principal: AdminKey, session: SessionDep) -> ApiKey:
-    """Revoke one of the tenant's keys (another tenant's key ids answer 404)."""
-    return service.revoke_key(session, key_id, revoked_by=principal, tenant_id=principal.tenant_id)
+def revoke_own_key(key_id: KeyId, principal: AdminKey, session: SessionDep, request: Request) -> ApiKey:
+    """Revoke one of the tenant's keys (another tenant's key ids answer 404), as below."""
+    revoked = service.revoke_key(session, key_id, revoked_by=principal, tenant_id=principal.tenant_id)
+    request.app.state.key_lookup.clear()
+    return revoked
 
 
 # The platform operator -----------------------------------------------------------------------------
@@ -95,7 +97,10 @@ def list_keys(tenant_id: TenantId, _: OperatorKey, session: SessionDep) -> KeyLi
 
 
 @router.delete("/v1/admin/keys/{key_id}", response_model=KeyOut)
-def revoke_key(key_id: KeyId, principal: OperatorKey, session: SessionDep) -> ApiKey:
-    """Revoke any key: it stops working at once. The row stays, for the audit trail. A key cannot
-    revoke itself (409), so an operator cannot lock themselves out by mistake."""
-    return service.revoke_key(session, key_id, revoked_by=principal)
+def revoke_key(key_id: KeyId, principal: OperatorKey, session: SessionDep, request: Request) -> ApiKey:
+    """Revoke any key: it stops working at once in the API process that answers this, and within
+    `lookup_cache_seconds` in the others. The row stays, for the audit trail. A key cannot revoke
+    itself (409), so an operator cannot lock themselves out by mistake."""
+    revoked = service.revoke_key(session, key_id, revoked_by=principal)
+    request.app.state.key_lookup.clear()
+    return revoked
