@@ -119,10 +119,11 @@ def test_predictions_ask_the_database_nothing_once_their_key_and_model_are_known
         assert run_job(job["id"]).status == "succeeded"
         ids.append(client.get(f"/v1/jobs/{job['id']}").json()["model_id"])
     assert client.put("/v1/models/ants-bees/aliases/production", json={"version": 1}).status_code == 200
-    image = (HYMENOPTERA / "val" / "ants").iterdir().__next__().read_bytes()
+    image = sorted((HYMENOPTERA / "val" / "ants").iterdir())[0].read_bytes()
 
     def predict(ref: str, headers: dict | None = None):
-        return client.post(f"/v1/models/{ref}/predict", content=image, headers={"Content-Type": "image/jpeg", **(headers or {})})
+        headers = {"Content-Type": "image/jpeg", **(headers or {})}
+        return client.post(f"/v1/models/{ref}/predict", content=image, headers=headers)
 
     assert predict("ants-bees@production").json()["model_id"] == ids[0]  # key and model now known
     with statements() as seen:
