@@ -14,6 +14,7 @@ from app.core.lookups import CachedLookup
 from app.jobs.runner import run_job
 from tests.archives import zip_tree
 from tests.conftest import HYMENOPTERA
+from tests.tenants.test_tenancy import new_tenant
 from tests.uploads import upload_ready
 
 
@@ -132,6 +133,11 @@ def test_predictions_ask_the_database_nothing_once_their_key_and_model_are_known
     # Only the poll for a newly finished export, once per model every few seconds (Serving._export_appeared).
     assert [statement for statement in seen if "FROM exports" not in statement] == []
     assert len(seen) <= 1
+
+    # Another tenant's key never gets the kept answer: the model is looked up for that tenant, and is not there.
+    _, stranger_key = new_tenant(client, "stranger", scopes=("predict",))
+    for ref in ("ants-bees@production", ids[0]):
+        assert predict(ref, stranger_key).status_code == 404
 
     # Changes made through this API process take effect at once: an alias moved, a model deleted,
     # a key revoked.
