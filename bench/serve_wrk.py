@@ -14,7 +14,8 @@ One run prints, for a mobilenetv2_100 model trained here through the service (ke
   (`device`: JPEGs are decoded in batches where the model runs, nvjpeg on a GPU) and body kind (`raw`:
   one JPEG as the body, `Content-Type: image/jpeg`; `multipart`: the field `files`), wrk's
   requests/s with `--clients` connections, its p50/p90/p99 latency and failures, the ratio to the
-  floor, and the CPU milliseconds per request of the API (and of its inference process) and of wrk.
+  floor, and the CPU milliseconds per request of the API (and of its inference process, and of that
+  process's event loop: one thread for all API processes' requests) and of wrk.
 Needs `wrk` on the PATH (Debian: apt-get install wrk).
 """
 
@@ -160,6 +161,16 @@ def cpu_of(pids: list[int]) -> float:
     return sum(cpu_seconds(pid) for pid in pids)
 
 
+def event_loop_cpu(pids: list[int]) -> float:
+    """CPU seconds of the inference processes' main threads, where their event loops run (reading
+    and answering every API process's requests); their forward passes and decoding run in others."""
+    seconds = 0.0
+    for pid in pids:
+        fields = Path(f"/proc/{pid}/task/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        seconds += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    return seconds
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data-dir", type=Path, help="the service's data directory, kept; reused when it holds the model")
@@ -205,15 +216,17 @@ def main() -> None:
                                  f"decode {decode}, {body} body")
                         inference_pids = inference_processes(service.pid)
                         server_cpu, inference_cpu = cpu_seconds(service.pid), cpu_of(inference_pids)
+                        loop_cpu = event_loop_cpu(inference_pids)
                         r = wrk(*target, key, body, image_list, args.clients, args.seconds)
                         server_cpu, inference_cpu = cpu_seconds(service.pid) - server_cpu, cpu_of(inference_pids) - inference_cpu
+                        loop_cpu = event_loop_cpu(inference_pids) - loop_cpu
                         rps = r["requests"] / r["seconds"]
                         print(f"  {workers} API process(es), inference process {inference:4s}, decode {decode:6s}, {body:9s} "
                               f"{rps:7.1f} req/s ({rps / rate:.2f}x floor)  "
                               f"p50 {r['p50']:6.1f} ms  p90 {r['p90']:6.1f} ms  p99 {r['p99']:6.1f} ms  "
                               f"non-2xx {r['non_2xx']}  socket errors {r['socket_errors']}  CPU per request: "
                               f"API {1000 * server_cpu / r['requests']:.2f} ms (inference process "
-                              f"{1000 * inference_cpu / r['requests']:.2f} ms of it), wrk {1000 * r['cpu_seconds'] / r['requests']:.2f} ms",
+                              f"{1000 * inference_cpu / r['requests']:.2f} ms of it, its event loop {1000 * loop_cpu / r['requests']:.2f} ms), wrk {1000 * r['cpu_seconds'] / r['requests']:.2f} ms",
                               flush=True)  # fmt: skip
 
 

@@ -21,6 +21,7 @@ code `device_undecodable` when a JPEG would not decode here: the API process dec
 import argparse
 import asyncio
 import contextlib
+import itertools
 import json
 import logging
 import os
@@ -47,6 +48,7 @@ from app.serving.predictor import LoadedModel, ModelCache
 logger = logging.getLogger(__name__)
 
 _LENGTHS = struct.Struct("!II")
+_BUFFER_LIMIT = 64 * 2**20
 
 
 async def read_frame(reader: asyncio.StreamReader) -> tuple[dict, bytes]:
@@ -101,7 +103,7 @@ class InferenceServer:
         if header["op"] == "load":
             return {"runtime": loaded.runtime}, None
         if "jpegs" in header:  # (predictions only) the model's micro-batcher decodes them
-            view, ends = memoryview(payload), np.cumsum(header["jpegs"]).tolist()
+            view, ends = memoryview(payload), itertools.accumulate(header["jpegs"])
             images = [EncodedJpeg(view[end - size : end]) for size, end in zip(header["jpegs"], ends, strict=True)]
         else:
             # uint8 pixels. They stay uint8 through the batcher, and are scaled to the [0, 1] pixels the
@@ -118,12 +120,13 @@ class InferenceServer:
     async def model(self, header: dict) -> LoadedModel:
         """The model, loaded on first use; loaded again when the API process names an export it was
         loaded without (one finished since: `auto` then times it against the others)."""
-        model_id, exports = header["model_id"], {name: Path(path) for name, path in header["exports"].items()}
+        model_id = header["model_id"]
         loaded = self.cache.cached(model_id)
-        if loaded is not None and set(exports) - loaded.exports_seen:
+        if loaded is not None and header["exports"].keys() - loaded.exports_seen:
             self.cache.evict(model_id)
             loaded = None
         if loaded is None:
+            exports = {name: Path(path) for name, path in header["exports"].items()}
             loaded = await asyncio.to_thread(self.cache.get, model_id, Path(header["directory"]), exports)
         return loaded
 
@@ -132,7 +135,10 @@ async def serve(socket_path: str, settings: Settings) -> None:
     server = InferenceServer(settings)
     Path(socket_path).unlink(missing_ok=True)
     parent = os.getppid()
-    async with await asyncio.start_unix_server(server.connection, path=socket_path):
+    # asyncio pauses a connection's reading while its buffer holds over twice `limit`: at the default
+    # (64 KiB) every JPEG-sized payload paused and resumed it mid-read, an epoll change each way. A
+    # request is read whole in any case (`read_frame`), and only API processes connect.
+    async with await asyncio.start_unix_server(server.connection, path=socket_path, limit=_BUFFER_LIMIT):
         logger.info("inference process %d serving on %s (%s)", os.getpid(), socket_path, server.cache.device)
         while os.getppid() == parent:  # `visiontune serve` is gone (even if killed): so is this process
             await asyncio.sleep(1)

@@ -15,6 +15,7 @@ import torch
 from app.core.config import Settings
 from app.ml.backbone import build_model
 from app.ml.export import save_artifact
+from app.ml.onnx_export import export_onnx
 from app.serving.inference_process import InferenceProcesses
 from app.serving.predictor import ModelCache, preprocess, serving_device
 from app.serving.remote import InferenceClient, InferenceFailed, InferenceUnavailable, RemoteModels
@@ -44,6 +45,9 @@ def inference():
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv("VISIONTUNE_MAX_WAIT_MS", "60000")
         patch.setenv("VISIONTUNE_MAX_BATCH_SIZE", "8")
+        # A runtime named, so which one serves a model with an ONNX export is known (`auto` would
+        # time them). Without an export, as in most tests here, PyTorch serves either way.
+        patch.setenv("VISIONTUNE_SERVING_RUNTIME", "onnxruntime")
         processes = InferenceProcesses([None])
     try:
         processes.wait_ready()
@@ -99,6 +103,23 @@ def test_a_model_that_cannot_load_is_an_error_and_the_process_serves_on(inferenc
         return rows
 
     assert asyncio.run(scenario()).shape == (len(photos), 2)
+
+
+def test_a_model_is_loaded_again_for_an_export_finished_since(inference, artifact, tmp_path):
+    """Each request names the model's ready exports: one the inference process loaded the model
+    without (it finished since) has the model loaded again, to serve on it."""
+    onnx_file = tmp_path / "model.onnx"
+    assert export_onnx(artifact, onnx_file, sorted((HYMENOPTERA / "val" / "ants").iterdir())[:4]).passed
+
+    async def scenario():
+        client = InferenceClient(inference.sockets[0])
+        runtimes = []
+        for exports in ({}, {}, {"onnx": str(onnx_file)}, {"onnx": str(onnx_file)}):
+            header = {"op": "load", "model_id": "exported", "directory": str(artifact), "exports": exports}
+            runtimes.append((await client.call(header))[0]["runtime"])
+        return runtimes
+
+    assert asyncio.run(scenario()) == ["torch", "torch", "onnxruntime", "onnxruntime"]
 
 
 def test_a_killed_inference_process_is_started_again_and_requests_answer_503_meanwhile(inference, artifact, photos):
