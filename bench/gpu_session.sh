@@ -30,8 +30,13 @@ run)
   timeout 100 python3 -m pytest -p no:cacheprovider -q -o addopts="" --durations=10 \
     tests/serving tests/ml/test_tensor_augment.py tests/ml/test_train.py -k "gpu or cuda or inference or device_decode" \
     2>&1 | tee "$out/tests.txt"
+  # The GPU's use and memory each second beside serve_wrk's rows: whether the GPU is what limits a
+  # row, and whether nvjpeg's memory stays level under load (`--decode device`).
+  nvidia-smi --query-gpu=timestamp,utilization.gpu,memory.used --format=csv -l 1 > "$out/gpu_use.csv" 2>&1 &
+  sampler=$!
   timeout 300 python3 bench/serve_wrk.py --api-workers 15 --clients 64 --seconds 12 --warmup 10 --runtimes torch \
     --inference-process off,on --decode api,device --bodies raw 2>&1 | tee "$out/serve_wrk.txt"
+  kill "$sampler"
   timeout 150 python3 bench/full_throughput.py --device cuda --epochs 3 --repeat 8 2>&1 | tee "$out/full_throughput.txt"
   ;;
 *)
