@@ -27,17 +27,22 @@ run)
   [ -e ../shared ] || ln -s "$shared" ../shared  # where the tests read the weights and photos
   export VISIONTUNE_SHARED_DIR="$shared"  # where the benches read them
   { nvidia-smi -L; nproc; python3 -c "import torch, timm; print(torch.__version__, timm.__version__, torch.cuda.get_device_name())"; } 2>&1 | tee "$out/machine.txt"
-  timeout 100 python3 -m pytest -p no:cacheprovider -q -o addopts="" --durations=10 \
+  timeout 90 python3 -m pytest -p no:cacheprovider -q -o addopts="" --durations=10 \
     tests/serving tests/ml/test_tensor_augment.py tests/ml/test_train.py -k "gpu or cuda or inference or device_decode" \
     2>&1 | tee "$out/tests.txt"
   # The GPU's use and memory each second beside serve_wrk's rows: whether the GPU is what limits a
   # row, and whether nvjpeg's memory stays level under load (`--decode device`).
   nvidia-smi --query-gpu=timestamp,utilization.gpu,memory.used --format=csv -l 1 > "$out/gpu_use.csv" 2>&1 &
   sampler=$!
-  timeout 300 python3 bench/serve_wrk.py --api-workers 15 --clients 64 --seconds 12 --warmup 10 --runtimes torch \
-    --inference-process off,on --decode api,device --bodies raw 2>&1 | tee "$out/serve_wrk.txt"
+  # One model (PyTorch serves it: no exports), trained once for both runs. First the forward passes
+  # in each API process against one inference process; then, with the inference process, JPEGs
+  # decoded by nvjpeg there at the GPU's default largest batch (32) and at the CPU's (8).
+  wrk_args=(--data-dir /tmp/visiontune-bench --api-workers 15 --clients 64 --seconds 12 --warmup 10 --runtimes torch --bodies raw)
+  timeout 170 python3 bench/serve_wrk.py "${wrk_args[@]}" --inference-process off,on --decode api 2>&1 | tee "$out/serve_wrk.txt"
+  timeout 150 python3 bench/serve_wrk.py "${wrk_args[@]}" --inference-process on --decode device --max-batch-sizes default,8 \
+    2>&1 | tee "$out/serve_wrk_device.txt"
   kill "$sampler"
-  timeout 150 python3 bench/full_throughput.py --device cuda --epochs 3 --repeat 8 2>&1 | tee "$out/full_throughput.txt"
+  timeout 140 python3 bench/full_throughput.py --device cuda --epochs 3 --repeat 8 2>&1 | tee "$out/full_throughput.txt"
   ;;
 *)
   echo "usage: bash bench/gpu_session.sh install|run" >&2

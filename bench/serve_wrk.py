@@ -4,14 +4,16 @@ far less CPU per request than the server, unlike a Python load generator).
     python bench/serve_wrk.py [--data-dir DIR] [--api-workers 1] [--clients 16] [--seconds 20]
                               [--bodies raw,multipart] [--runtimes auto,torch,onnxruntime,onnxruntime-int8]
                               [--images DIR] [--inference-process auto,off,on] [--decode api,device]
+                              [--max-batch-sizes default,8]
 
 One run prints, for a mobilenetv2_100 model trained here through the service (kept in --data-dir):
 - the no-HTTP floor of each runtime: images/s of the API's own decode -> preprocess -> forward
-  functions in a plain script, decoding on one thread per core and forwarding batches of
-  `max_batch_size` as the API's micro-batcher does, on the same cores;
+  functions in a plain script, decoding on one thread per core and forwarding batches of the
+  default `max_batch_size` as the API's micro-batcher does, on the same cores;
 - for each runtime, API process count, inference process setting (`on`: the API processes decode
   and send their pixels to one inference process per GPU, or one on the CPU), decode setting
-  (`device`: JPEGs are decoded in batches where the model runs, nvjpeg on a GPU) and body kind (`raw`:
+  (`device`: JPEGs are decoded in batches where the model runs, nvjpeg on a GPU), largest batch
+  and body kind (`raw`:
   one JPEG as the body, `Content-Type: image/jpeg`; `multipart`: the field `files`), wrk's
   requests/s with `--clients` connections, its p50/p90/p99 latency and failures, the ratio to the
   floor, and the CPU milliseconds per request of the API (and of its inference process, and of that
@@ -38,7 +40,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from app.core.config import Settings  # noqa: E402
 from app.models.service import EXPORT_FORMATS, export_key  # noqa: E402
-from app.serving.predictor import ModelCache, preprocess, serving_device  # noqa: E402
+from app.serving.predictor import ModelCache, max_batch_size, preprocess, serving_device  # noqa: E402
 from bench.handwritten import HYMENOPTERA  # noqa: E402
 from bench.running import cpu_seconds, progress, running, wait_for_dataset, wait_for_job, zip_hymenoptera  # noqa: E402
 
@@ -82,38 +84,42 @@ end
 """
 
 
-def trained_model(data_dir: Path) -> str:
-    """One model trained through the service, with its ONNX exports (fp32 and, where it passes its
-    gate, int8); reused from `bench-model.json`."""
+def trained_model(data_dir: Path, formats: list[str]) -> str:
+    """One model trained through the service, with the ONNX exports of `formats` (an int8 one only
+    where it passes its gate); the model and its exports are reused from `data_dir`."""
     listing = data_dir / "bench-model.json"
-    if listing.exists():
-        return json.loads(listing.read_text())
-    progress("training a model through the service")
+    model_id = json.loads(listing.read_text()) if listing.exists() else None
+    missing = [f for f in formats if model_id is None or not (data_dir / export_key(model_id, f) / "model.onnx").exists()]
+    if model_id is not None and not missing:
+        return model_id
     data_dir.mkdir(parents=True, exist_ok=True)
-    archive = zip_hymenoptera(data_dir.parent / "small.zip", per_class=20)
     with running("up", data_dir) as (_, http):
-        with archive.open("rb") as file:
-            dataset = http.post("/v1/datasets", files={"file": (archive.name, file)}).raise_for_status().json()
-        dataset = wait_for_dataset(http, dataset)
-        job = http.post("/v1/jobs", json={"dataset_id": dataset["id"], "backbone": "mobilenetv2_100"}).raise_for_status()
-        model_id = wait_for_job(http, job.json())["model_id"]
-        for format in ("onnx", "onnx-int8"):
+        if model_id is None:
+            progress("training a model through the service")
+            archive = zip_hymenoptera(data_dir.parent / "small.zip", per_class=20)
+            with archive.open("rb") as file:
+                dataset = http.post("/v1/datasets", files={"file": (archive.name, file)}).raise_for_status().json()
+            dataset = wait_for_dataset(http, dataset)
+            job = http.post("/v1/jobs", json={"dataset_id": dataset["id"], "backbone": "mobilenetv2_100"}).raise_for_status()
+            model_id = wait_for_job(http, job.json())["model_id"]
+            listing.write_text(json.dumps(model_id))
+        for format in missing:
             http.post(f"/v1/models/{model_id}/exports", json={"format": format}).raise_for_status()
             while (export := http.get(f"/v1/models/{model_id}/exports/{format}").json())["status"] == "processing":
                 time.sleep(0.5)  # a worker builds it
             print(f"{format} export {export['status']}: {json.dumps(export['parity'])}", flush=True)
-    listing.write_text(json.dumps(model_id))
     return model_id
 
 
-def floor(data_dir: Path, model_id: str, runtime: str, images: list[bytes]) -> tuple[float, str]:
-    """Images/s of the API's decode -> preprocess -> forward with no HTTP, and the runtime that ran."""
+def floor(data_dir: Path, model_id: str, runtime: str, images: list[bytes]) -> tuple[float, str, int]:
+    """Images/s of the API's decode -> preprocess -> forward with no HTTP, the runtime that ran, and
+    the batch size (the API's default)."""
     settings = Settings(data_dir=data_dir)
-    cache = ModelCache(10**12, settings.max_batch_size, 0, runtime, serving_device(settings.serving_device),
-                       settings.serving_cuda_graphs)
+    device = serving_device(settings.serving_device)
+    batch = max_batch_size(settings, device)
+    cache = ModelCache(10**12, batch, 0, runtime, device, settings.serving_cuda_graphs)
     exports = {f: data_dir / export_key(model_id, f) / "model.onnx" for f in EXPORT_FORMATS}
     loaded = cache.get(model_id, data_dir / "models" / model_id, {f: path for f, path in exports.items() if path.exists()})
-    batch = settings.max_batch_size
     work = images * max(1, 600 // len(images))
 
     def decoded(data: bytes) -> torch.Tensor:
@@ -131,7 +137,7 @@ def floor(data_dir: Path, model_id: str, runtime: str, images: list[bytes]) -> t
                 pending = []
         if pending:
             loaded.probabilities(torch.cat(pending))
-        return len(work) / (time.perf_counter() - started), loaded.runtime
+        return len(work) / (time.perf_counter() - started), loaded.runtime, batch
 
 
 def wrk(base_url: str, path: str, key: str, body: str, image_list: Path, clients: int, seconds: int) -> dict:
@@ -184,6 +190,8 @@ def main() -> None:
     parser.add_argument("--inference-process", default="auto",
                         help="comma-separated VISIONTUNE_SERVING_INFERENCE_PROCESS values (auto: on when serving on a GPU)")
     parser.add_argument("--decode", default="api", help="comma-separated VISIONTUNE_SERVING_DECODE values")
+    parser.add_argument("--max-batch-sizes", default="default",
+                        help="comma-separated VISIONTUNE_MAX_BATCH_SIZE values (default: unset, 8 on a CPU, 32 on a GPU)")
     args = parser.parse_args()
     if shutil.which("wrk") is None:
         sys.exit("wrk is not on the PATH (Debian: apt-get install wrk)")
@@ -192,28 +200,31 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory() as tmp:
         data_dir = args.data_dir or Path(tmp) / "var"
-        model_id = trained_model(data_dir)
+        runtimes = args.runtimes.split(",")
+        model_id = trained_model(data_dir, [] if runtimes == ["torch"] else list(EXPORT_FORMATS))  # torch needs none
         image_list = Path(tmp) / "images.txt"
         image_list.write_text("".join(f"{p.resolve()}\n" for p in paths))
         device = serving_device("auto")
         where = torch.cuda.get_device_name() if device == "cuda" else "CPU"
         print(f"{len(images)} JPEGs from {args.images}; {CORES} cores; {where}; wrk with {args.clients} connections, "
               f"{args.seconds} s per row", flush=True)  # fmt: skip
-        for runtime in args.runtimes.split(","):
+        for runtime in runtimes:
             progress(f"no-HTTP floor, runtime {runtime}")
-            rate, ran = floor(data_dir, model_id, runtime, images)
+            rate, ran, default_batch = floor(data_dir, model_id, runtime, images)
             print(f"runtime {runtime} ({ran}): no-HTTP floor {rate:.1f} img/s (decode on {CORES} threads, forward in "
-                  f"batches of {Settings(data_dir=data_dir).max_batch_size})", flush=True)  # fmt: skip
-            configs = itertools.product(args.api_workers.split(","), args.inference_process.split(","), args.decode.split(","))
-            for workers, inference, decode in configs:
+                  f"batches of {default_batch})", flush=True)  # fmt: skip
+            configs = itertools.product(args.api_workers.split(","), args.inference_process.split(","),
+                                        args.decode.split(","), args.max_batch_sizes.split(","))  # fmt: skip
+            for workers, inference, decode, batch in configs:
+                batching = {} if batch == "default" else {"max_batch_size": batch}
                 with running("serve", data_dir, serving_runtime=runtime, api_workers=workers,
-                             serving_inference_process=inference, serving_decode=decode) as (service, http):  # fmt: skip
+                             serving_inference_process=inference, serving_decode=decode, **batching) as (service, http):  # fmt: skip
                     key = http.headers["Authorization"].split()[1]
                     target = (str(http.base_url).rstrip("/"), f"/v1/models/{model_id}/predict")
                     wrk(*target, key, "raw", image_list, args.clients, args.warmup)
                     for body in args.bodies.split(","):
                         progress(f"wrk: runtime {runtime}, {workers} API process(es), inference process {inference}, "
-                                 f"decode {decode}, {body} body")
+                                 f"decode {decode}, max batch {batch}, {body} body")
                         inference_pids = inference_processes(service.pid)
                         server_cpu, inference_cpu = cpu_seconds(service.pid), cpu_of(inference_pids)
                         loop_cpu = event_loop_cpu(inference_pids)
@@ -221,7 +232,8 @@ def main() -> None:
                         server_cpu, inference_cpu = cpu_seconds(service.pid) - server_cpu, cpu_of(inference_pids) - inference_cpu
                         loop_cpu = event_loop_cpu(inference_pids) - loop_cpu
                         rps = r["requests"] / r["seconds"]
-                        print(f"  {workers} API process(es), inference process {inference:4s}, decode {decode:6s}, {body:9s} "
+                        print(f"  {workers} API process(es), inference process {inference:4s}, decode {decode:6s}, "
+                              f"max batch {batch if batch != 'default' else default_batch}, {body:9s} "
                               f"{rps:7.1f} req/s ({rps / rate:.2f}x floor)  "
                               f"p50 {r['p50']:6.1f} ms  p90 {r['p90']:6.1f} ms  p99 {r['p99']:6.1f} ms  "
                               f"non-2xx {r['non_2xx']}  socket errors {r['socket_errors']}  CPU per request: "

@@ -70,8 +70,11 @@ class Settings(BaseSettings):
     max_predict_files: int = 64
     max_predict_bytes: int = 64 * 1024**2
     model_cache_bytes: int = Field(2 * 1024**3, description="Weights kept loaded per API process (LRU beyond).")
-    # Chosen by measurement under concurrent clients (bench/serve_load.py prints batching on and off).
-    max_batch_size: int = Field(8, description="Micro-batching: most images in one forward pass; 1 turns it off.")
+    # Unset: by where the forward passes run (app.serving.predictor.max_batch_size).
+    max_batch_size: int | None = Field(
+        None, ge=1,
+        description="Micro-batching: most images in one forward pass; 1 turns it off. Unset: 8 on a CPU, 32 on a GPU.",
+    )
     max_wait_ms: float = Field(5.0, description="Micro-batching: longest wait for more images to batch.")
     serving_runtime: Literal["auto", "torch", "onnxruntime", "onnxruntime-int8"] = Field(
         "auto",

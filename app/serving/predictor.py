@@ -48,14 +48,20 @@ class CudaGraphs:
     Replays share their input and output buffers, so one runs at a time. uint8 pixels (from the
     inference process) get graphs of their own that scale them to [0, 1] on the GPU.
 
+    All of a model's graphs share one memory pool, so their activations take the memory of the
+    largest batch's alone, not of every batch size's together (up to 64 graphs at a GPU's default
+    largest batch of 32). That is safe here whatever order they replay in: replays never overlap,
+    and each copies its output out before the next begins.
+
     The thread waits for each result on an event with blocking synchronisation: it sleeps, where
     `.cpu()` would spin on a core (CUDA's default while a process has fewer active contexts than
     cores), taking it from the threads that decode the next images."""
 
     def __init__(self, module: torch.nn.Module, max_batch_size: int):
         self.module, self.max_batch_size = module, max_batch_size
-        self._graphs: dict[int, _Graph] = {}
+        self._graphs: dict[tuple[int, torch.dtype], _Graph] = {}
         self._lock = threading.Lock()
+        self._pool = None  # made at the first capture
 
     def __call__(self, pixels: torch.Tensor) -> torch.Tensor:
         with self._lock:
@@ -78,7 +84,9 @@ class CudaGraphs:
                 self.module(float_pixels(static_in))
         torch.cuda.current_stream(device).wait_stream(stream)
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph), torch.inference_mode():
+        if self._pool is None:
+            self._pool = torch.cuda.graph_pool_handle()
+        with torch.cuda.graph(graph, pool=self._pool), torch.inference_mode():
             static_out = self.module(float_pixels(static_in))
         host_out = torch.empty(static_out.shape, dtype=static_out.dtype, pin_memory=True)
         key = (len(pixels), pixels.dtype)
@@ -188,12 +196,13 @@ class ModelCache:
     @classmethod
     def from_settings(cls, settings: Settings) -> "ModelCache":
         """The cache a serving process (an API process, or an inference process) runs."""
+        device = serving_device(settings.serving_device)
         return cls(
             settings.model_cache_bytes,
-            settings.max_batch_size,
+            max_batch_size(settings, device),
             settings.max_wait_ms,
             settings.serving_runtime,
-            serving_device(settings.serving_device),
+            device,
             settings.serving_cuda_graphs,
         )
 
@@ -319,6 +328,18 @@ def export_may_come(runtime: str, exports: dict[str, Path]) -> bool:
     """Whether a model loaded with these exports may later get one that `runtime` would serve:
     then the API asks now and then whether it has (and loads the model again)."""
     return runtime != "torch" and bool(set(EXPORT_RUNTIMES) - set(exports))
+
+
+def max_batch_size(settings: Settings, device: str) -> int:
+    """`VISIONTUNE_MAX_BATCH_SIZE`, or by where the forward passes run. On a CPU 8, chosen by
+    measurement under concurrent clients (bench/serve_load.py prints batching on and off). On a GPU
+    32: there one inference process batches the requests of every API process, one batch at a time,
+    so its largest batch caps the throughput. A CUDA graph replay took 0.21 ms an image at batch 8
+    and 0.135 ms at 64 (mobilenetv2_100, H100, bench/SPEED.md); a larger batch costs a request
+    nothing when few are waiting, since a batch never waits past `max_wait_ms`."""
+    if settings.max_batch_size is not None:
+        return settings.max_batch_size
+    return 32 if torch.device(device).type == "cuda" else 8
 
 
 def serving_device(setting: str) -> str:

@@ -8,10 +8,13 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import torch
+from pydantic import ValidationError
 
+from app.core.config import Settings
 from app.ml.backbone import build_model
 from app.ml.export import save_artifact
 from app.ml.onnx_export import export_onnx, export_onnx_int8
+from app.serving import predictor
 from app.serving.batcher import MicroBatcher
 from app.serving.predictor import ModelCache, preprocess, serving_device
 from tests.conftest import HYMENOPTERA, MOBILENET_WEIGHTS
@@ -177,6 +180,18 @@ def _artifacts(tmp_path, count: int) -> list:
         save_artifact(model, directory, ["a", "b"], {}, temperature=1.0)
         directories.append(directory)
     return directories
+
+
+def test_the_largest_batch_is_by_device_unless_set(monkeypatch):
+    """8 on a CPU, 32 on a GPU (where one inference process batches every API process's requests),
+    or what VISIONTUNE_MAX_BATCH_SIZE says. (A GPU is faked: making the cache touches no GPU.)"""
+    assert ModelCache.from_settings(Settings(serving_device="cpu")).max_batch_size == 8
+    assert ModelCache.from_settings(Settings(serving_device="cpu", max_batch_size=3)).max_batch_size == 3
+    monkeypatch.setattr(predictor, "serving_device", lambda setting: "cuda")
+    assert ModelCache.from_settings(Settings()).max_batch_size == 32
+    assert ModelCache.from_settings(Settings(max_batch_size=1)).max_batch_size == 1  # batching off, as asked
+    with pytest.raises(ValidationError):
+        Settings(max_batch_size=0)
 
 
 def test_cache_evicts_least_recently_used_models_past_its_byte_budget(tmp_path):

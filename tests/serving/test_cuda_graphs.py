@@ -30,10 +30,13 @@ def _eager(classifier: CalibratedClassifier, pixels: torch.Tensor) -> torch.Tens
 def test_replayed_graphs_answer_as_the_eager_forward_at_every_batch_size():
     classifier = _classifier("cuda")
     graphs = CudaGraphs(classifier, max_batch_size=8)
-    for batch in (1, 3, 8, 3):  # 3 twice: the second call replays the graph captured by the first
+    # Sizes seen again replay the graph captured by their first call, out of the order of capture:
+    # the graphs share one memory pool, and none may find another's activations in its own output.
+    for batch in (1, 3, 8, 3, 1, 8):
         pixels = torch.rand(batch, 3, 224, 224)
         assert torch.allclose(graphs(pixels), _eager(classifier, pixels), atol=1e-6)
     assert sorted(size for size, _ in graphs._graphs) == [1, 3, 8]
+    assert len({captured.graph.pool() for captured in graphs._graphs.values()}) == 1
 
 
 @needs_cuda
