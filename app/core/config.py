@@ -134,11 +134,12 @@ class Settings(BaseSettings):
         "prediction then needs no database work. A key revoked, a model deleted or an alias moved takes effect at once "
         "in the API process that made the change, and within this long in the others; 0 looks up every request.",
     )
-    serving_decode: Literal["api", "device"] = Field(
-        "api",
+    serving_decode: Literal["auto", "api", "device"] = Field(
+        "auto",
         description="Where prediction JPEGs are decoded: api = by each API process, with Pillow; device = in batches "
         "where the model runs (nvjpeg on a GPU), at pixels within a level in 255 of Pillow's "
-        "(app/serving/device_decode.py). Other formats are always decoded by the API process.",
+        "(app/serving/device_decode.py); auto = device where an inference process runs the forward passes on a GPU, "
+        "api elsewhere. Other formats are always decoded by the API process.",
     )
 
     # A running job whose worker has not reported for this long is dispatched again by the

@@ -15,10 +15,11 @@ from timm.data import create_transform
 from torchvision import transforms
 
 from app.core import metrics
+from app.core.config import Settings
 from app.jobs.runner import run_job
 from app.ml.backbone import pixel_bytes
 from app.ml.export import save_artifact
-from app.serving import device_decode
+from app.serving import device_decode, service
 from app.serving.device_decode import DeviceUndecodable, EncodedJpeg
 from app.serving.inference_process import InferenceProcesses
 from app.serving.predictor import ModelCache, preprocess, serving_device
@@ -188,3 +189,19 @@ def test_over_http_jpegs_are_decoded_where_the_model_runs_and_bad_ones_answer_as
     before = device_decoded()
     assert predict(png.getvalue(), "image/png").status_code == 200 and device_decoded() == before  # Pillow's
     assert predict(PHOTOS[0][1]).status_code == 200  # and the server serves on
+
+
+def test_auto_decodes_on_the_device_where_an_inference_process_runs_the_model_on_a_gpu(tmp_path, monkeypatch):
+    """`VISIONTUNE_SERVING_DECODE=auto` (the default), as each API process resolves it. A GPU is
+    faked (this machine has none): nothing here touches it, and no socket is connected."""
+
+    def decodes_on_device(**settings) -> bool:
+        return service.Serving(Settings(data_dir=tmp_path, **settings)).decodes_on_device
+
+    beside = {"inference_sockets": str(tmp_path / "inference-0.sock")}
+    assert not decodes_on_device() and not decodes_on_device(**beside)  # on a CPU: Pillow in the API processes
+    monkeypatch.setattr(service.predictor, "serving_device", lambda setting: "cuda")
+    assert decodes_on_device(**beside)  # the forward passes in an inference process on a GPU: nvjpeg there
+    assert not decodes_on_device()  # on a GPU, but forward passes in each API process: Pillow in each
+    assert not decodes_on_device(serving_decode="api", **beside)  # as set
+    assert decodes_on_device(serving_decode="device")  # as set
