@@ -3,7 +3,7 @@ far less CPU per request than the server, unlike a Python load generator).
 
     python bench/serve_wrk.py [--data-dir DIR] [--api-workers 1] [--clients 16] [--seconds 20]
                               [--bodies raw,multipart] [--runtimes auto,torch,onnxruntime,onnxruntime-int8]
-                              [--images DIR] [--inference-process auto,off,on] [--decode api,device]
+                              [--images DIR] [--inference-process auto,off,on] [--decode auto,api,device]
                               [--max-batch-sizes default,8]
 
 One run prints, for a mobilenetv2_100 model trained here through the service (kept in --data-dir):
@@ -13,10 +13,9 @@ One run prints, for a mobilenetv2_100 model trained here through the service (ke
 - for each runtime, API process count, inference process setting (`on`: the API processes decode
   and send their pixels to one inference process per GPU, or one on the CPU), decode setting
   (`device`: JPEGs are decoded in batches where the model runs, nvjpeg on a GPU), largest batch
-  and body kind (`raw`:
-  one JPEG as the body, `Content-Type: image/jpeg`; `multipart`: the field `files`), wrk's
-  requests/s with `--clients` connections, its p50/p90/p99 latency and failures, the ratio to the
-  floor, and the CPU milliseconds per request of the API (and of its inference process, and of that
+  and body kind (`raw`: one JPEG as the body, `Content-Type: image/jpeg`; `multipart`: the field
+  `files`), wrk's requests/s with `--clients` connections, its p50/p90/p99 latency and failures,
+  the ratio to the floor, and the CPU milliseconds per request of the API (and of its inference process, and of that
   process's event loop: one thread for all API processes' requests) and of wrk.
 Needs `wrk` on the PATH (Debian: apt-get install wrk).
 """
@@ -189,7 +188,7 @@ def main() -> None:
     parser.add_argument("--images", type=Path, default=HYMENOPTERA / "val", help="a folder of JPEGs (searched recursively)")
     parser.add_argument("--inference-process", default="auto",
                         help="comma-separated VISIONTUNE_SERVING_INFERENCE_PROCESS values (auto: on when serving on a GPU)")
-    parser.add_argument("--decode", default="api", help="comma-separated VISIONTUNE_SERVING_DECODE values")
+    parser.add_argument("--decode", default="auto", help="comma-separated VISIONTUNE_SERVING_DECODE values")
     parser.add_argument("--max-batch-sizes", default="default",
                         help="comma-separated VISIONTUNE_MAX_BATCH_SIZE values (default: unset, 8 on a CPU, 32 on a GPU)")
     args = parser.parse_args()
