@@ -15,8 +15,8 @@ One run prints, for a mobilenetv2_100 model trained here through the service (ke
   (`device`: JPEGs are decoded in batches where the model runs, nvjpeg on a GPU), largest batch
   and body kind (`raw`: one JPEG as the body, `Content-Type: image/jpeg`; `multipart`: the field
   `files`), wrk's requests/s with `--clients` connections, its p50/p90/p99 latency and failures,
-  the ratio to the floor, and the CPU milliseconds per request of the API (and of its inference process, and of that
-  process's event loop: one thread for all API processes' requests) and of wrk.
+  the ratio to the floor, and the CPU milliseconds per request of the API (and of its inference
+  process, and of that process's event loop: one thread for all API processes' requests) and of wrk.
 Needs `wrk` on the PATH (Debian: apt-get install wrk).
 """
 
