@@ -27,7 +27,7 @@ run)
   [ -e ../shared ] || ln -s "$shared" ../shared  # where the tests read the weights and photos
   export VISIONTUNE_SHARED_DIR="$shared"  # where the benches read them
   { nvidia-smi -L; nproc; python3 -c "import torch, timm; print(torch.__version__, timm.__version__, torch.cuda.get_device_name())"; } 2>&1 | tee "$out/machine.txt"
-  timeout 90 python3 -m pytest -p no:cacheprovider -q -o addopts="" --durations=10 \
+  timeout 100 python3 -m pytest -p no:cacheprovider -q -o addopts="" --durations=10 \
     tests/serving tests/ml/test_tensor_augment.py tests/ml/test_train.py -k "gpu or cuda or inference or device_decode" \
     2>&1 | tee "$out/tests.txt"
   # The GPU's use and memory each second beside serve_wrk's rows: whether the GPU is what limits a
