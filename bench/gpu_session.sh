@@ -38,8 +38,8 @@ run)
   # in each API process against one inference process; then, with the inference process, JPEGs
   # decoded by nvjpeg there at the GPU's default largest batch (32) and at the CPU's (8).
   wrk_args=(--data-dir /tmp/visiontune-bench --api-workers 15 --clients 64 --seconds 12 --warmup 10 --runtimes torch --bodies raw)
-  timeout 170 python3 bench/serve_wrk.py "${wrk_args[@]}" --inference-process off,on --decode api 2>&1 | tee "$out/serve_wrk.txt"
-  timeout 150 python3 bench/serve_wrk.py "${wrk_args[@]}" --inference-process on --decode device --max-batch-sizes default,8 \
+  timeout 185 python3 bench/serve_wrk.py "${wrk_args[@]}" --inference-process off,on --decode api 2>&1 | tee "$out/serve_wrk.txt"
+  timeout 135 python3 bench/serve_wrk.py "${wrk_args[@]}" --inference-process on --decode device --max-batch-sizes default,8 \
     2>&1 | tee "$out/serve_wrk_device.txt"
   kill "$sampler"
   timeout 140 python3 bench/full_throughput.py --device cuda --epochs 3 --repeat 8 2>&1 | tee "$out/full_throughput.txt"
