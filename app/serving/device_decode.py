@@ -9,7 +9,8 @@ transform's resize and crop run there too, on the decoded tensors. On a CPU it i
 
 The pixels differ from Pillow's by less than one level in 255 on average: the decoders' IDCT and
 chroma upsampling differ, and Pillow may decode a large JPEG at a reduced scale first
-(`app.ml.data.upright_rgb`). So it is a setting, not the default. What it cannot take exactly as
+(`app.ml.data.upright_rgb`). The default, `auto`, decodes this way only where it pays: where an
+inference process runs the forward passes on a GPU (`Serving.decodes_on_device`). What it cannot take exactly as
 the API process would, the API process keeps decoding with Pillow: other formats, a photo with an
 EXIF orientation to apply, CMYK, an eval transform other than timm's resize-and-centre-crop, and any
 JPEG that the device's decoder refuses (`DeviceUndecodable`: the request is decoded again with
